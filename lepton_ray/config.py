@@ -1,0 +1,465 @@
+"""The one configuration schema: a dataclass per section, validated when built.
+
+A config comes from YAML (``load_config("run.yaml")``), from a dict, or from the
+dataclasses directly; ``--set section.key=value`` overrides apply on top. Every
+field is type-checked and range-checked at construction, so a typo fails before
+Ray starts, with a message that names the key path, the bad value and what is
+valid::
+
+    >>> load_config({"sync": {"strategy": "allreduc"}})
+    Traceback (most recent call last):
+    ...
+    lepton_ray.config.ConfigError: sync.strategy: 'allreduc' is not one of allreduce, ps, hybrid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "ScalingConfig",
+    "SyncConfig",
+    "AllReduceConfig",
+    "TrainConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _describe(tp: Any) -> str:
+    """A human name for a type hint: 'a number', 'a list of int', ..."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is Any:
+        return "any value"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " (or null)"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` checked against the type hint ``tp`` (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {_show(value)} is not one of {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        return _build(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+        (item_tp, *_) = typing.get_args(tp)
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp](value)
+    if not ok:
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    """Construct section ``cls`` from a mapping, rejecting unknown keys."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in values:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            near = f" (did you mean '{hint[0]}'?)" if hint else ""
+            if not path:
+                raise ConfigError(f"{key}: unknown section{near}; valid sections are: {', '.join(names)}")
+            raise ConfigError(f"{path}.{key}: unknown key{near}; valid keys in '{path}' are: {', '.join(names)}")
+    return cls(**values)
+
+
+class _Section:
+    """Mixin: type-check every field, then run the section's own range checks."""
+
+    PATH: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            name = f"{self.PATH}.{f.name}"
+            setattr(self, f.name, _coerce(name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:  # overridden per section
+        pass
+
+    def _require(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.PATH}.{key}: {message}, got {_show(getattr(self, key))}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig(_Section):
+    """What network to train."""
+
+    PATH: ClassVar[str] = "model"
+
+    name: str = "mlp"
+    """A built-in model (see ``lepton_ray.models.MODELS``); ignored when ``factory`` is set."""
+    factory: Optional[str] = None
+    """A user model as ``"package.module:function"``; called as
+    ``function(input_dim=..., num_outputs=..., **kwargs)`` and returning an ``nn.Module``."""
+    task: Literal["classification", "regression"] = "classification"
+    """classification: cross-entropy loss, accuracy; regression: MSE loss."""
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    """Hidden layer widths of the built-in ``mlp``."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden layer of the built-in ``mlp``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the model function."""
+
+    def validate(self) -> None:
+        from lepton_ray.models import MODELS
+
+        if self.factory is None:
+            self._require(self.name in MODELS, "name", f"must be one of {', '.join(sorted(MODELS))} (or set model.factory)")
+        else:
+            mod, _, fn = self.factory.partition(":")
+            self._require(bool(mod) and bool(fn), "factory", "must look like 'package.module:function'")
+        self._require(all(h > 0 for h in self.hidden), "hidden", "every width must be > 0")
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig(_Section):
+    """Where the training and evaluation rows come from."""
+
+    PATH: ClassVar[str] = "data"
+
+    train: str = ""
+    """Parquet file or directory (local path or URI such as ``s3://bucket/prefix``) with the training rows."""
+    eval: Optional[str] = None
+    """Parquet data held out for evaluation; omitted = no evaluation."""
+    label: str = "label"
+    """The label column."""
+    features: Optional[list[str]] = None
+    """Feature columns (numeric scalars or one fixed-size list column); omitted = every column but the label."""
+    builder: Optional[str] = None
+    """Writes ``train``/``eval`` when ``train`` does not exist yet: a built-in name (``digits``)
+    or ``"package.module:function"`` called as ``function(train=URI, eval=URI, storage_options=...)``."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for the data URIs (endpoint, credentials); default: the standard AWS environment."""
+
+    def validate(self) -> None:
+        self._require(bool(self.train), "train", "is required: a Parquet file or directory")
+        if self.features is not None:
+            self._require(len(self.features) > 0, "features", "must name at least one column (or be omitted)")
+            self._require(self.label not in self.features, "features", f"must not contain the label column '{self.label}'")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig(_Section):
+    """The optimisation: steps, batch, optimizer, schedule, precision."""
+
+    PATH: ClassVar[str] = "train"
+
+    epochs: int = 10
+    """Passes over the training data (ignored when ``max_steps`` is set)."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; overrides ``epochs``."""
+    batch_size: int = 64
+    """The GLOBAL batch per optimizer step, split evenly across workers (and accumulation micro-steps)."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to ``lr`` over this many steps."""
+    min_lr_ratio: float = 0.0
+    """The cosine schedule ends at ``lr * min_lr_ratio``."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (each worker's share is split further)."""
+    grad_clip_norm: Optional[float] = None
+    """Clip the global gradient norm to this value."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16: autocast on CPU or GPU; fp16: autocast + GradScaler, GPU only."""
+    seed: int = 0
+    """Seeds model init, data order and every RNG."""
+    eval_every_steps: Optional[int] = None
+    """Evaluate every N steps; omitted = at the end of every epoch (and always at the end)."""
+    log_every_steps: int = 1
+    """Steps per metrics record in metrics.jsonl (each record costs one 2-number all-reduce)."""
+
+    def validate(self) -> None:
+        self._require(self.epochs >= 1, "epochs", "must be >= 1")
+        if self.max_steps is not None:
+            self._require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._require(self.lr > 0, "lr", "must be > 0")
+        self._require(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        self._require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        self._require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+        if self.grad_clip_norm is not None:
+            self._require(self.grad_clip_norm > 0, "grad_clip_norm", "must be > 0")
+        if self.eval_every_steps is not None:
+            self._require(self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1")
+        self._require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScalingConfig(_Section):
+    """How many Ray workers, with what resources."""
+
+    PATH: ClassVar[str] = "scaling"
+
+    num_workers: int = 2
+    """Data-parallel training workers (Ray Train actors)."""
+    use_gpu: bool = False
+    """One GPU per worker; all-reduce then runs over NCCL."""
+    cpus_per_worker: int = 1
+    """Logical CPUs reserved per worker; torch uses this many threads."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do; each restart resumes from the newest checkpoint."""
+
+    def validate(self) -> None:
+        self._require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        self._require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+        self._require(self.max_failures >= -1, "max_failures", "must be >= 0 (or -1 for unlimited)")
+
+
+@dataclass(kw_only=True, slots=True)
+class AllReduceConfig(_Section):
+    """Options of the ``allreduce`` strategy (DDP)."""
+
+    PATH: ClassVar[str] = "sync.allreduce"
+
+    bucket_mb: float = 25.0
+    """DDP gradient bucket size in MiB."""
+    find_unused_parameters: bool = False
+
+    def validate(self) -> None:
+        self._require(self.bucket_mb > 0, "bucket_mb", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class SyncConfig(_Section):
+    """How workers agree on the parameters."""
+
+    PATH: ClassVar[str] = "sync"
+
+    strategy: Literal["allreduce", "ps", "hybrid"] = "allreduce"
+    allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
+
+    def validate(self) -> None:
+        from lepton_ray.sync import STRATEGIES
+
+        self._require(
+            self.strategy in STRATEGIES,
+            "strategy",
+            f"is not available in this version (available: {', '.join(sorted(STRATEGIES))})",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig(_Section):
+    """Where and how often checkpoints are committed."""
+
+    PATH: ClassVar[str] = "checkpoint"
+
+    dir: Optional[str] = None
+    """Local path or URI (``s3://bucket/runs``); omitted = ``<run dir>/checkpoints``.
+    Checkpoints of run NAME go to ``<dir>/NAME``."""
+    every_n_steps: int = 100
+    """Commit a checkpoint every N optimizer steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Committed checkpoints kept; older ones are deleted after a newer one commits."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for ``dir``; default: the standard AWS environment."""
+
+    def validate(self) -> None:
+        self._require(self.every_n_steps >= 0, "every_n_steps", "must be >= 0")
+        self._require(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig(_Section):
+    """Where this run's metrics and result go."""
+
+    PATH: ClassVar[str] = "run"
+
+    name: str = "run"
+    """Run name: the run directory is ``<dir>/<name>``."""
+    dir: str = "runs"
+    """Local directory holding run directories (``metrics.jsonl``, ``result.json``)."""
+
+    def validate(self) -> None:
+        self._require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config(_Section):
+    """A whole lepton_ray run. Build with :func:`load_config`."""
+
+    PATH: ClassVar[str] = ""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        t, s = self.train, self.scaling
+        shares = s.num_workers * t.grad_accum_steps
+        if t.batch_size % shares:
+            raise ConfigError(
+                f"train.batch_size: {t.batch_size} must be divisible by scaling.num_workers x train.grad_accum_steps"
+                f" = {s.num_workers} x {t.grad_accum_steps} = {shares}"
+            )
+        if t.precision == "fp16" and not s.use_gpu:
+            raise ConfigError("train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :func:`load_config` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{'.'.join(path[: i + 1])}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(
+    source: Union[str, os.PathLike, dict[str, Any], Config, None] = None,
+    overrides: Optional[list[str]] = None,
+) -> Config:
+    """Load and validate a config from a YAML file, a dict or a Config, then apply ``--set`` overrides.
+
+    The run name defaults to the YAML file's stem.
+
+    >>> cfg = load_config({"data": {"train": "data/train.parquet"}}, ["train.lr=0.05"])
+    >>> cfg.train.lr, cfg.sync.strategy
+    (0.05, 'allreduce')
+    """
+    if isinstance(source, Config):
+        raw: dict[str, Any] = source.to_dict()
+    elif isinstance(source, dict):
+        raw = yaml.safe_load(yaml.safe_dump(source))  # a deep copy, and plain data only
+    elif source is None:
+        raw = {}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping of sections, got {type(raw).__name__}")
+        run = raw.setdefault("run", {})
+        if isinstance(run, dict):
+            run.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [])
+    return _build(Config, raw, "")

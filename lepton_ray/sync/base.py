@@ -1,0 +1,85 @@
+"""The sync-strategy interface: how workers agree on the parameters.
+
+The training loop (``lepton_ray/train/loop.py``) knows only this interface.
+A strategy wraps the model once, tells the loop whether gradients of a
+micro-batch should be communicated, applies the optimizer step, and saves or
+restores whatever state of its own it has. A new strategy is a new file plus an
+entry in ``lepton_ray.sync.STRATEGIES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ContextManager, Optional
+
+import torch
+from torch import nn
+
+from lepton_ray.config import Config
+
+__all__ = ["Strategy", "WorkerInfo", "optimizer_step"]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who this worker is (passed explicitly; there is no global state)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    scaler: Optional[torch.amp.GradScaler],
+    clip_norm: Optional[float],
+) -> None:
+    """Unscale (fp16), clip the global grad norm, step. Shared by every strategy."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+class Strategy(ABC):
+    """One way of synchronising data-parallel workers."""
+
+    name: str = ""
+
+    def __init__(self, config: Config, worker: WorkerInfo):
+        self.config = config
+        self.worker = worker
+
+    @abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Return the module the loop calls for training forward passes."""
+
+    @abstractmethod
+    def unwrap(self) -> nn.Module:
+        """The plain model (for evaluation and checkpoints)."""
+
+    def no_sync(self) -> ContextManager[Any]:
+        """Context for a micro-batch whose gradients are only accumulated locally."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+        """Apply one optimizer step from the accumulated gradients."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state for a checkpoint (beyond model/optimizer), on rank 0."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def shutdown(self) -> None:
+        """Release what the strategy started (actors, threads)."""

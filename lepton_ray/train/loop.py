@@ -1,0 +1,273 @@
+"""The training loop every Ray Train worker runs (one function, one screen per phase).
+
+The loop knows the sync-strategy interface, never a strategy. It resumes from
+the newest committed checkpoint when one exists: the driver guarantees a fresh
+run starts with an empty checkpoint directory, so a checkpoint here means
+``--resume`` or a Ray Train restart after a worker failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lepton_ray.config import Config, load_config
+from lepton_ray.data.pipeline import ShardedBatches, TableInfo, load_arrays
+from lepton_ray.models import build_model
+from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
+from lepton_ray.train import metrics as M
+from lepton_ray.train.checkpoint import CheckpointStore
+
+__all__ = ["LoopSpec", "train_loop", "make_optimizer", "make_scheduler", "loss_fn"]
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything a worker needs, decided on the driver (plain data, sent once)."""
+
+    config: dict[str, Any]
+    train: TableInfo
+    eval: Optional[TableInfo]
+    num_outputs: int
+    checkpoint_uri: str
+    sink: Any = None  # MetricsSink actor handle
+    report_to_ray: bool = False
+    """Also ``ray.train.report`` every evaluation (for Tune's schedulers). Off by default: in Ray
+    Train V2 each report is a cross-worker barrier through the controller, ~2 s on this machine."""
+
+
+# --------------------------------------------------------------------------- pieces (pure, unit-tested)
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to ``lr``, then constant or cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out.float(), y)
+    return F.mse_loss(out.float().squeeze(-1), y)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    return cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * steps_per_epoch
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _allreduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop(spec: LoopSpec) -> None:
+    """Ray Train's ``train_loop_per_worker``: run (or resume) one data-parallel training run."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = load_config(spec.config)
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    task = cfg.model.task
+
+    # ---- data: every worker holds the split; ShardedBatches hands it its slice of each global batch
+    x_np, y_np = load_arrays(spec.train, cfg.data.storage_options)
+    y_dtype = torch.int64 if task == "classification" else torch.float32
+    x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device=device, dtype=y_dtype)
+    batches = ShardedBatches(x, y, global_batch=t.batch_size, rank=rank, world_size=world, seed=t.seed)
+    steps = total_steps(cfg, batches.steps_per_epoch)
+    if spec.eval is not None:
+        ex_np, ey_np = load_arrays(spec.eval, cfg.data.storage_options)
+        ex = torch.from_numpy(ex_np[rank::world]).to(device)  # this rank's rows of the eval split
+        ey = torch.from_numpy(ey_np[rank::world]).to(device=device, dtype=y_dtype)
+
+    # ---- model, strategy, optimizer: same seed everywhere, so every replica starts equal
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, spec.train.feature_dim, spec.num_outputs).to(device)
+    strategy: Strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=rank, world_size=world, device=device))
+    net = strategy.wrap(model)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    torch.manual_seed(t.seed + 1000 * (rank + 1))  # per-rank dropout streams
+
+    # ---- resume from the newest committed checkpoint, if any
+    store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
+    step, epoch, start = 0, 0, 0
+    latest = store.latest()
+    if latest is not None:
+        state = store.load(latest)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if "strategy" in state:
+            strategy.load_state_dict(state["strategy"])
+        rngs = state["rng"]
+        _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        step, epoch, start = latest.meta["step"], latest.meta["epoch"], latest.meta["step_in_epoch"]
+
+    buffer = M.RecordBuffer(spec.sink if rank == 0 else None)
+    if rank == 0:
+        buffer.add({"event": "start", M.STEP: step, "total_steps": steps, "resumed_from": latest.uri if latest else None}, now=True)
+
+    def evaluate() -> dict[str, float]:
+        if spec.eval is None:
+            return {}
+        model.eval()
+        with torch.no_grad(), _autocast(t.precision, device):
+            out = model(ex).float()
+        model.train()
+        if task == "classification":
+            sums = [F.cross_entropy(out, ey, reduction="sum").item(), (out.argmax(-1) == ey).sum().item(), len(ey)]
+            loss_sum, correct, n = _allreduce_sum(sums, device, world)
+            result = {f"{M.EVAL_PREFIX}loss": loss_sum / n, f"{M.EVAL_PREFIX}accuracy": correct / n}
+        else:
+            sums = [F.mse_loss(out.squeeze(-1), ey, reduction="sum").item(), len(ey)]
+            loss_sum, n = _allreduce_sum(sums, device, world)
+            result = {f"{M.EVAL_PREFIX}loss": loss_sum / n, f"{M.EVAL_PREFIX}mse": loss_sum / n}
+        if spec.report_to_ray:
+            ray.train.report({**result, M.STEP: step, M.EPOCH: epoch})
+        return result
+
+    def save() -> str:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        uri = ""
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            if strategy.state_dict():
+                state["strategy"] = strategy.state_dict()
+            nxt_epoch, nxt_start = (epoch + 1, 0) if pos + 1 >= batches.steps_per_epoch else (epoch, pos + 1)
+            meta = {
+                "step": step, "epoch": nxt_epoch, "step_in_epoch": nxt_start, "config": spec.config,
+                "model_io": {"input_dim": spec.train.feature_dim, "num_outputs": spec.num_outputs,
+                             "features": list(spec.train.features), "label": spec.train.label, "task": task},
+                "metrics": dict(last_eval),
+            }
+            uri = store.save(step, state, meta).uri
+            buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)
+        if world > 1:
+            dist.barrier()  # nobody runs ahead of a checkpoint that may still fail
+        return uri
+
+    # ---- train
+    last_eval: dict[str, float] = {}
+    window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    micro = t.grad_accum_steps
+    pos = start - 1
+    first_step_logged = False
+    net.train()
+    while step < steps:
+        for pos, (xb, yb) in enumerate(batches.epoch(epoch, start), start=start):
+            # one optimizer step = grad_accum_steps micro-batches; only the last one communicates
+            for i, (xm, ym) in enumerate(zip(xb.chunk(micro), yb.chunk(micro))):
+                with strategy.no_sync() if i < micro - 1 else contextlib.nullcontext():
+                    with _autocast(t.precision, device):
+                        loss = loss_fn(task, net(xm), ym) / micro
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                window_loss += loss.detach()
+            strategy.step(optimizer, scaler)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            window_steps += 1
+            if window_steps == 1 and rank == 0 and not first_step_logged:
+                buffer.add({"event": "first_step", M.STEP: step, "time": time.time()}, now=True)
+                first_step_logged = True
+
+            if step % t.log_every_steps == 0 or step == steps:
+                total, n = _allreduce_sum([window_loss.item(), window_steps], device, world)
+                elapsed = time.perf_counter() - window_t0
+                buffer.add({M.STEP: step, M.EPOCH: epoch, M.TRAIN_LOSS: total / n, M.LR: scheduler.get_last_lr()[0],
+                            M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed, "time": time.time()})
+                window_loss.zero_()
+                window_steps, window_t0 = 0, time.perf_counter()
+            end_of_epoch = pos + 1 == batches.steps_per_epoch
+            if (t.eval_every_steps and step % t.eval_every_steps == 0) or (t.eval_every_steps is None and end_of_epoch) or step == steps:
+                last_eval = evaluate()
+                buffer.add({M.STEP: step, M.EPOCH: epoch, **last_eval, "time": time.time()})
+            if (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0) or step == steps:
+                save()
+            if step >= steps:
+                break
+        else:
+            epoch, start = epoch + 1, 0
+            continue
+        break
+
+    if rank == 0:
+        latest = store.latest()
+        buffer.add({"event": "end", M.STEP: step, **last_eval, "checkpoint": latest.uri if latest else None}, now=True)
+        buffer.flush(wait=True)
+    strategy.shutdown()

@@ -1,0 +1,60 @@
+"""Metric names (defined once) and the sink that carries records from rank 0 to the driver.
+
+Rank 0 buffers its per-step records and ships them to a :class:`MetricsSink`
+actor pinned to the driver's node every ``flush_s`` seconds (never once per
+step: a remote call per step would cost more than a small model's step). The
+driver drains the sink to drive the progress bar and append ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+__all__ = ["MetricsSink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S"]
+
+STEP = "step"
+EPOCH = "epoch"
+TRAIN_LOSS = "train_loss"
+LR = "lr"
+SAMPLES_PER_S = "samples_per_s"
+EVAL_PREFIX = "eval_"  # eval metrics are eval_loss, eval_accuracy, ...
+
+
+@ray.remote(num_cpus=0)
+class MetricsSink:
+    """Collects records from the workers; the driver drains them."""
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+
+    def log(self, records: list[dict[str, Any]]) -> None:
+        self._records.extend(records)
+
+    def drain(self) -> list[dict[str, Any]]:
+        out, self._records = self._records, []
+        return out
+
+
+class RecordBuffer:
+    """Worker-side buffer: ``add`` is a list append; ``flush`` ships to the sink."""
+
+    def __init__(self, sink: Any, flush_s: float = 0.5):
+        self.sink, self.flush_s = sink, flush_s
+        self._pending: list[dict[str, Any]] = []
+        self._last = time.monotonic()
+
+    def add(self, record: dict[str, Any], *, now: bool = False) -> None:
+        self._pending.append(record)
+        if now or time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        if self._pending and self.sink is not None:
+            ref = self.sink.log.remote(self._pending)  # fire and forget, unless the worker is about to exit
+            if wait:
+                ray.get(ref)
+        self._pending = []
+        self._last = time.monotonic()

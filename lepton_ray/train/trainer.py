@@ -1,0 +1,272 @@
+"""The driver side: check everything, start the Ray Train worker group, watch it, write the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from lepton_ray.config import Config, ConfigError, load_config
+from lepton_ray.data.builders import build_data
+from lepton_ray.data.pipeline import TableInfo, data_exists, describe
+from lepton_ray.storage import arrow_filesystem, filesystem, join
+from lepton_ray.train import metrics as M
+from lepton_ray.train.checkpoint import CheckpointStore
+from lepton_ray.train.loop import LoopSpec, total_steps, train_loop
+
+__all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
+
+
+class TrainingError(RuntimeError):
+    """The worker group failed (after any restarts ``scaling.max_failures`` allowed)."""
+
+
+@dataclass
+class Result:
+    """What a finished run produced; ``to_dict()`` is ``result.json``.
+
+    >>> Result(metrics={"eval_accuracy": 0.97}, checkpoint="runs/x/checkpoints/step_00000100", run_dir="runs/x").metrics["eval_accuracy"]
+    0.97
+    """
+
+    metrics: dict[str, Any]
+    checkpoint: Optional[str]
+    run_dir: str
+    resumed_from: Optional[str] = None
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.metrics, "checkpoint": self.checkpoint, "run_dir": self.run_dir}
+
+
+def ensure_ray(min_cpus: int = 1) -> bool:
+    """Connect to the Ray cluster in ``RAY_ADDRESS`` or a running local one; else start a local one.
+
+    Returns True when this call started or connected (and the caller should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+    return True
+
+
+class Trainer:
+    """Data-parallel training of one config on a Ray cluster.
+
+    Everything that can be checked is checked here, before Ray starts: the
+    config, the data paths and columns, the checkpoint directory.
+
+    >>> result = Trainer("examples/digits.yaml").fit()  # doctest: +SKIP
+    >>> result.metrics["eval_accuracy"] > 0.95  # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, config: Union[Config, dict, str, os.PathLike], *, resume: bool = False, progress: bool = True):
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.resume = resume
+        self.progress = progress
+        cfg = self.config
+        d = cfg.data
+        if d.builder and not data_exists(d.train, d.storage_options):
+            build_data(d.builder, d.train, d.eval, d.storage_options)
+        self.train_info = describe("data.train", d.train, d)
+        self.eval_info = describe("data.eval", d.eval, d) if d.eval else None
+        if self.eval_info is not None and self.eval_info.feature_dim != self.train_info.feature_dim:
+            raise ConfigError(
+                f"data.eval: '{d.eval}' has {self.eval_info.feature_dim} feature values per row, data.train has {self.train_info.feature_dim}"
+            )
+        if cfg.train.batch_size > self.train_info.num_rows:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
+        self.num_outputs = self._num_outputs()
+        self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
+
+    # ------------------------------------------------------------------ checks
+
+    def _labels(self, info: TableInfo) -> np.ndarray:
+        fs, _ = filesystem(info.uri, self.config.data.storage_options)
+        afs = arrow_filesystem(fs)
+        return np.concatenate([pq.read_table(f, columns=[info.label], filesystem=afs).column(0).to_numpy() for f in info.files])
+
+    def _num_outputs(self) -> int:
+        if self.config.model.task == "regression":
+            return 1
+        infos = [i for i in (self.train_info, self.eval_info) if i is not None]
+        labels = np.concatenate([self._labels(i) for i in infos])
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise ConfigError(
+                f"data.label: column '{self.config.data.label}' must hold class ids 0..K-1 for classification"
+                f" (found dtype {labels.dtype}, min {labels.min()}); for real-valued targets set model.task: regression"
+            )
+        return int(labels.max()) + 1
+
+    def _store(self, name: str) -> CheckpointStore:
+        c = self.config.checkpoint
+        root = join(c.dir, name) if c.dir else str(Path(self.config.run.dir) / name / "checkpoints")
+        return CheckpointStore(root, c.storage_options, c.keep_last)
+
+    def _resolve_run(self) -> tuple[str, Path, str]:
+        """A fresh run gets a run name nobody used yet (name, name-1, ...); --resume continues ``run.name``."""
+        base = self.config.run.name
+        if self.resume:
+            store = self._store(base)
+            if store.latest() is None:
+                raise ConfigError(f"--resume: run '{base}' has no committed checkpoint under '{store.uri}'; nothing to resume")
+            return base, Path(self.config.run.dir) / base, store.uri
+        name, i = base, 0
+        while (Path(self.config.run.dir) / name).exists() or self._store(name).steps():
+            i += 1
+            name = f"{base}-{i}"
+        return name, Path(self.config.run.dir) / name, self._store(name).uri
+
+    # ------------------------------------------------------------------ run
+
+    def fit(self) -> Result:
+        """Train to the end (or resume to the end) and return the :class:`Result`."""
+        import ray
+        import ray.train
+        import ray.util.scheduling_strategies
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        cfg = self.config
+        s = cfg.scaling
+        started = ensure_ray(min_cpus=s.num_workers * s.cpus_per_worker)
+        try:
+            if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
+                raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
+            here = ray.get_runtime_context().get_node_id()
+            sink = M.MetricsSink.options(
+                scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
+            ).remote()
+            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink)
+            resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+            trainer = TorchTrainer(
+                _worker_entry,
+                train_loop_config={"spec": spec},
+                torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+                scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+                run_config=ray.train.RunConfig(
+                    name=self.run_name,
+                    storage_path=str((self.run_dir / "ray").resolve()),
+                    failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+                ),
+            )
+            watcher = _Watcher(sink, self.run_dir / "metrics.jsonl", self.progress, self.run_name)
+            watcher.start()
+            t0 = time.time()
+            try:
+                trainer.fit()
+            except Exception as exc:  # Ray wraps worker errors; keep the worker's message
+                raise TrainingError(f"training run '{self.run_name}' failed: {exc}") from exc
+            finally:
+                watcher.stop()
+            result = self._result(watcher.records, t0)
+            (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            return result
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _result(self, records: list[dict[str, Any]], t0: float) -> Result:
+        end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+        if end is None:
+            raise TrainingError(f"training run '{self.run_name}' ended without its final record; see the worker logs above")
+        starts = [r for r in records if r.get("event") == "start"]
+        first = next((r for r in reversed(records) if r.get("event") == "first_step"), None)
+        losses = [r for r in records if M.TRAIN_LOSS in r]
+        metrics: dict[str, Any] = {
+            M.TRAIN_LOSS: losses[-1][M.TRAIN_LOSS] if losses else None,
+            **{k: v for k, v in end.items() if k.startswith(M.EVAL_PREFIX)},
+            "steps": end[M.STEP],
+        }
+        done = end[M.STEP] - (first[M.STEP] if first else 0)
+        last_time = losses[-1]["time"] if losses else None
+        if first and last_time and done > 0 and last_time > first["time"]:
+            metrics[M.SAMPLES_PER_S] = done * self.config.train.batch_size / (last_time - first["time"])
+        else:
+            metrics[M.SAMPLES_PER_S] = None
+        metrics["time_to_first_step_s"] = (first["time"] - t0) if first else None
+        return Result(
+            metrics=metrics,
+            checkpoint=end.get("checkpoint"),
+            run_dir=str(self.run_dir),
+            resumed_from=starts[-1].get("resumed_from") if starts else None,
+            records=records,
+        )
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    train_loop(config["spec"])
+
+
+class _Watcher(threading.Thread):
+    """Drains the metrics sink: appends metrics.jsonl and drives the progress bar."""
+
+    def __init__(self, sink: Any, path: Path, progress: bool, name: str):
+        super().__init__(daemon=True)
+        self.sink, self.path, self.progress, self.name = sink, path, progress, name
+        self.records: list[dict[str, Any]] = []
+        self._stop_event = threading.Event()
+        self._bar: Any = None
+        self._post: dict[str, str] = {}
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.25):
+            self._drain()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self._drain()
+        if self._bar is not None:
+            self._bar.close()
+
+    def _drain(self) -> None:
+        import ray
+
+        try:
+            new = ray.get(self.sink.drain.remote(), timeout=30)
+        except Exception:  # the sink is gone (cluster shutting down): nothing more to read
+            return
+        if not new:
+            return
+        self.records.extend(new)
+        with self.path.open("a") as fh:
+            for r in new:
+                fh.write(json.dumps(r) + "\n")
+        if self.progress:
+            self._update_bar(new)
+
+    def _update_bar(self, new: list[dict[str, Any]]) -> None:
+        from tqdm.auto import tqdm
+
+        for r in new:
+            if r.get("event") == "start":
+                if self._bar is None:
+                    tty = sys.stderr.isatty()
+                    # in a log file (ray job logs, CI) a redraw is a new line: redraw every 10 s only
+                    self._bar = tqdm(total=r["total_steps"], desc=self.name, unit="step", file=sys.stderr,
+                                     dynamic_ncols=tty, mininterval=0.1 if tty else 10.0, ascii=not tty)
+                self._bar.n = self._bar.last_print_n = r[M.STEP]
+            elif self._bar is not None and M.STEP in r:
+                if M.TRAIN_LOSS in r:
+                    self._post.update({"loss": f"{r[M.TRAIN_LOSS]:.4f}", "samples/s": f"{r[M.SAMPLES_PER_S]:.0f}"})
+                acc = r.get(f"{M.EVAL_PREFIX}accuracy")
+                if acc is not None:
+                    self._post["eval_acc"] = f"{acc:.4f}"
+                self._bar.set_postfix(self._post, refresh=False)
+                self._bar.update(r[M.STEP] - self._bar.n)  # redraws only when mininterval has passed
