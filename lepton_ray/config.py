@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,24 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+# --------------------------------------------------------------------------- YAML
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` (no dot) as a float; YAML 1.1 would make it a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 # --------------------------------------------------------------------------- type checking
 
 
@@ -63,7 +82,9 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(item)
+        return f"a list of {plural or _describe(item)}"
     if origin is dict:
         return "a mapping"
     if origin in (Union, types.UnionType):
@@ -410,7 +431,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -453,7 +474,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):

@@ -125,6 +125,11 @@ def load_arrays(info: TableInfo, storage_options: dict) -> tuple[np.ndarray, np.
     fs, _ = filesystem(info.uri, storage_options)
     afs = arrow_filesystem(fs)
     table = pq.ParquetDataset(list(info.files), filesystem=afs).read(columns=[*info.features, info.label])
+    for c in (*info.features, info.label):
+        nulls = table.column(c).null_count
+        if nulls:  # a null list row would vanish in flatten() and shift every later row against its label
+            what = "label" if c == info.label else "feature"
+            raise ConfigError(f"{info.key}: {what} column '{c}' in '{info.uri}' has {nulls} null value(s); fill or drop them first")
     x = np.concatenate([_column_matrix(table.column(c)) for c in info.features], axis=1)
     y = table.column(info.label).to_numpy().copy()  # writable: torch.from_numpy needs it
     return np.ascontiguousarray(x, dtype=np.float32), y

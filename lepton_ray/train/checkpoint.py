@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import re
 import time
 from dataclasses import dataclass
@@ -148,7 +149,10 @@ class CheckpointStore:
             data = self.fs.cat_file(f"{self._dir(checkpoint.step)}/{fname}")
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CheckpointError(f"'{checkpoint.uri}/{fname}' does not match its manifest (size or SHA-256 differ)")
-            out[name] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            try:
+                out[name] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
+                raise CheckpointError(f"'{checkpoint.uri}/{fname}' holds objects other than tensors and plain data; refusing to load it: {exc}") from None
         return out
 
     def _prune(self, newest: int) -> None:

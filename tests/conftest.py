@@ -1,0 +1,140 @@
+"""Session fixtures: one moto S3 server and one real Ray cluster (``ray start``) per test session.
+
+The S3 credentials/endpoint and PYTHONPATH are put in the environment *before*
+the Ray head starts, so every Ray worker inherits them, as on a real cluster
+configured through the standard AWS variables.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+# Set before anything imports ray (it reads them at import time), and inherited by every Ray
+# process of the session: Ray maps 127.0.0.1 to the machine's routable IP unless
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its macOS behaviour), so with it every socket of the test
+# cluster stays on loopback; token auth is off for that loopback-only cluster; tests/ is on the
+# workers' import path for the test models.
+os.environ.update(
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    RAY_AUTH_MODE="disabled",
+    PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1; AWS_* variables point at it for this session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh, empty bucket per test."""
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40] + f"-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint, tmp_path_factory):
+    """A real single-node Ray cluster started with ``ray start`` (4 logical CPUs) on 127.0.0.1; yields its address.
+
+    ``ray start --block`` runs in its own process group, so teardown stops exactly this
+    cluster and nobody else's.
+    """
+    import ray
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           "--disable-usage-stats"]
+    with open(log, "wb") as out:
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in log.read_bytes():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        ray.init(address=address)
+        os.environ["RAY_ADDRESS"] = address
+        yield address
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(2)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of this cluster is still left
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def cli(ray_cluster):
+    """Run ``lepton-ray`` as a user would (a subprocess against the session's cluster)."""
+
+    def run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "lepton-ray"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "RAY_ADDRESS": ray_cluster})
+
+    return run
+
+
+def write_blobs(path: Path, rows: int = 512, features: int = 16, classes: int = 4, seed: int = 0) -> Path:
+    """Seeded, learnable classification data (Gaussian blobs) as one Parquet file."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2, size=(classes, features))
+    y = rng.integers(0, classes, size=rows)
+    x = (centers[y] + rng.normal(0, 1, size=(rows, features))).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({**{f"f{i}": x[:, i] for i in range(features)}, "label": y}), path)
+    return path
+
+
+@pytest.fixture
+def blobs(tmp_path) -> Path:
+    return write_blobs(tmp_path / "data" / "train.parquet")

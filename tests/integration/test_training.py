@@ -1,0 +1,178 @@
+"""End-to-end training on a real Ray cluster: DDP == single process, resume == uninterrupted, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lepton_ray import Trainer, TrainingError, load_config
+from lepton_ray.data.pipeline import ShardedBatches, load_arrays
+from lepton_ray.models import build_model
+from lepton_ray.train.checkpoint import CheckpointStore
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _config(tmp_path: Path, data_path: Path, **sections) -> dict:
+    cfg = {
+        "model": {"name": "mlp", "hidden": [32]},
+        "data": {"train": str(data_path), "label": "label"},
+        "train": {"max_steps": 20, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                  "schedule": "constant", "seed": 7},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"every_n_steps": 10, "keep_last": 5},
+        "run": {"dir": str(tmp_path / "runs"), "name": "t"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def _final_params(result) -> dict[str, torch.Tensor]:
+    store = CheckpointStore(result.checkpoint.rsplit("/", 1)[0])
+    latest = store.latest()
+    assert latest is not None and latest.uri == result.checkpoint
+    return store.load(latest, ["model"])["model"]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("accum,clip", [(1, None), (2, 0.5)], ids=["plain", "accum2-clip"])
+def test_allreduce_equals_single_process(tmp_path, blobs, accum, clip):
+    """2 workers with DDP end where one process ends on the same global batches (max abs diff <= 1e-5)."""
+    cfg = load_config(_config(tmp_path, blobs, train={"grad_accum_steps": accum, "grad_clip_norm": clip}))
+    result = Trainer(cfg, progress=False).fit()
+    assert result.metrics["steps"] == 20
+    ddp = _final_params(result)
+
+    # the reference: plain torch, one process, the same 20 global batches
+    trainer = Trainer(cfg, progress=False)
+    x, y = load_arrays(trainer.train_info, {})
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    order = ShardedBatches(x, y, global_batch=32, rank=0, world_size=1, seed=7)
+    torch.manual_seed(7)
+    model = build_model(cfg.model, trainer.train_info.feature_dim, trainer.num_outputs)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(20):
+        epoch, s = divmod(step, order.steps_per_epoch)
+        idx = torch.from_numpy(order.global_indices(epoch, s))
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    single = model.state_dict()
+
+    assert _max_diff(single, start) > 1e-2  # training moved the parameters: the comparison is not vacuous
+    assert _max_diff(ddp, single) <= 1e-5
+
+
+def _crash_config(tmp_path, blobs, marker: Path, **extra) -> dict:
+    return _config(
+        tmp_path, blobs,
+        model={"factory": "lr_testing_models:crash_once_mlp", "kwargs": {"crash_at": 15, "marker": str(marker)}},
+        train={"max_steps": 30, "schedule": "cosine", "warmup_steps": 5},
+        **extra,
+    )
+
+
+def _uninterrupted(tmp_path, blobs, **extra) -> dict[str, torch.Tensor]:
+    marker = tmp_path / "never-crash"
+    marker.touch()
+    cfg = _crash_config(tmp_path, blobs, marker, run={"name": "straight"}, **extra)
+    return _final_params(Trainer(cfg, progress=False).fit())
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, blobs):
+    """A run killed at step 15 and resumed with --resume from its step-10 checkpoint ends like an uninterrupted run."""
+    marker = tmp_path / "crashed"
+    cfg = _crash_config(tmp_path, blobs, marker)
+    with pytest.raises(TrainingError):
+        Trainer(cfg, progress=False).fit()
+    assert marker.exists()
+    store = CheckpointStore(str(tmp_path / "runs" / "t" / "checkpoints"))
+    assert store.steps() == [10]
+
+    resumed = Trainer(cfg, resume=True, progress=False).fit()
+    assert resumed.resumed_from.endswith("step_00000010")
+    assert resumed.metrics["steps"] == 30
+    assert _max_diff(_final_params(resumed), _uninterrupted(tmp_path, blobs)) <= 1e-6
+
+
+def test_ray_train_restart_resumes_automatically(tmp_path, blobs):
+    """With scaling.max_failures, Ray Train restarts the worker group and the loop resumes from step 10 by itself."""
+    marker = tmp_path / "crashed"
+    cfg = _crash_config(tmp_path, blobs, marker, scaling={"max_failures": 1})
+    result = Trainer(cfg, progress=False).fit()
+    assert marker.exists()
+    assert result.resumed_from.endswith("step_00000010")
+    starts = [r for r in result.records if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, 10]
+    assert _max_diff(_final_params(result), _uninterrupted(tmp_path, blobs)) <= 1e-6
+
+
+def test_checkpoint_killed_before_manifest_is_not_used(tmp_path, blobs):
+    """A checkpoint write SIGKILLed between its files and its manifest does not exist; resume takes the one before."""
+    cfg = _config(tmp_path, blobs, train={"max_steps": 20})
+    first = Trainer(cfg, progress=False).fit()
+    root = first.checkpoint.rsplit("/", 1)[0]
+    assert CheckpointStore(root).steps() == [10, 20]
+
+    code = (
+        "import os, signal, torch\n"
+        "from lepton_ray.train.checkpoint import CheckpointStore\n"
+        f"store = CheckpointStore({root!r}, keep_last=5)\n"
+        "store.save(30, {'model': {'w': torch.zeros(3)}}, meta={}, before_commit=lambda: os.kill(os.getpid(), signal.SIGKILL))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (Path(root) / "step_00000030" / "model.pt").exists()
+    assert not (Path(root) / "step_00000030" / "MANIFEST.json").exists()
+    assert CheckpointStore(root).latest().step == 20
+
+    resumed = Trainer(load_config(cfg, ["train.max_steps=40"]), resume=True, progress=False).fit()
+    assert resumed.resumed_from.endswith("step_00000020")
+    assert resumed.metrics["steps"] == 40
+    assert CheckpointStore(root).steps()[-1] == 40
+
+
+def test_resume_with_checkpoints_on_s3(tmp_path, blobs, bucket):
+    """The crash/resume equivalence with checkpoint.dir on the moto S3 server."""
+    marker = tmp_path / "crashed"
+    s3 = {"checkpoint": {"dir": f"s3://{bucket}/runs", "every_n_steps": 10, "keep_last": 5}}
+    cfg = _crash_config(tmp_path, blobs, marker, **s3)
+    with pytest.raises(TrainingError):
+        Trainer(cfg, progress=False).fit()
+    store = CheckpointStore(f"s3://{bucket}/runs/t")
+    assert store.steps() == [10]
+
+    resumed = Trainer(cfg, resume=True, progress=False).fit()
+    assert resumed.resumed_from == f"s3://{bucket}/runs/t/step_00000010"
+    assert resumed.checkpoint == f"s3://{bucket}/runs/t/step_00000030"
+    assert _max_diff(_final_params(resumed), _uninterrupted(tmp_path, blobs)) <= 1e-6
+
+
+def test_fresh_run_never_reuses_a_used_run_name(tmp_path, blobs):
+    """Running the same config twice keeps the first run's checkpoints: the second becomes 't-1'."""
+    cfg = _config(tmp_path, blobs, train={"max_steps": 5})
+    a = Trainer(cfg, progress=False).fit()
+    b = Trainer(cfg, progress=False).fit()
+    assert Path(a.run_dir).name == "t" and Path(b.run_dir).name == "t-1"
+    assert CheckpointStore(a.checkpoint.rsplit("/", 1)[0]).steps() == [5]
+    lines = [json.loads(l) for l in (Path(b.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train_loss" in r] == [1, 2, 3, 4, 5]
+    result = json.loads((Path(b.run_dir) / "result.json").read_text())
+    assert result["steps"] == 5 and result["checkpoint"] == b.checkpoint and np.isfinite(result["train_loss"])

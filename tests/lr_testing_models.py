@@ -1,0 +1,38 @@
+"""Models used by the integration tests; importable by Ray workers (tests/ is on their PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from lepton_ray.models.mlp import mlp
+
+
+class CrashOnce(nn.Module):
+    """An MLP whose process dies (``os._exit``) on its ``crash_at``-th training forward, once per marker file.
+
+    The first worker process to reach that forward creates ``marker`` and exits,
+    like a machine lost mid-step; later runs see the marker and train normally.
+    """
+
+    def __init__(self, inner: nn.Module, crash_at: int, marker: str):
+        super().__init__()
+        self.inner, self.crash_at, self.marker = inner, crash_at, marker
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.crash_at:
+                try:
+                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)
+        return self.inner(x)
+
+
+def crash_once_mlp(input_dim: int, num_outputs: int, crash_at: int, marker: str, hidden=(32,)) -> nn.Module:
+    return CrashOnce(mlp(input_dim, num_outputs, hidden=list(hidden)), crash_at, marker)
