@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ BIN = Path(sys.executable).parent
 # process of the session: Ray maps 127.0.0.1 to the machine's routable IP unless
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its macOS behaviour), so with it every socket of the test
 # cluster stays on loopback; token auth is off for that loopback-only cluster; tests/ is on the
-# workers' import path for the test models.
+# workers' import path for the test models; the virtualenv's bin/ is on PATH as when it is activated
+# (a `ray job submit` entrypoint runs `lepton-ray` from the cluster's PATH).
 os.environ.update(
+    PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     RAY_AUTH_MODE="disabled",
     PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
@@ -69,18 +72,20 @@ def bucket(s3_endpoint, request):
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint, tmp_path_factory):
-    """A real single-node Ray cluster started with ``ray start`` (4 logical CPUs) on 127.0.0.1; yields its address.
+    """A real single-node Ray cluster started with ``ray start`` (4 logical CPUs) on 127.0.0.1.
+
+    Yields ``.address`` (GCS, for ray.init / RAY_ADDRESS) and ``.dashboard`` (for ``ray job submit``).
 
     ``ray start --block`` runs in its own process group, so teardown stops exactly this
     cluster and nobody else's.
     """
     import ray
 
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--disable-usage-stats"]
     with open(log, "wb") as out:
@@ -93,7 +98,7 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
             time.sleep(0.5)
         ray.init(address=address)
         os.environ["RAY_ADDRESS"] = address
-        yield address
+        yield types.SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard_port}")
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
@@ -115,7 +120,7 @@ def cli(ray_cluster):
 
     def run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "lepton-ray"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "RAY_ADDRESS": ray_cluster})
+                              env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
 
     return run
 

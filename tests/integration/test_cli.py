@@ -1,0 +1,117 @@
+"""The ``lepton-ray`` command as a user runs it: the README's main job, ``ray job submit``, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _digits_overrides(tmp_path: Path) -> list[str]:
+    return [
+        "--set", f"run.dir={tmp_path / 'runs'}",
+        "--set", f"data.train={tmp_path / 'digits' / 'train.parquet'}",
+        "--set", f"data.eval={tmp_path / 'digits' / 'eval.parquet'}",
+    ]
+
+
+def test_digits_example_through_the_cli(cli, tmp_path):
+    """The README's main job on 2 workers reaches >= 0.95 held-out accuracy and writes its run files."""
+    proc = cli("train", "examples/digits.yaml", "--json", *_digits_overrides(tmp_path), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eval_accuracy"] >= 0.95
+    assert f"held-out accuracy: {result['eval_accuracy']:.4f}" in proc.stdout
+    run_dir = Path(result["run_dir"])
+    assert run_dir == tmp_path / "runs" / "digits"
+    assert json.loads((run_dir / "result.json").read_text()) == result
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, result["steps"] + 1))
+    assert sum("eval_accuracy" in r and "event" not in r for r in records) == 30  # one evaluation per epoch
+    assert result["checkpoint"] == str(run_dir / "checkpoints" / f"step_{result['steps']:08d}")
+    assert result["samples_per_s"] > 0 and result["train_loss"] < 0.1
+
+
+def test_ray_job_submit(ray_cluster, tmp_path):
+    """The README's `ray job submit --working-dir . -- lepton-ray train ...` on a running cluster."""
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(REPO), "--",
+         "lepton-ray", "train", "examples/digits.yaml", "--json", "--no-progress",
+         *_digits_overrides(tmp_path), "--set", "train.epochs=5"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    line = next(l for l in reversed(proc.stdout.splitlines()) if l.startswith("{"))
+    result = json.loads(line)
+    assert result["steps"] == 5 * (1438 // 64)
+    assert result["eval_accuracy"] > 0.9
+    assert (tmp_path / "runs" / "digits" / "result.json").exists()
+
+
+def _cli_error(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run lepton-ray where no Ray cluster is involved: a config error must stop it before Ray starts."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([str(BIN / "lepton-ray"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture
+def digits_yaml(tmp_path) -> Path:
+    """examples/digits.yaml with its data and runs under tmp_path (the file keeps the name digits.yaml)."""
+    text = (REPO / "examples" / "digits.yaml").read_text()
+    text = text.replace("data/digits/", f"{tmp_path}/digits/").replace("dir: runs", f"dir: {tmp_path}/runs")
+    path = tmp_path / "digits.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=0.1", "train.lrr: unknown key (did you mean 'lr'?); valid keys in 'train' are: epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_every_steps, log_every_steps"),
+        ("train.epochs=many", "train.epochs: expected an integer, got 'many'"),
+        ("sync.strategy=allreduc", "sync.strategy: 'allreduc' is not one of allreduce, ps, hybrid"),
+        ("train.precision=fp16", "train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'"),
+        ("train.batch_size=63", "train.batch_size: 63 must be divisible by scaling.num_workers x train.grad_accum_steps = 2 x 1 = 2"),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-enum", "fp16-on-cpu", "indivisible-batch"],
+)
+def test_config_errors_exit_2_with_the_message(tmp_path, digits_yaml, override, message):
+    proc = _cli_error(tmp_path, "train", str(digits_yaml), "--set", override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"lepton-ray: config error: {message}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_path_is_a_config_error(tmp_path, digits_yaml):
+    missing = tmp_path / "nowhere" / "train.parquet"
+    proc = _cli_error(tmp_path, "train", str(digits_yaml), "--set", f"data.train={missing}", "--set", "data.builder=null")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"lepton-ray: config error: data.train: '{missing}' does not exist"
+
+
+def test_missing_label_column_is_a_config_error(tmp_path, digits_yaml):
+    proc = _cli_error(tmp_path, "train", str(digits_yaml), "--set", "data.label=target")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"lepton-ray: config error: data.label: column 'target' is not in data.train '{tmp_path / 'digits' / 'train.parquet'}' (columns: px0, px1,")
+
+
+def test_resume_without_a_checkpoint_is_a_config_error(tmp_path, digits_yaml):
+    proc = _cli_error(tmp_path, "train", str(digits_yaml), "--resume")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"lepton-ray: config error: --resume: run 'digits' has no committed checkpoint under '{tmp_path / 'runs' / 'digits' / 'checkpoints'}'; nothing to resume"
+    )
+
+
+def test_missing_config_file(tmp_path):
+    proc = _cli_error(tmp_path, "train", "nope.yaml")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "lepton-ray: config error: config file 'nope.yaml' does not exist"
