@@ -87,7 +87,7 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           "--disable-usage-stats"]
+           "--object-store-memory=1000000000", "--disable-usage-stats"]
     with open(log, "wb") as out:
         head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
