@@ -22,7 +22,28 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue run.name from its newest committed checkpoint")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    pr = d.add_parser("prepare", help="write Parquet/CSV rows as N Parquet shards plus a committed _manifest.json")
+    pr.add_argument("src", help="local Parquet or CSV file or directory")
+    pr.add_argument("dest", help="destination directory or URI (s3://bucket/prefix)")
+    pr.add_argument("--num-shards", type=int, required=True)
+    pr.add_argument("--row-group-rows", type=int, default=65536)
+    pr.add_argument("--compression", default="zstd")
+    pr.add_argument("--eval-fraction", type=float, default=0.0, help="split into DEST/train and DEST/eval")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
+    pr.add_argument("--no-shuffle", action="store_true", help="keep the source's row order")
     return p
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from lepton_ray.data.prepare import prepare
+
+    out = prepare(args.src, args.dest, num_shards=args.num_shards, row_group_rows=args.row_group_rows,
+                  compression=args.compression, eval_fraction=args.eval_fraction, seed=args.seed, shuffle=not args.no_shuffle)
+    for split, manifest in out.items():
+        print(f"{split}: {manifest['num_rows']} rows in {len(manifest['shards'])} shards")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,6 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "data" and args.data_command == "prepare":
+            return _prepare(args)
     except ConfigError as exc:
         print(f"lepton-ray: config error: {exc}", file=sys.stderr)
         return 2

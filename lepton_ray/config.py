@@ -234,9 +234,25 @@ class DataConfig(_Section):
     or ``"package.module:function"`` called as ``function(train=URI, eval=URI, storage_options=...)``."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for the data URIs (endpoint, credentials); default: the standard AWS environment."""
+    shuffle: bool = True
+    """Shuffle every epoch (seeded by train.seed): row-group order, then rows within the shuffle buffer."""
+    shuffle_buffer_rows: int = 65536
+    """Rows shuffled together: consecutive row groups are read until the buffer holds this many."""
+    prefetch_windows: int = 2
+    """Shuffle buffers read ahead by a background thread while the model trains."""
+    cache_dir: Optional[str] = None
+    """Local directory caching shards of a remote prepared split (read once, then from disk); omitted = no cache."""
+    cache_max_bytes: int = 10 * 2**30
+    """Cache size bound; least recently used shards are evicted beyond it."""
+    read_retries: int = 3
+    """Retries (with exponential backoff) of a failed remote read before the run fails."""
 
     def validate(self) -> None:
         self._require(bool(self.train), "train", "is required: a Parquet file or directory")
+        self._require(self.shuffle_buffer_rows >= 1, "shuffle_buffer_rows", "must be >= 1")
+        self._require(self.prefetch_windows >= 1, "prefetch_windows", "must be >= 1")
+        self._require(self.cache_max_bytes >= 1, "cache_max_bytes", "must be >= 1")
+        self._require(self.read_retries >= 0, "read_retries", "must be >= 0")
         if self.features is not None:
             self._require(len(self.features) > 0, "features", "must name at least one column (or be omitted)")
             self._require(self.label not in self.features, "features", f"must not contain the label column '{self.label}'")

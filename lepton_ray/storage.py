@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import fsspec
 import pyarrow.fs as pafs
 
-__all__ = ["filesystem", "arrow_filesystem", "join", "is_local", "redact"]
+__all__ = ["filesystem", "arrow_filesystem", "join", "is_local", "redact", "redact_config"]
 
 _SECRET_KEYS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_session_token")
 
@@ -49,6 +49,12 @@ def filesystem(uri: str, storage_options: Optional[Mapping[str, Any]] = None) ->
             client_kwargs = dict(options.pop("client_kwargs", {}) or {})
             client_kwargs.setdefault("endpoint_url", endpoint)
             options["client_kwargs"] = client_kwargs
+        # bounded: an unreachable endpoint fails in seconds with its address, never hangs a run
+        config_kwargs = dict(options.pop("config_kwargs", {}) or {})
+        config_kwargs.setdefault("connect_timeout", 5)
+        config_kwargs.setdefault("read_timeout", 60)
+        config_kwargs.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+        options["config_kwargs"] = config_kwargs
     # skip_instance_cache: options differ per caller; a cached instance could carry another endpoint
     fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     return fs, rest.rstrip("/")
@@ -76,6 +82,19 @@ def redact(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
             out[key] = redact(value)
         elif any(s in key.lower() for s in _SECRET_KEYS):
             out[key] = "***"
+        else:
+            out[key] = value
+    return out
+
+
+def redact_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict safe to write next to results: every ``storage_options`` mapping redacted."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "storage_options" and isinstance(value, Mapping):
+            out[key] = redact(value)
+        elif isinstance(value, Mapping):
+            out[key] = redact_config(value)
         else:
             out[key] = value
     return out

@@ -36,3 +36,27 @@ class CrashOnce(nn.Module):
 
 def crash_once_mlp(input_dim: int, num_outputs: int, crash_at: int, marker: str, hidden=(32,)) -> nn.Module:
     return CrashOnce(mlp(input_dim, num_outputs, hidden=list(hidden)), crash_at, marker)
+
+
+class RecordIds(nn.Module):
+    """An MLP over features 1.. that appends each training batch's row ids (feature 0) to ``<log_dir>/rank<r>.txt``.
+
+    One line per training forward: the ids of the rows that worker consumed, in order.
+    """
+
+    def __init__(self, inner: nn.Module, log_dir: str):
+        super().__init__()
+        self.inner, self.log_dir = inner, log_dir
+
+    def forward(self, x):
+        if self.training:
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+            with open(os.path.join(self.log_dir, f"rank{rank}.txt"), "a") as fh:
+                fh.write(" ".join(str(int(i)) for i in x[:, 0].tolist()) + "\n")
+        return self.inner(x[:, 1:])
+
+
+def record_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn.Module:
+    return RecordIds(mlp(input_dim - 1, num_outputs, hidden=[16]), log_dir)

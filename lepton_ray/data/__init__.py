@@ -1,6 +1,11 @@
-"""Data: describing Parquet splits, reading them on workers, batching them in a resumable order."""
+"""Data: prepared Parquet splits, the per-worker stream with its resumable order, the shard cache."""
 
 from lepton_ray.data.builders import BUILDERS, build_data
-from lepton_ray.data.pipeline import ShardedBatches, TableInfo, data_exists, describe, load_arrays
+from lepton_ray.data.cache import ShardCache
+from lepton_ray.data.pipeline import TableInfo, WorkerStream, data_exists, describe, epoch_units, load_arrays, steps_in_epoch
+from lepton_ray.data.prepare import prepare
 
-__all__ = ["BUILDERS", "ShardedBatches", "TableInfo", "build_data", "data_exists", "describe", "load_arrays"]
+__all__ = [
+    "BUILDERS", "ShardCache", "TableInfo", "WorkerStream", "build_data", "data_exists", "describe",
+    "epoch_units", "load_arrays", "prepare", "steps_in_epoch",
+]

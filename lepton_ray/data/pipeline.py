@@ -1,24 +1,37 @@
-"""Training data: what the driver checks, what each worker reads, and in which order.
+"""Training data: what the driver checks, what each worker streams, and in which order.
 
-Driver side, :func:`describe` lists the Parquet files behind a URI and checks
-the columns before any worker starts (a missing column is a config error, not
-a worker crash an hour later). Worker side, :func:`load_arrays` reads the rows
-with pyarrow through :mod:`lepton_ray.storage`, and :class:`ShardedBatches`
-decides the order: one seeded permutation per epoch, cut into *global*
-batches, each worker taking its contiguous slice of every global batch. So
+Driver side, :func:`describe` lists the shards behind a URI (from the
+``_manifest.json`` of a prepared split, or from the Parquet footers of a plain
+directory) and checks the columns before any worker starts: a missing column is
+a config error, not a worker crash an hour later.
 
-* the union of the workers' slices at step t is exactly global batch t, the
-  same batch a single process would take (what makes DDP == single process);
-* every row is used at most once per epoch (the last partial batch is dropped,
-  so every worker's share is equal);
-* the position is just ``(epoch, step)``: resuming mid-epoch continues with
-  exactly the batches not yet consumed.
+Worker side, :class:`WorkerStream` streams this worker's share. The unit of
+work is a row group (tiny data sets are cut finer, so every worker gets some).
+Each epoch the units are permuted with ``(seed, epoch)`` and dealt round-robin
+to the workers; a worker reads its units in that order, a few at a time, in a
+background thread (prefetch), shuffles the rows inside each window of
+``shuffle_buffer_rows`` rows with ``(seed, epoch, rank, window)``, and cuts
+batches of ``batch_size / num_workers`` rows. Every worker takes the same
+number of steps (the shortest share decides; the rest of an epoch is dropped,
+like ``drop_last``). Hence:
+
+* every row is used at most once per epoch, and the order is a pure function of
+  (data, seed, epoch, world size);
+* the position is ``(epoch, step)``: resuming mid-epoch skips exactly the rows
+  already consumed, reading only the windows it still needs. With a different
+  number of workers the deal changes, so the interrupted epoch's remaining rows
+  are not the same set (some rows repeat or are missed in that epoch); later
+  epochs are exact for the new world size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import hashlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +39,22 @@ import pyarrow.parquet as pq
 import torch
 
 from lepton_ray.config import ConfigError, DataConfig
-from lepton_ray.storage import arrow_filesystem, filesystem
+from lepton_ray.data.cache import ShardCache
+from lepton_ray.data.prepare import read_manifest
+from lepton_ray.storage import arrow_filesystem, filesystem, redact
 
-__all__ = ["TableInfo", "describe", "load_arrays", "ShardedBatches", "data_exists"]
+__all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "load_arrays", "steps_in_epoch"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One Parquet file of a split."""
+
+    path: str  # path inside the filesystem
+    num_rows: int
+    row_groups: tuple[int, ...]  # rows per row group
+    bytes: int
+    sha256: Optional[str] = None  # from the manifest; None for plain directories
 
 
 @dataclass(frozen=True)
@@ -42,20 +68,34 @@ class TableInfo:
     features: tuple[str, ...]
     label: str
     feature_dim: int
+    shards: tuple[Shard, ...] = field(default=())
+    prepared: bool = False  # has a committed _manifest.json
+
+    def fingerprint(self) -> str:
+        """Identifies the data (files, sizes, rows): a resumed run checks it is reading the same data."""
+        text = "|".join(f"{s.path}:{s.num_rows}:{s.bytes}:{s.sha256}" for s in self.shards)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _list_parquet(key: str, uri: str, storage_options: dict) -> list[str]:
-    fs, path = filesystem(uri, storage_options)
+def _remote_error(key: str, uri: str, fs: Any, exc: BaseException) -> ConfigError:
+    endpoint = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    where = f" (endpoint {endpoint})" if endpoint else ""
+    return ConfigError(f"{key}: cannot read '{uri}'{where}: {type(exc).__name__}: {exc}")
+
+
+def _list_parquet(key: str, uri: str, fs: Any, path: str) -> list[dict[str, Any]]:
     try:
         if fs.isfile(path):
-            return [path]
+            return [fs.info(path)]
         if not fs.isdir(path):
             raise ConfigError(f"{key}: '{uri}' does not exist")
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_" not in p[len(path):] and "/." not in p[len(path):])
+        found = fs.find(path, detail=True)
     except ConfigError:
         raise
-    except Exception as exc:  # endpoint down, no bucket, no permission: name the URI
-        raise ConfigError(f"{key}: cannot list '{uri}': {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # endpoint down, no bucket, no permission: name the URI and endpoint
+        raise _remote_error(key, uri, fs, exc) from None
+    files = [info for p, info in sorted(found.items())
+             if p.endswith(".parquet") and "/_" not in p[len(path):] and "/." not in p[len(path):]]
     if not files:
         raise ConfigError(f"{key}: '{uri}' holds no .parquet files")
     return files
@@ -78,23 +118,40 @@ def _feature_width(key: str, uri: str, field: pa.Field) -> int:
 
 
 def describe(key: str, uri: str, cfg: DataConfig) -> TableInfo:
-    """List the files behind ``uri`` and check the label and feature columns against their schema."""
-    files = _list_parquet(key, uri, cfg.storage_options)
-    fs, _ = filesystem(uri, cfg.storage_options)
+    """List the shards behind ``uri`` and check the label and feature columns against their schema."""
+    fs, path = filesystem(uri, cfg.storage_options)
     afs = arrow_filesystem(fs)
+    manifest = None
+    try:
+        if not fs.isfile(path) and fs.isdir(path):
+            manifest = read_manifest(fs, path, uri, key)
+    except ConfigError:
+        raise
+    except Exception as exc:  # endpoint down, no permission: name the URI and the endpoint
+        raise _remote_error(key, uri, fs, exc) from None
+    if manifest is not None:
+        files = [{"name": f"{path}/{s['path']}", "size": s["bytes"]} for s in manifest["shards"]]
+    else:
+        files = _list_parquet(key, uri, fs, path)
     schema: Optional[pa.Schema] = None
-    num_rows = 0
-    for f in files:
+    shards = []
+    for i, f in enumerate(files):
+        name = f["name"]
         try:
-            meta = pq.read_metadata(f, filesystem=afs)
+            meta = pq.read_metadata(name, filesystem=afs)
         except Exception as exc:
-            raise ConfigError(f"{key}: '{f}' is not a readable Parquet file: {exc}") from None
+            raise ConfigError(f"{key}: '{name}' is not a readable Parquet file: {exc}") from None
         file_schema = meta.schema.to_arrow_schema()
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema):
-            raise ConfigError(f"{key}: '{f}' has schema {file_schema} but '{files[0]}' has {schema}; every file must match")
-        num_rows += meta.num_rows
+            raise ConfigError(f"{key}: '{name}' has columns ({_schema_text(file_schema)}) but '{files[0]['name']}' has"
+                              f" ({_schema_text(schema)}); every file must match")
+        row_groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+        sha = manifest["shards"][i]["sha256"] if manifest is not None else None
+        if manifest is not None and list(row_groups) != manifest["shards"][i]["row_groups"]:
+            raise ConfigError(f"{key}: '{name}' does not match {uri}/_manifest.json (row groups differ); prepare the data again")
+        shards.append(Shard(path=name, num_rows=meta.num_rows, row_groups=row_groups, bytes=int(f["size"]), sha256=sha))
     assert schema is not None  # _list_parquet never returns an empty list
     names = schema.names
     if cfg.label not in names:
@@ -106,9 +163,15 @@ def describe(key: str, uri: str, cfg: DataConfig) -> TableInfo:
     if not features:
         raise ConfigError(f"data.features: {key} '{uri}' has no column besides the label '{cfg.label}'")
     dim = sum(_feature_width(key, uri, schema.field(c)) for c in features)
+    num_rows = sum(s.num_rows for s in shards)
     if num_rows == 0:
         raise ConfigError(f"{key}: '{uri}' has no rows")
-    return TableInfo(key=key, uri=uri, files=tuple(files), num_rows=num_rows, features=features, label=cfg.label, feature_dim=dim)
+    return TableInfo(key=key, uri=uri, files=tuple(s.path for s in shards), num_rows=num_rows, features=features,
+                     label=cfg.label, feature_dim=dim, shards=tuple(shards), prepared=manifest is not None)
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
 
 
 def _column_matrix(col: pa.ChunkedArray) -> np.ndarray:
@@ -120,56 +183,233 @@ def _column_matrix(col: pa.ChunkedArray) -> np.ndarray:
     return col.to_numpy().astype(np.float32, copy=False).reshape(-1, 1)
 
 
-def load_arrays(info: TableInfo, storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``(features float32 [N, D], labels [N])`` of one split, files in listed order."""
-    fs, _ = filesystem(info.uri, storage_options)
-    afs = arrow_filesystem(fs)
-    table = pq.ParquetDataset(list(info.files), filesystem=afs).read(columns=[*info.features, info.label])
+def _check_nulls(info: TableInfo, table: pa.Table) -> None:
     for c in (*info.features, info.label):
         nulls = table.column(c).null_count
         if nulls:  # a null list row would vanish in flatten() and shift every later row against its label
             what = "label" if c == info.label else "feature"
             raise ConfigError(f"{info.key}: {what} column '{c}' in '{info.uri}' has {nulls} null value(s); fill or drop them first")
-    x = np.concatenate([_column_matrix(table.column(c)) for c in info.features], axis=1)
-    y = table.column(info.label).to_numpy().copy()  # writable: torch.from_numpy needs it
-    return np.ascontiguousarray(x, dtype=np.float32), y
 
 
-class ShardedBatches:
-    """This worker's slice of every global batch, in a seeded per-epoch order.
+def _to_arrays(info: TableInfo, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    _check_nulls(info, table)
+    cols = [_column_matrix(table.column(c)) for c in info.features]
+    x = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+    y = table.column(info.label).to_numpy()
+    return np.ascontiguousarray(x, dtype=np.float32), y.copy()  # writable: torch.from_numpy needs it
 
-    >>> x, y = torch.arange(20.).reshape(10, 2), torch.arange(10)
-    >>> rank1 = ShardedBatches(x, y, global_batch=4, rank=1, world_size=2, seed=0)
-    >>> rank1.steps_per_epoch
-    2
-    >>> [yb.tolist() for _, yb in rank1.epoch(0)] == [rank1.global_indices(0, s)[2:].tolist() for s in range(2)]
-    True
+
+def load_arrays(info: TableInfo, storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole split as ``(features float32 [N, D], labels [N])``, files in listed order."""
+    fs, _ = filesystem(info.uri, storage_options)
+    table = pq.ParquetDataset(list(info.files), filesystem=arrow_filesystem(fs)).read(columns=[*info.features, info.label])
+    return _to_arrays(info, table)
+
+
+# --------------------------------------------------------------------------- the epoch plan (pure functions)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``start:stop`` of row group ``row_group`` of shard ``shard``."""
+
+    shard: int
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def _units(info: TableInfo, world_size: int) -> list[Unit]:
+    """Row groups as units; when there are too few to deal fairly, each is cut into equal pieces."""
+    groups = [(i, g, n) for i, s in enumerate(info.shards) for g, n in enumerate(s.row_groups) if n > 0]
+    target = max(16, 4 * world_size)
+    pieces = -(-target // len(groups)) if len(groups) < target else 1
+    units = []
+    for i, g, n in groups:
+        cuts = np.linspace(0, n, min(pieces, n) + 1).astype(int)
+        units += [Unit(i, g, int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return units
+
+
+def epoch_units(info: TableInfo, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[Unit]:
+    """The units worker ``rank`` reads in ``epoch``, in order."""
+    units = _units(info, world_size)
+    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+    return [units[i] for i in order[rank::world_size]]
+
+
+def steps_in_epoch(info: TableInfo, *, world_size: int, local_batch: int, epoch: int, seed: int, shuffle: bool = True) -> int:
+    """Steps every worker takes in ``epoch``: the shortest share decides."""
+    return min(
+        sum(u.rows for u in epoch_units(info, rank=r, world_size=world_size, epoch=epoch, seed=seed, shuffle=shuffle)) // local_batch
+        for r in range(world_size)
+    )
+
+
+def _windows(units: list[Unit], buffer_rows: int) -> list[list[Unit]]:
+    """Consecutive units grouped until each group holds at least ``buffer_rows`` rows."""
+    out: list[list[Unit]] = []
+    current: list[Unit] = []
+    rows = 0
+    for u in units:
+        current.append(u)
+        rows += u.rows
+        if rows >= buffer_rows:
+            out.append(current)
+            current, rows = [], 0
+    if current:
+        out.append(current)
+    return out
+
+
+# --------------------------------------------------------------------------- the worker's stream
+
+_WHOLE_FETCH_BYTES = 256 * 2**20  # remote shards up to this size are fetched with one GET and read from memory
+
+
+class WorkerStream:
+    """This worker's batches, streamed from storage with prefetching, in a resumable order.
+
+    ``stats`` counts what the stream did: ``rows``, ``wait_s`` (time the training loop
+    waited for data), ``remote_bytes`` (whole shards fetched from remote storage),
+    ``remote_row_group_reads`` (ranged row-group reads of remote shards too big to fetch whole) and
+    the cache's hits/misses/refetches.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, global_batch: int, rank: int, world_size: int, seed: int):
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
-        n = len(x)
-        if n < global_batch:
-            raise ConfigError(f"train.batch_size: {global_batch} is larger than the training set ({n} rows)")
-        self.x, self.y = x, y
-        self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
-        self.local_batch = global_batch // world_size
-        self.steps_per_epoch = n // global_batch
+    def __init__(self, info: TableInfo, cfg: DataConfig, *, rank: int, world_size: int, local_batch: int, seed: int,
+                 label_dtype: torch.dtype = torch.int64, device: torch.device = torch.device("cpu")):
+        self.info, self.cfg = info, cfg
+        self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
+        self.label_dtype, self.device = label_dtype, device
+        self.fs, _ = filesystem(info.uri, cfg.storage_options)
+        self.afs = arrow_filesystem(self.fs)
+        self.remote = "://" in info.uri and not info.uri.startswith("file://")
+        self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if (cfg.cache_dir and self.remote and info.prepared) else None
+        self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0, "remote_bytes": 0, "remote_row_group_reads": 0}
+        self._steps: dict[int, int] = {}
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order of all rows in ``epoch`` (identical on every worker)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+    def steps(self, epoch: int) -> int:
+        if epoch not in self._steps:
+            self._steps[epoch] = steps_in_epoch(self.info, world_size=self.world_size, local_batch=self.local_batch,
+                                                epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
+        return self._steps[epoch]
 
-    def global_indices(self, epoch: int, step: int) -> np.ndarray:
-        """Row indices of global batch ``step`` of ``epoch`` (all workers together)."""
-        b = self.global_batch
-        return self.permutation(epoch)[step * b : (step + 1) * b]
+    # ---- reading (background thread)
+
+    def _with_retries(self, what: str, fn):
+        attempts = self.cfg.read_retries + 1
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except (OSError, TimeoutError) as exc:
+                if attempt == attempts - 1:
+                    endpoint = (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+                    where = f" from endpoint {endpoint}" if endpoint else ""
+                    raise IOError(f"reading {what}{where} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from None
+                time.sleep(min(0.2 * 2**attempt, 5.0))  # backoff: 0.2, 0.4, 0.8 ... s
+
+    def _open(self, shard: Shard) -> pq.ParquetFile:
+        if self.cache is not None and shard.sha256:
+            def fetch() -> bytes:
+                data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
+                self.stats["remote_bytes"] += len(data)
+                return data
+
+            return pq.ParquetFile(str(self.cache.get(shard.sha256, shard.bytes, fetch)), memory_map=True)
+        if not self.remote:
+            return pq.ParquetFile(shard.path, memory_map=True)
+        if shard.bytes <= _WHOLE_FETCH_BYTES:  # one GET per shard, not a ranged GET per column chunk
+            data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
+            self.stats["remote_bytes"] += len(data)
+            return pq.ParquetFile(pa.BufferReader(data))
+        fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
+        return pq.ParquetFile(fh)
+
+    def _read_window(self, window: list[Unit], files: dict[int, pq.ParquetFile]) -> pa.Table:
+        parts = []
+        for u in window:
+            if u.shard not in files:
+                files[u.shard] = self._open(self.info.shards[u.shard])
+            pf = files[u.shard]
+            table = self._with_retries(self.info.shards[u.shard].path,
+                                       lambda: pf.read_row_group(u.row_group, columns=[*self.info.features, self.info.label]))
+            if self.remote and self.cache is None and self.info.shards[u.shard].bytes > _WHOLE_FETCH_BYTES:
+                self.stats["remote_row_group_reads"] += 1
+            parts.append(table.slice(u.start, u.rows))
+        return pa.concat_tables(parts)
+
+    def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
+        try:
+            units = epoch_units(self.info, rank=self.rank, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
+            files: dict[int, pq.ParquetFile] = {}
+            offset = 0
+            for w, window in enumerate(_windows(units, self.cfg.shuffle_buffer_rows)):
+                n = sum(u.rows for u in window)
+                lo, hi = max(start_row - offset, 0), min(end_row - offset, n)
+                offset += n
+                if hi <= 0 or lo >= n:  # entirely consumed already (resume) or past the epoch's end
+                    if offset >= end_row:
+                        break
+                    continue
+                x, y = _to_arrays(self.info, self._read_window(window, files))
+                if self.cfg.shuffle:  # the local shuffle buffer: a seeded permutation of the window's rows
+                    perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(n)
+                    x, y = x[perm], y[perm]
+                xt, yt = torch.from_numpy(x[lo:hi]), torch.from_numpy(y[lo:hi]).to(self.label_dtype)
+                if self.device.type == "cuda":
+                    xt, yt = xt.pin_memory(), yt.pin_memory()  # lets the copy to the GPU run asynchronously
+                while not stop.is_set():
+                    try:
+                        out.put((xt, yt), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set() or offset >= end_row:
+                    break
+            if self.cache is not None:
+                self.stats.update({f"cache_{k}": v for k, v in self.cache.stats.items()})
+            out.put(None)
+        except BaseException as exc:  # hand the error to the training loop
+            out.put(exc)
+
+    # ---- consuming (training loop)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield this worker's ``(x, y)`` for steps ``start_step..steps_per_epoch-1`` of ``epoch``."""
-        perm = torch.from_numpy(self.permutation(epoch))
-        lo = self.rank * self.local_batch
-        for step in range(start_step, self.steps_per_epoch):
-            idx = perm[step * self.global_batch + lo : step * self.global_batch + lo + self.local_batch]
-            yield self.x[idx], self.y[idx]
+        """Yield ``(x, y)`` for steps ``start_step .. steps(epoch)-1`` of ``epoch``."""
+        b, steps = self.local_batch, self.steps(epoch)
+        if start_step >= steps:
+            return
+        out: "queue.Queue[Any]" = queue.Queue(maxsize=self.cfg.prefetch_windows)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(epoch, start_step * b, steps * b, out, stop), daemon=True)
+        producer.start()
+        pending_x: Optional[torch.Tensor] = None
+        pending_y: Optional[torch.Tensor] = None
+        step = start_step
+        try:
+            while step < steps:
+                while pending_x is None or len(pending_x) < b:
+                    t0 = time.perf_counter()
+                    item = out.get()
+                    self.stats["wait_s"] += time.perf_counter() - t0
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        raise RuntimeError(f"{self.info.key}: the data ended before step {steps} of epoch {epoch}")
+                    xt, yt = item
+                    pending_x = xt if pending_x is None else torch.cat([pending_x, xt])
+                    pending_y = yt if pending_y is None else torch.cat([pending_y, yt])
+                xb, yb = pending_x[:b], pending_y[:b]
+                pending_x, pending_y = pending_x[b:], pending_y[b:]
+                self.stats["rows"] += b
+                if self.device.type != "cpu":
+                    xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+                yield xb, yb
+                step += 1
+        finally:
+            stop.set()
+            producer.join(timeout=10)

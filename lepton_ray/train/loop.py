@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lepton_ray.config import Config, load_config
-from lepton_ray.data.pipeline import ShardedBatches, TableInfo, load_arrays
+from lepton_ray.data.pipeline import TableInfo, WorkerStream, load_arrays
 from lepton_ray.models import build_model
+from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
@@ -77,8 +78,10 @@ def loss_fn(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out.float().squeeze(-1), y)
 
 
-def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    return cfg.train.max_steps if cfg.train.max_steps is not None else cfg.train.epochs * steps_per_epoch
+def total_steps(cfg: Config, stream: WorkerStream) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return sum(stream.steps(e) for e in range(cfg.train.epochs))
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -134,12 +137,11 @@ def train_loop(spec: LoopSpec) -> None:
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     task = cfg.model.task
 
-    # ---- data: every worker holds the split; ShardedBatches hands it its slice of each global batch
-    x_np, y_np = load_arrays(spec.train, cfg.data.storage_options)
+    # ---- data: this worker's share, streamed in a seeded, resumable order (global batch = all workers' batches)
     y_dtype = torch.int64 if task == "classification" else torch.float32
-    x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device=device, dtype=y_dtype)
-    batches = ShardedBatches(x, y, global_batch=t.batch_size, rank=rank, world_size=world, seed=t.seed)
-    steps = total_steps(cfg, batches.steps_per_epoch)
+    stream = WorkerStream(spec.train, cfg.data, rank=rank, world_size=world, local_batch=t.batch_size // world,
+                          seed=t.seed, label_dtype=y_dtype, device=device)
+    steps = total_steps(cfg, stream)
     if spec.eval is not None:
         ex_np, ey_np = load_arrays(spec.eval, cfg.data.storage_options)
         ex = torch.from_numpy(ex_np[rank::world]).to(device)  # this rank's rows of the eval split
@@ -158,6 +160,7 @@ def train_loop(spec: LoopSpec) -> None:
     # ---- resume from the newest committed checkpoint, if any
     store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
     step, epoch, start = 0, 0, 0
+    notes: list[str] = []
     latest = store.latest()
     if latest is not None:
         state = store.load(latest)
@@ -171,10 +174,18 @@ def train_loop(spec: LoopSpec) -> None:
         rngs = state["rng"]
         _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         step, epoch, start = latest.meta["step"], latest.meta["epoch"], latest.meta["step_in_epoch"]
+        cursor = latest.meta.get("data", {})
+        if rank == 0 and cursor.get("world_size", world) != world:
+            notes.append(f"resumed with {world} workers, checkpointed with {cursor['world_size']}: the rest of epoch {epoch} "
+                         f"is dealt anew (rows may repeat or be missed in it); later epochs are exact")
+        if rank == 0 and cursor.get("fingerprint", spec.train.fingerprint()) != spec.train.fingerprint():
+            notes.append(f"{spec.train.key} changed since the checkpoint (fingerprint {cursor['fingerprint']} -> "
+                         f"{spec.train.fingerprint()}): the data order differs from the interrupted run")
 
     buffer = M.RecordBuffer(spec.sink if rank == 0 else None)
     if rank == 0:
-        buffer.add({"event": "start", M.STEP: step, "total_steps": steps, "resumed_from": latest.uri if latest else None}, now=True)
+        buffer.add({"event": "start", M.STEP: step, "total_steps": steps, "resumed_from": latest.uri if latest else None,
+                    "notes": notes}, now=True)
 
     def evaluate() -> dict[str, float]:
         if spec.eval is None:
@@ -208,9 +219,12 @@ def train_loop(spec: LoopSpec) -> None:
                 state["scaler"] = scaler.state_dict()
             if strategy.state_dict():
                 state["strategy"] = strategy.state_dict()
-            nxt_epoch, nxt_start = (epoch + 1, 0) if pos + 1 >= batches.steps_per_epoch else (epoch, pos + 1)
+            nxt_epoch, nxt_start = (epoch + 1, 0) if pos + 1 >= stream.steps(epoch) else (epoch, pos + 1)
             meta = {
-                "step": step, "epoch": nxt_epoch, "step_in_epoch": nxt_start, "config": spec.config,
+                "step": step, "epoch": nxt_epoch, "step_in_epoch": nxt_start, "config": redact_config(spec.config),
+                # the data cursor: every worker has consumed step_in_epoch local batches of this epoch's deal
+                "data": {"world_size": world, "rows_consumed_per_worker": nxt_start * stream.local_batch,
+                         "fingerprint": spec.train.fingerprint()},
                 "model_io": {"input_dim": spec.train.feature_dim, "num_outputs": spec.num_outputs,
                              "features": list(spec.train.features), "label": spec.train.label, "task": task},
                 "metrics": dict(last_eval),
@@ -224,12 +238,13 @@ def train_loop(spec: LoopSpec) -> None:
     # ---- train
     last_eval: dict[str, float] = {}
     window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
+    window_wait = 0.0
     micro = t.grad_accum_steps
     pos = start - 1
     first_step_logged = False
     net.train()
     while step < steps:
-        for pos, (xb, yb) in enumerate(batches.epoch(epoch, start), start=start):
+        for pos, (xb, yb) in enumerate(stream.epoch(epoch, start), start=start):
             # one optimizer step = grad_accum_steps micro-batches; only the last one communicates
             for i, (xm, ym) in enumerate(zip(xb.chunk(micro), yb.chunk(micro))):
                 with strategy.no_sync() if i < micro - 1 else contextlib.nullcontext():
@@ -249,11 +264,13 @@ def train_loop(spec: LoopSpec) -> None:
             if step % t.log_every_steps == 0 or step == steps:
                 total, n = _allreduce_sum([window_loss.item(), window_steps], device, world)
                 elapsed = time.perf_counter() - window_t0
+                waited = stream.stats["wait_s"] - window_wait
                 buffer.add({M.STEP: step, M.EPOCH: epoch, M.TRAIN_LOSS: total / n, M.LR: scheduler.get_last_lr()[0],
-                            M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed, "time": time.time()})
+                            M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed, M.DATA_WAIT_FRAC: waited / elapsed,
+                            "time": time.time()})
                 window_loss.zero_()
-                window_steps, window_t0 = 0, time.perf_counter()
-            end_of_epoch = pos + 1 == batches.steps_per_epoch
+                window_steps, window_t0, window_wait = 0, time.perf_counter(), stream.stats["wait_s"]
+            end_of_epoch = pos + 1 == stream.steps(epoch)
             if (t.eval_every_steps and step % t.eval_every_steps == 0) or (t.eval_every_steps is None and end_of_epoch) or step == steps:
                 last_eval = evaluate()
                 buffer.add({M.STEP: step, M.EPOCH: epoch, **last_eval, "time": time.time()})
@@ -268,6 +285,7 @@ def train_loop(spec: LoopSpec) -> None:
 
     if rank == 0:
         latest = store.latest()
-        buffer.add({"event": "end", M.STEP: step, **last_eval, "checkpoint": latest.uri if latest else None}, now=True)
+        buffer.add({"event": "end", M.STEP: step, **last_eval, "checkpoint": latest.uri if latest else None,
+                    "data_stats": dict(stream.stats)}, now=True)
         buffer.flush(wait=True)
     strategy.shutdown()

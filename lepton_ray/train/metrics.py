@@ -20,6 +20,7 @@ EPOCH = "epoch"
 TRAIN_LOSS = "train_loss"
 LR = "lr"
 SAMPLES_PER_S = "samples_per_s"
+DATA_WAIT_FRAC = "data_wait_frac"  # share of the logging window the loop spent waiting for its next batch
 EVAL_PREFIX = "eval_"  # eval metrics are eval_loss, eval_accuracy, ...
 
 

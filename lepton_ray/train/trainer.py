@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
 from lepton_ray.data.pipeline import TableInfo, data_exists, describe
-from lepton_ray.storage import arrow_filesystem, filesystem, join
+from lepton_ray.data.pipeline import steps_in_epoch
+from lepton_ray.storage import arrow_filesystem, filesystem, join, redact_config
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
-from lepton_ray.train.loop import LoopSpec, total_steps, train_loop
+from lepton_ray.train.loop import LoopSpec, train_loop
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
 
@@ -47,19 +48,45 @@ class Result:
         return {**self.metrics, "checkpoint": self.checkpoint, "run_dir": self.run_dir}
 
 
-def ensure_ray(min_cpus: int = 1) -> bool:
-    """Connect to the Ray cluster in ``RAY_ADDRESS`` or a running local one; else start a local one.
+def _live_local_cluster() -> Optional[str]:
+    """The GCS address of the one Ray cluster running on this machine (``ray start``), if exactly one is alive.
 
-    Returns True when this call started or connected (and the caller should shut it down).
+    Ray's own ``address="auto"`` trusts /tmp/ray/ray_current_cluster, which outlives a crashed or
+    stopped cluster and then makes ``ray.init`` retry a dead address for minutes; here only a GCS
+    process that is running *and* accepts connections counts.
+    """
+    import socket
+
+    try:
+        from ray._private.services import find_gcs_addresses  # greps the running gcs_server processes
+    except ImportError:  # pragma: no cover - private API moved: fall back to starting a local instance
+        return None
+    live = []
+    for address in find_gcs_addresses():
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            live.append(address)
+        except (OSError, ValueError):
+            continue
+    return live[0] if len(live) == 1 else None
+
+
+def ensure_ray(min_cpus: int = 1) -> bool:
+    """Connect to the cluster in ``RAY_ADDRESS``, or to the one live ``ray start`` cluster on this
+    machine; else start a local Ray instance with at least ``min_cpus`` logical CPUs.
+
+    Returns True when this call connected or started Ray (the caller shuts it down when done).
     """
     import ray
 
     if ray.is_initialized():
         return False
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-    except ConnectionError:
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus))
+    address = os.environ.get("RAY_ADDRESS") or _live_local_cluster()
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus))
     return True
 
 
@@ -90,6 +117,14 @@ class Trainer:
             )
         if cfg.train.batch_size > self.train_info.num_rows:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
+        w = cfg.scaling.num_workers
+        if steps_in_epoch(self.train_info, world_size=w, local_batch=cfg.train.batch_size // w, epoch=0,
+                          seed=cfg.train.seed, shuffle=cfg.data.shuffle) == 0:
+            raise ConfigError(
+                f"train.batch_size: {cfg.train.batch_size} leaves a worker without a full batch of {cfg.train.batch_size // w} rows"
+                f" in epoch 0 ({self.train_info.num_rows} rows in {len(self.train_info.shards)} file(s) dealt to {w} workers);"
+                " use a smaller batch or prepare the data with more row groups"
+            )
         self.num_outputs = self._num_outputs()
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
 
@@ -147,7 +182,7 @@ class Trainer:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=1))
+            (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(cfg.to_dict()), indent=1))  # JSON is YAML
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)

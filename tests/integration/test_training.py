@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lepton_ray import Trainer, TrainingError, load_config
-from lepton_ray.data.pipeline import ShardedBatches, load_arrays
+from lepton_ray.data.pipeline import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore
 
@@ -57,20 +57,22 @@ def test_allreduce_equals_single_process(tmp_path, blobs, accum, clip):
     assert result.metrics["steps"] == 20
     ddp = _final_params(result)
 
-    # the reference: plain torch, one process, the same 20 global batches
+    # the reference: plain torch, one process, the same 20 global batches (the two workers' batches together)
     trainer = Trainer(cfg, progress=False)
-    x, y = load_arrays(trainer.train_info, {})
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    order = ShardedBatches(x, y, global_batch=32, rank=0, world_size=1, seed=7)
+    streams = [WorkerStream(trainer.train_info, cfg.data, rank=r, world_size=2, local_batch=16, seed=7) for r in range(2)]
+    batches = []
+    for epoch in range(20):
+        for (x0, y0), (x1, y1) in zip(streams[0].epoch(epoch), streams[1].epoch(epoch)):
+            batches.append((torch.cat([x0, x1]), torch.cat([y0, y1])))
+        if len(batches) >= 20:
+            break
     torch.manual_seed(7)
     model = build_model(cfg.model, trainer.train_info.feature_dim, trainer.num_outputs)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(20):
-        epoch, s = divmod(step, order.steps_per_epoch)
-        idx = torch.from_numpy(order.global_indices(epoch, s))
+    for xb, yb in batches[:20]:
         opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        F.cross_entropy(model(xb), yb).backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()

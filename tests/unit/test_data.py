@@ -14,7 +14,7 @@ import torch
 from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data import BUILDERS, build_data
 from lepton_ray.data.builders import digits, write_table
-from lepton_ray.data.pipeline import ShardedBatches, TableInfo, data_exists, describe, load_arrays
+from lepton_ray.data.pipeline import Shard, TableInfo, data_exists, describe, load_arrays
 
 
 def raises(message: str):
@@ -38,7 +38,8 @@ def test_describe_single_file(tmp_path):
     f = write(tmp_path / "t.parquet", {"a": [1.0, 2.0, 3.0], "b": [1, 2, 3], "label": [0, 1, 0]})
     info = describe("data.train", str(f), cfg(str(f)))
     assert info == TableInfo(
-        key="data.train", uri=str(f), files=(str(f),), num_rows=3, features=("a", "b"), label="label", feature_dim=2
+        key="data.train", uri=str(f), files=(str(f),), num_rows=3, features=("a", "b"), label="label", feature_dim=2,
+        shards=(Shard(path=str(f), num_rows=3, row_groups=(3,), bytes=f.stat().st_size, sha256=None),), prepared=False,
     )
 
 
@@ -123,8 +124,8 @@ def test_describe_schemas_differ(tmp_path):
     write(d / "p0.parquet", {"a": pa.array([1.0], pa.float64()), "label": pa.array([0], pa.int64())})
     write(d / "p1.parquet", {"a": pa.array([1], pa.int64()), "label": pa.array([0], pa.int64())})
     with raises(
-        f"data.train: '{d / 'p1.parquet'}' has schema a: int64\nlabel: int64 but '{d / 'p0.parquet'}' has "
-        "a: double\nlabel: int64; every file must match"
+        f"data.train: '{d / 'p1.parquet'}' has columns (a: int64, label: int64) but '{d / 'p0.parquet'}' has "
+        "(a: double, label: int64); every file must match"
     ):
         describe("data.train", str(d), cfg(str(d)))
 
@@ -196,109 +197,6 @@ def test_null_in_fixed_size_list_feature_is_rejected(tmp_path):
     info = describe("data.train", str(f), cfg(str(f)))
     with raises(f"data.train: feature column 'v' in '{f}' has 1 null value(s); fill or drop them first"):
         load_arrays(info, {})
-
-
-# --------------------------------------------------------------------------- ShardedBatches
-
-
-N, GB = 103, 8  # 12 full global batches, 7 rows dropped per epoch
-
-
-def rows(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
-    """x[i] = (i, -i), y[i] = i: every batch shows which rows it holds."""
-    i = torch.arange(n)
-    return torch.stack([i.float(), -i.float()], dim=1), i
-
-
-def shards(world: int, seed: int = 7, n: int = N, gb: int = GB) -> list[ShardedBatches]:
-    x, y = rows(n)
-    return [ShardedBatches(x, y, global_batch=gb, rank=r, world_size=world, seed=seed) for r in range(world)]
-
-
-def epoch_rows(world: int, epoch: int, seed: int = 7, start_step: int = 0) -> list[list[int]]:
-    """Global batch t of ``epoch`` as the concatenation of the ranks' slices, rank order."""
-    per_rank = [[yb.tolist() for _, yb in s.epoch(epoch, start_step)] for s in shards(world, seed)]
-    return [sum((per_rank[r][t] for r in range(world)), []) for t in range(len(per_rank[0]))]
-
-
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_sharded_batches_one_epoch_invariants(world):
-    ss = shards(world)
-    assert all(s.steps_per_epoch == N // GB == 12 for s in ss)
-    assert all(s.local_batch == GB // world for s in ss)
-    per_rank = [list(s.epoch(3)) for s in ss]
-    assert all(len(batches) == 12 for batches in per_rank)
-    seen: list[int] = []
-    for t in range(12):
-        union = []
-        for r in range(world):
-            xb, yb = per_rank[r][t]
-            assert xb.shape == (GB // world, 2) and yb.shape == (GB // world,)
-            assert torch.equal(xb[:, 0].long(), yb) and torch.equal(xb[:, 1], -yb.float())  # x and y stay paired
-            union += yb.tolist()
-        assert union == ss[0].global_indices(3, t).tolist()
-        seen += union
-    assert len(seen) == len(set(seen)) == 12 * GB  # every row at most once, exactly steps*global_batch rows
-    assert set(seen) <= set(range(N))
-
-
-def test_global_batches_do_not_depend_on_world_size():
-    one, two, four = epoch_rows(1, 0), epoch_rows(2, 0), epoch_rows(4, 0)
-    assert one == two == four
-    assert len(one) == 12 and all(len(b) == GB for b in one)
-    for world in (2, 4):
-        for s in shards(world):
-            assert all(
-                np.array_equal(s.global_indices(e, t), shards(1)[0].global_indices(e, t)) for e in (0, 5) for t in (0, 11)
-            )
-
-
-def test_rank_takes_its_contiguous_slice_of_each_global_batch():
-    ss = shards(4)
-    for r, s in enumerate(ss):
-        for t, (_, yb) in enumerate(s.epoch(1)):
-            assert yb.tolist() == s.global_indices(1, t)[2 * r : 2 * r + 2].tolist()
-
-
-def test_same_seed_same_order_different_epoch_or_seed_different_order():
-    assert epoch_rows(2, 0, seed=7) == epoch_rows(2, 0, seed=7)
-    assert epoch_rows(2, 0, seed=7) != epoch_rows(2, 1, seed=7)
-    assert epoch_rows(2, 0, seed=7) != epoch_rows(2, 0, seed=8)
-    s = shards(1)[0]
-    assert np.array_equal(s.permutation(4), s.permutation(4))
-    assert sorted(s.permutation(4).tolist()) == list(range(N))
-    assert not np.array_equal(s.permutation(4), s.permutation(5))
-
-
-@pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("k", [0, 1, 5, 11, 12])
-def test_resume_mid_epoch_yields_the_remaining_batches(world, k):
-    for s in shards(world):
-        full = [(xb.clone(), yb.clone()) for xb, yb in s.epoch(2)]
-        resumed = list(s.epoch(2, start_step=k))
-        assert len(resumed) == 12 - k
-        for (xa, ya), (xb, yb) in zip(full[k:], resumed):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
-
-
-def test_dataset_exactly_one_global_batch():
-    x, y = rows(8)
-    s = ShardedBatches(x, y, global_batch=8, rank=0, world_size=1, seed=0)
-    assert s.steps_per_epoch == 1
-    ((xb, yb),) = list(s.epoch(0))
-    assert sorted(yb.tolist()) == list(range(8))
-
-
-def test_global_batch_larger_than_dataset():
-    x, y = rows(10)
-    with raises("train.batch_size: 16 is larger than the training set (10 rows)"):
-        ShardedBatches(x, y, global_batch=16, rank=0, world_size=2, seed=0)
-
-
-def test_global_batch_not_divisible_by_world_size():
-    x, y = rows(10)
-    with pytest.raises(ValueError, match="^" + re.escape("global batch 6 is not divisible by world size 4") + "$"):
-        ShardedBatches(x, y, global_batch=6, rank=0, world_size=4, seed=0)
 
 
 # --------------------------------------------------------------------------- builders

@@ -1,0 +1,188 @@
+"""Data pipeline throughput on a local moto S3 endpoint, against plain pyarrow, in one run.
+
+Measures, on the same prepared shards (default 2M rows x 32 float32 features + label, 16 shards):
+
+1. baseline: ONE process reading every shard with pyarrow through the same filesystem (rows/s);
+2. lepton_ray: ``WorkerStream`` delivering torch batches to 2 consumer processes (rank 0 and 1
+   of 2), rows/s over the wall time of both; cold (no cache) and with ``data.cache_dir``
+   (first pass fills the cache, second pass reads it);
+3. optional (--ray-data): Ray Data's ``read_parquet(...).iter_torch_batches`` with defaults;
+4. in a reference training run (an MLP on this data, 2 Ray Train workers), the fraction of
+   step time the loop waited for data (``data_wait_frac`` in metrics.jsonl).
+
+Bars (issue 3): lepton/baseline >= 0.5; data wait <= 5% of step time.
+
+    python benchmarks/data_pipeline.py            # ~3-5 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    return proc, endpoint
+
+
+def make_table(rows: int, features: int) -> pa.Table:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    w = rng.normal(size=features).astype(np.float32)
+    label = (x @ w > 0).astype(np.int64)
+    return pa.table({**{f"f{i}": x[:, i] for i in range(features)}, "label": label})
+
+
+def baseline_rows_per_s(uri: str) -> float:
+    from lepton_ray.config import DataConfig
+    from lepton_ray.data import describe
+    from lepton_ray.storage import arrow_filesystem, filesystem
+
+    info = describe("data.train", uri, DataConfig(train=uri))
+    fs, _ = filesystem(uri)
+    afs = arrow_filesystem(fs)
+    t0 = time.perf_counter()
+    rows = 0
+    for path in info.files:
+        rows += pq.read_table(path, filesystem=afs).num_rows
+    return rows / (time.perf_counter() - t0)
+
+
+def _consume(uri: str, rank: int, batch: int, cache_dir: str | None, epochs: int, out: "mp.Queue") -> None:
+    from lepton_ray.config import DataConfig
+    from lepton_ray.data import WorkerStream, describe
+
+    cfg = DataConfig(train=uri, cache_dir=cache_dir)
+    info = describe("data.train", uri, cfg)
+    stream = WorkerStream(info, cfg, rank=rank, world_size=2, local_batch=batch, seed=0)
+    times = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        rows = 0
+        for xb, yb in stream.epoch(epoch):
+            rows += len(xb)
+        times.append((rows, t0, time.perf_counter()))
+    out.put((rank, times))
+
+
+def lepton_rows_per_s(uri: str, batch: int, cache_dir: str | None, epochs: int) -> list[float]:
+    """Rows/s per epoch over both consumers (total rows / wall time from the first start to the last end)."""
+    q: mp.Queue = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_consume, args=(uri, r, batch, cache_dir, epochs, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get() for _ in procs)
+    for p in procs:
+        p.join()
+    out = []
+    for e in range(epochs):
+        parts = [results[r][e] for r in range(2)]
+        rows = sum(p[0] for p in parts)
+        out.append(rows / (max(p[2] for p in parts) - min(p[1] for p in parts)))
+    return out
+
+
+def ray_data_rows_per_s(uri: str, batch: int) -> float:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.read_parquet(uri)
+        t0 = time.perf_counter()
+        rows = sum(len(b["label"]) for b in ds.iter_torch_batches(batch_size=batch))
+        return rows / (time.perf_counter() - t0)
+    finally:
+        ray.shutdown()
+
+
+def training_wait_fraction(uri: str, steps: int, tmp: str) -> tuple[float, float]:
+    from lepton_ray import Trainer
+
+    cfg = {
+        "model": {"name": "mlp", "hidden": [128, 64]},
+        "data": {"train": uri, "label": "label", "cache_dir": f"{tmp}/train-cache"},
+        "train": {"max_steps": steps, "batch_size": 512, "lr": 0.05, "log_every_steps": 10},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"every_n_steps": 0},
+        "run": {"dir": f"{tmp}/runs", "name": "bench"},
+    }
+    result = Trainer(cfg, progress=False).fit()
+    recs = [r for r in result.records if "data_wait_frac" in r and "event" not in r][1:]  # skip the warm-up window
+    return float(np.mean([r["data_wait_frac"] for r in recs])), result.metrics["samples_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1024, help="rows per consumer batch")
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--ray-data", action="store_true", help="also time Ray Data's read_parquet with defaults")
+    args = ap.parse_args()
+
+    moto, endpoint = start_moto()
+    try:
+        import boto3
+
+        from lepton_ray.data import prepare
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        uri = "s3://bench/data"
+        t0 = time.perf_counter()
+        prepare(make_table(args.rows, args.features), uri, num_shards=args.shards, row_group_rows=65536, compression="none")
+        print(f"prepared {args.rows:,} rows x {args.features} float32 + label in {args.shards} shards on {endpoint} ({time.perf_counter() - t0:.1f} s)")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            base = baseline_rows_per_s(uri)
+            cold = lepton_rows_per_s(uri, args.batch, None, 1)[0]
+            cache_fill, cache_warm = lepton_rows_per_s(uri, args.batch, f"{tmp}/cache", 2)
+            rd = ray_data_rows_per_s(uri, args.batch) if args.ray_data else None
+            wait, sps = training_wait_fraction(uri, args.train_steps, tmp)
+
+        print()
+        print(f"{'reader':58s} {'rows/s':>12s} {'vs baseline':>12s}")
+        print(f"{'baseline: 1 process, pyarrow read_table, every shard':58s} {base:12,.0f} {1.0:12.2f}")
+        print(f"{'lepton_ray WorkerStream, 2 consumers, no cache':58s} {cold:12,.0f} {cold / base:12.2f}")
+        print(f"{'lepton_ray, 2 consumers, cache: 1st pass (fills it)':58s} {cache_fill:12,.0f} {cache_fill / base:12.2f}")
+        print(f"{'lepton_ray, 2 consumers, cache: 2nd pass (local disk)':58s} {cache_warm:12,.0f} {cache_warm / base:12.2f}")
+        if rd is not None:
+            print(f"{'Ray Data read_parquet().iter_torch_batches, defaults':58s} {rd:12,.0f} {rd / base:12.2f}")
+        print()
+        print(f"reference training run (MLP [128, 64], 2 workers, batch 512): {sps:,.0f} samples/s, "
+              f"data wait = {100 * wait:.2f}% of step time (bar <= 5%)")
+        print(f"ratio lepton (no cache) / baseline = {cold / base:.2f} (bar >= 0.5)")
+    finally:
+        moto.terminate()
+
+
+if __name__ == "__main__":
+    main()

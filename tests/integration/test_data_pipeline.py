@@ -1,0 +1,201 @@
+"""The object-storage data path on a real moto S3 server: prepare -> stream -> train, exactly-once resume, cache, errors."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lepton_ray import ConfigError, Trainer, load_config
+from lepton_ray.config import DataConfig
+from lepton_ray.data import WorkerStream, describe, prepare
+from lepton_ray.data.builders import digits
+
+
+def _digits_local(tmp_path: Path) -> Path:
+    src = tmp_path / "src" / "digits.parquet"
+    digits(str(src), None)  # all 1797 rows in one file
+    return src
+
+
+def _train_cfg(tmp_path: Path, train: str, eval: str, name: str, **data) -> dict:
+    return {
+        "model": {"name": "mlp", "hidden": [64]},
+        "data": {"train": train, "eval": eval, "label": "label", **data},
+        "train": {"max_steps": 150, "batch_size": 64, "lr": 0.1, "seed": 3, "eval_every_steps": 150},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"every_n_steps": 0},
+        "run": {"dir": str(tmp_path / "runs"), "name": name},
+    }
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_prepare_on_s3_then_train_equals_the_local_run(tmp_path, bucket):
+    """The same prepared data on S3 (through the shard cache) and on local disk trains to the same model."""
+    src = _digits_local(tmp_path)
+    for dest in (f"s3://{bucket}/digits", str(tmp_path / "prepared")):
+        prepare(str(src), dest, num_shards=4, row_group_rows=128, eval_fraction=0.2, seed=1)
+    s3 = Trainer(_train_cfg(tmp_path, f"s3://{bucket}/digits/train", f"s3://{bucket}/digits/eval", "s3",
+                            cache_dir=str(tmp_path / "cache")), progress=False).fit()
+    local = Trainer(_train_cfg(tmp_path, str(tmp_path / "prepared" / "train"), str(tmp_path / "prepared" / "eval"), "local"),
+                    progress=False).fit()
+    assert s3.metrics["eval_accuracy"] == local.metrics["eval_accuracy"]
+    assert s3.metrics["eval_accuracy"] > 0.9
+    assert s3.metrics["train_loss"] == local.metrics["train_loss"]
+    end = next(r for r in s3.records if r.get("event") == "end")
+    assert end["data_stats"]["cache_misses"] > 0 and end["data_stats"]["remote_bytes"] > 0  # it really read S3
+
+
+def _ids_table(n: int) -> pa.Table:
+    ids = np.arange(n)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    return pa.table({"id": ids.astype(np.float32), **{f"f{i}": x[:, i] for i in range(4)}, "label": (x[:, 0] > 0).astype(np.int64)})
+
+
+def _recorded(log_dir: Path, world: int) -> list[list[list[int]]]:
+    return [[[int(i) for i in line.split()] for line in (log_dir / f"rank{r}.txt").read_text().splitlines()] for r in range(world)]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, bucket):
+    """Ids each worker consumed: stopped at step 5 of an epoch of 16, resumed to its end; union = every row once, same order."""
+    prepare(_ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
+
+    def cfg(name: str, log: Path, max_steps: int) -> dict:
+        log.mkdir(parents=True, exist_ok=True)
+        return {
+            "model": {"factory": "lr_testing_models:record_ids_mlp", "kwargs": {"log_dir": str(log)}},
+            "data": {"train": f"s3://{bucket}/ids", "label": "label", "shuffle_buffer_rows": 200},
+            "train": {"max_steps": max_steps, "batch_size": 64, "lr": 0.05, "seed": 11, "log_every_steps": 4},
+            "scaling": {"num_workers": 2},
+            "checkpoint": {"every_n_steps": 0, "dir": f"s3://{bucket}/ckpt"},
+            "run": {"dir": str(tmp_path / "runs"), "name": name},
+        }
+
+    straight = tmp_path / "straight"
+    Trainer(cfg("straight", straight, 16), progress=False).fit()
+    parts = tmp_path / "parts"
+    first = Trainer(cfg("parts", parts, 5), progress=False).fit()
+    assert first.metrics["steps"] == 5
+    resumed = Trainer(load_config(cfg("parts", parts, 16)), resume=True, progress=False).fit()
+    assert resumed.resumed_from == f"s3://{bucket}/ckpt/parts/step_00000005"
+
+    uninterrupted, interrupted = _recorded(straight, 2), _recorded(parts, 2)
+    assert [len(b) for b in uninterrupted] == [16, 16] and [len(b) for b in interrupted] == [16, 16]
+    every = sorted(i for rank in interrupted for batch in rank for i in batch)
+    assert every == list(range(1024))  # exactly once across the stop
+    assert interrupted == uninterrupted  # and in the uninterrupted order
+
+
+def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, bucket, s3_endpoint):
+    prepare(_ids_table(1024), f"s3://{bucket}/c", num_shards=4, row_group_rows=128, seed=0)
+    cfg = DataConfig(train=f"s3://{bucket}/c", cache_dir=str(tmp_path / "cache"))
+    info = describe("data.train", cfg.train, cfg)
+    total = sum(s.bytes for s in info.shards)
+
+    stream = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=64, seed=0)
+    epoch0 = [xb[:, 0].tolist() for xb, _ in stream.epoch(0)]
+    assert stream.stats["remote_bytes"] == total and stream.cache.stats["misses"] == 4
+
+    # the objects are gone from the bucket: epoch 1 can only come from the cache
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    saved = {}
+    for s in info.shards:
+        key = s.path.split("/", 1)[1]
+        saved[key] = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        s3.delete_object(Bucket=bucket, Key=key)
+    epoch1 = [xb[:, 0].tolist() for xb, _ in stream.epoch(1)]
+    assert stream.stats["remote_bytes"] == total  # not one more byte from S3
+    assert stream.cache.stats["hits"] >= 4
+    assert sorted(sum(epoch1, [])) == sorted(sum(epoch0, []))
+
+    # tamper with one cached shard: a new process (stream) detects it and fetches that shard again
+    for key, body in saved.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    victim = sorted((tmp_path / "cache").glob("*.parquet"))[0]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    again = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=64, seed=0)
+    assert [xb[:, 0].tolist() for xb, _ in again.epoch(0)] == epoch0
+    assert again.cache.stats["refetched"] == 1 and again.stats["remote_bytes"] == victim.stat().st_size
+
+
+# --------------------------------------------------------------------------- bad input: clear errors, before training
+
+
+def _describe(uri: str, **data) -> None:
+    cfg = DataConfig(train=uri, **data)
+    describe("data.train", uri, cfg)
+
+
+def test_missing_bucket(s3_endpoint):
+    with pytest.raises(ConfigError, match=r"^data\.train: 's3://no-such-bucket-lr/x' does not exist$"):
+        _describe("s3://no-such-bucket-lr/x")
+
+
+def test_missing_prefix(bucket):
+    with pytest.raises(ConfigError, match=rf"^data\.train: 's3://{bucket}/nothing/here' does not exist$"):
+        _describe(f"s3://{bucket}/nothing/here")
+
+
+def test_prefix_without_parquet(bucket, s3_endpoint):
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key="notes/readme.txt", Body=b"hi")
+    with pytest.raises(ConfigError, match=rf"^data\.train: 's3://{bucket}/notes' holds no \.parquet files$"):
+        _describe(f"s3://{bucket}/notes")
+
+
+def test_corrupt_shard(bucket, s3_endpoint):
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key="bad/part-0.parquet", Body=b"PAR1 not really")
+    with pytest.raises(ConfigError, match=rf"^data\.train: '{bucket}/bad/part-0\.parquet' is not a readable Parquet file: "):
+        _describe(f"s3://{bucket}/bad")
+
+
+def test_schema_differs_between_shards(tmp_path):
+    pq.write_table(pa.table({"a": [1.0], "label": [0]}), tmp_path / "p0.parquet")
+    pq.write_table(pa.table({"b": [1.0], "label": [0]}), tmp_path / "p1.parquet")
+    message = (f"data.train: '{tmp_path}/p1.parquet' has columns (b: double, label: int64) but '{tmp_path}/p0.parquet' has"
+               " (a: double, label: int64); every file must match")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        _describe(str(tmp_path))
+
+
+def test_missing_feature_column_on_s3(bucket):
+    prepare(_ids_table(64), f"s3://{bucket}/f", num_shards=2)
+    with pytest.raises(ConfigError, match=rf"^data\.features: column 'nope' is not in data\.train 's3://{bucket}/f' \(columns: id, f0, f1, f2, f3, label\)$"):
+        _describe(f"s3://{bucket}/f", features=["nope"])
+
+
+def test_unfinished_prepare_is_refused(bucket, s3_endpoint):
+    prepare(_ids_table(64), f"s3://{bucket}/u", num_shards=2)
+    boto3.client("s3", endpoint_url=s3_endpoint).delete_object(Bucket=bucket, Key="u/_manifest.json")
+    with pytest.raises(ConfigError, match=r"has shard-\*\.parquet files but no _manifest\.json: an unfinished `lepton-ray data prepare`"):
+        _describe(f"s3://{bucket}/u")
+
+
+def test_manifest_that_does_not_match_is_refused(tmp_path):
+    prepare(_ids_table(64), str(tmp_path / "m"), num_shards=2)
+    shard = tmp_path / "m" / "shard-00001.parquet"
+    pq.write_table(pa.table({"id": [1.0], "f0": [1.0], "f1": [1.0], "f2": [1.0], "f3": [1.0], "label": [0]}), shard)
+    with pytest.raises(ConfigError, match=r"shard-00001\.parquet' has \d+ bytes but the manifest says \d+; the data set changed after it was prepared$"):
+        _describe(str(tmp_path / "m"))
+
+
+def test_unreachable_endpoint_fails_fast_naming_it():
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^data\.train: cannot read 's3://b/k' \(endpoint http://127\.0\.0\.1:9\): "):
+        _describe("s3://b/k", storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s3cr3t"})
+    assert time.monotonic() - t0 < 60
+
+
+def test_secrets_never_appear_in_errors():
+    with pytest.raises(ConfigError) as exc:
+        _describe("s3://b/k", storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "AKIAEXAMPLE", "secret": "s3cr3t-value"})
+    assert "s3cr3t-value" not in str(exc.value) and "AKIAEXAMPLE" not in str(exc.value)
