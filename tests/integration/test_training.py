@@ -178,3 +178,24 @@ def test_fresh_run_never_reuses_a_used_run_name(tmp_path, blobs):
     assert [r["step"] for r in lines if "train_loss" in r] == [1, 2, 3, 4, 5]
     result = json.loads((Path(b.run_dir) / "result.json").read_text())
     assert result["steps"] == 5 and result["checkpoint"] == b.checkpoint and np.isfinite(result["train_loss"])
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, blobs):
+    """train.precision: bf16 runs under CPU autocast and still learns the blobs."""
+    cfg = _config(tmp_path, blobs, data={"eval": str(blobs)}, train={"max_steps": 40, "precision": "bf16"})
+    result = Trainer(cfg, progress=False).fit()
+    losses = [r["train_loss"] for r in result.records if "train_loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.metrics["eval_accuracy"] > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL all-reduce, fp16 GradScaler)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_gpu_nccl_training(tmp_path, blobs, precision):
+    """On GPUs: NCCL all-reduce across every visible GPU, each precision learns the blobs."""
+    workers = torch.cuda.device_count()
+    cfg = _config(tmp_path, blobs, data={"eval": str(blobs)},
+                  train={"max_steps": 40, "precision": precision, "batch_size": 32 * workers},
+                  scaling={"num_workers": workers, "use_gpu": True})
+    result = Trainer(cfg, progress=False).fit()
+    assert result.metrics["eval_accuracy"] > 0.9
