@@ -3,8 +3,6 @@ sparse row traffic, convergence (digits, recommender) and a killed PS shard."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -170,35 +168,17 @@ def test_recommender_learns_and_pushes_only_touched_rows(tmp_path, click_data, s
     assert max(expected) * 10 < REC_ROWS  # a batch touches a small fraction: the counts follow k, not R
 
 
-def _kill_a_shard_when(run_dir: Path, step: int, killed: dict) -> None:
-    import ray
-
-    from lepton_ray.sync.param_server import NAMESPACE, SHARD_PREFIX
-
-    deadline = time.monotonic() + 240
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and f'"step": {step},' in metrics.read_text():
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["namespace"] == NAMESPACE and a["name"].startswith(f"{SHARD_PREFIX}t:")]
-            victim = ray.get_actor(sorted(names)[-1], namespace=NAMESPACE)
-            ray.kill(victim, no_restart=False)  # like a lost process: Ray restarts it
-            killed["name"] = sorted(names)[-1]
-            return
-        time.sleep(0.05)
-
-
 def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits_data):
     """A PS shard killed after the step-60 checkpoint: Ray restarts it from that checkpoint, the worker
     group resumes there (replaying the lost steps) and the run reaches the digits accuracy bar."""
-    cfg = load_config(_digits_config(tmp_path, digits_data, checkpoint={"every_n_steps": 60},
-                                     scaling={"max_failures": 1}))
-    killed: dict = {}
-    killer = threading.Thread(target=_kill_a_shard_when, args=(tmp_path / "runs" / "t", 70, killed), daemon=True)
-    killer.start()
+    marker = tmp_path / "killed"
+    cfg = load_config(_digits_config(
+        tmp_path, digits_data, checkpoint={"every_n_steps": 60}, scaling={"max_failures": 1},
+        model={"factory": "ps_testing_models:kill_shard_once_mlp",
+               "kwargs": {"kill_at": 70, "marker": str(marker), "run_name": "t", "hidden": [64]}},
+    ))
     result = Trainer(cfg, progress=False).fit()
-    killer.join(timeout=5)
-    assert killed, "the shard was never killed"
+    assert marker.exists()  # the shard was killed (at rank 0's 70th step)
     starts = [r for r in result.records if r.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, 60]
     assert result.resumed_from.endswith("step_00000060")
