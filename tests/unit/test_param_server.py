@@ -205,3 +205,26 @@ def test_click_data_is_seeded_and_learnable():
     auc = roc_auc_score(ev.column("label").to_numpy(), clf.predict_proba(enc.transform(ids(ev)))[:, 1])
     assert auc > 0.75  # the ids carry the click signal (labels of pure noise would give ~0.5)
     assert max(len(np.unique(ids(tr)[i : i + 128])) for i in range(0, 20_000, 128)) < 8000 / 10  # Zipf: few rows per batch
+
+
+def test_a_shard_started_over_a_checkpoint_restores_its_part(tmp_path):
+    """What a shard restarted by Ray does: its constructor loads its piece of the newest checkpoint."""
+    from lepton_ray.train.checkpoint import CheckpointStore
+
+    async def advance(shard):
+        for step in range(3):
+            await shard.push(0, step, 0.1, np.ones(6, np.float32), {"emb": (np.array([1]), np.ones((1, 2), np.float32))})
+
+    trained = _shard("async")
+    asyncio.run(advance(trained))
+    saved = trained.state()
+    CheckpointStore(str(tmp_path)).save(30, {"strategy": {"shards": [saved]}}, meta={})
+
+    init = {"w": np.zeros((2, 3), np.float32), "emb": np.zeros((5, 2), np.float32)}
+    pieces = [p for s in plan_shards([("w", (2, 3), False), ("emb", (5, 2), True)], 1) for p in s]
+    fresh = ShardServer(0, pieces, init, world_size=2, mode="async", staleness=0, train=SGD, checkpoint_uri=str(tmp_path))
+    assert fresh.restored_from.endswith("step_00000030")
+    assert np.array_equal(fresh.pull_dense(), trained.pull_dense())
+    assert np.array_equal(fresh.pull_rows("emb", np.arange(5)), trained.pull_rows("emb", np.arange(5)))
+    assert fresh.clocks == [0, 0]  # min of the saved clocks [3, 0]: every worker restarts at one step
+    assert fresh.state()["dense_opt"]["state"][0]["momentum_buffer"].equal(saved["dense_opt"]["state"][0]["momentum_buffer"])
