@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -71,11 +71,14 @@ class Strategy(ABC):
     # ------------------------------------------------------------------ driver side
 
     @classmethod
-    def check(cls, config: Config, model: nn.Module) -> None:
-        """Driver, before Ray starts: raise ``ConfigError`` for a model or config this strategy cannot train."""
+    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
+        """Driver, before Ray starts: raise ``ConfigError`` for a model or config this strategy cannot train.
+
+        ``build()`` returns the model exactly as every worker initialises it (call it only if needed).
+        """
 
     @classmethod
-    def launch(cls, config: Config, model: nn.Module, checkpoint_uri: str, run_name: str) -> Any:
+    def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> Any:
         """Driver, Ray connected: start what outlives a worker group (actors); returns the workers' ``services``."""
         return None
 

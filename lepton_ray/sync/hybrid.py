@@ -13,7 +13,7 @@ shards, pulled and pushed row-wise exactly as in ``ps`` and updated there with
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,14 +34,15 @@ class Hybrid(ParamServer):
     embeddings_only = True
 
     @classmethod
-    def check(cls, config: Config, model: nn.Module) -> None:
+    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
+        model = build()
         if not embedding_modules(model):
             what = config.model.factory or config.model.name
             raise ConfigError(
                 f"sync.strategy: 'hybrid' needs a model with nn.Embedding or nn.EmbeddingBag tables for the parameter"
                 f" servers; model '{what}' has none (use 'allreduce' or 'ps')"
             )
-        super().check(config, model)
+        super().check(config, lambda: model)
 
     @property
     def lockstep(self) -> bool:  # type: ignore[override]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class ParamServer(Strategy):
             raise ConfigError(f"sync.ps.num_shards: {exc}") from None
 
     @classmethod
-    def check(cls, config: Config, model: nn.Module) -> None:
+    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
         if config.train.grad_clip_norm is not None:
             raise ConfigError(
                 f"train.grad_clip_norm: not supported with sync.strategy '{cls.name}' (gradients are combined on the"
@@ -92,12 +92,13 @@ class ParamServer(Strategy):
             )
         if config.train.precision == "fp16":
             raise ConfigError(f"train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy '{cls.name}'; use 'bf16' or 'fp32'")
-        cls._plan(config, model)
+        cls._plan(config, build())
 
     @classmethod
-    def launch(cls, config: Config, model: nn.Module, checkpoint_uri: str, run_name: str) -> dict[str, Any]:
+    def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> dict[str, Any]:
         import ray
 
+        model = build()
         plan = cls._plan(config, model)
         params = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
         t, ps = config.train, config.sync.ps

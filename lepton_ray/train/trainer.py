@@ -94,7 +94,7 @@ class Trainer:
         if cfg.train.batch_size > self.train_info.num_rows:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
         self.num_outputs = self._num_outputs()
-        STRATEGIES[cfg.sync.strategy].check(cfg, self._model())
+        STRATEGIES[cfg.sync.strategy].check(cfg, self._model)
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
 
     # ------------------------------------------------------------------ checks
@@ -162,7 +162,7 @@ class Trainer:
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote()
             strategy = STRATEGIES[cfg.sync.strategy]
-            services = strategy.launch(cfg, self._model(), self.checkpoint_uri, self.run_name)
+            services = strategy.launch(cfg, self._model, self.checkpoint_uri, self.run_name)
             spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink,
                             services=services)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
