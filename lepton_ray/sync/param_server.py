@@ -106,9 +106,11 @@ class ParamServer(Strategy):
                  "embedding_optimizer": ps.embedding_optimizer, "embedding_lr": ps.embedding_lr}
         run_id = uuid.uuid4().hex[:8]
         actor_cls = ray.remote(ShardServer)
-        shards = []
+        shards, inits = [], []
         for i, pieces in enumerate(plan):
-            init = {p.name: params[p.name][p.row_start : p.row_start + p.shape[0]] if p.sparse else params[p.name] for p in pieces}
+            # put explicitly and kept in ``services``: a restart re-runs the constructor with these values
+            init = ray.put({p.name: params[p.name][p.row_start : p.row_start + p.shape[0]] if p.sparse else params[p.name] for p in pieces})
+            inits.append(init)
             shards.append(
                 actor_cls.options(
                     name=f"{SHARD_PREFIX}{run_name}:{run_id}:{i}", namespace=NAMESPACE,
@@ -120,7 +122,7 @@ class ParamServer(Strategy):
                 )
             )
         ray.get([s.ready.remote() for s in shards])
-        return {"shards": shards, "plan": plan}
+        return {"shards": shards, "plan": plan, "inits": inits}
 
     @classmethod
     def teardown(cls, services: Any) -> None:
