@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -194,7 +195,9 @@ class ParamServer(Strategy):
         if flat is None:
             return
         self._metrics["ps_bytes_pulled"] += flat.nbytes
-        src = torch.from_numpy(np.array(flat))  # a writable copy of Ray's read-only buffer
+        with warnings.catch_warnings():  # Ray's buffer is read-only; it is only read here (copied into the parameters)
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(flat)
         offset = 0
         with torch.no_grad():
             for p in self._dense[shard]:

@@ -126,7 +126,13 @@ class ShardServer:
         torch.set_num_threads(1)
         self.index, self.world, self.mode, self.staleness, self.timeout_s = index, world_size, mode, staleness, timeout_s
         self.dense_pieces = [p for p in pieces if not p.sparse]
-        self.dense = [torch.nn.Parameter(torch.tensor(np.asarray(init[p.name]), dtype=torch.float32)) for p in self.dense_pieces]
+        # the dense pieces are views of ONE flat buffer: a reply is a single copy, a push a single view
+        self.flat = torch.cat([torch.tensor(np.asarray(init[p.name]), dtype=torch.float32).reshape(-1) for p in self.dense_pieces]) \
+            if self.dense_pieces else torch.zeros(0)
+        self.dense, offset = [], 0
+        for p in self.dense_pieces:
+            self.dense.append(torch.nn.Parameter(self.flat[offset : offset + p.numel].view(p.shape)))
+            offset += p.numel
         self.tables = {p.name: torch.nn.Parameter(torch.tensor(np.asarray(init[p.name]), dtype=torch.float32)) for p in pieces if p.sparse}
         self.lr = float(train["lr"])
         self.emb_lr_ratio = float(train.get("embedding_lr") or self.lr) / self.lr
@@ -269,26 +275,30 @@ class ShardServer:
     def _dense_flat(self) -> Optional[np.ndarray]:
         if not self.dense:
             return None
-        return torch.cat([t.detach().reshape(-1) for t in self.dense]).numpy()
+        return self.flat.numpy().copy()  # a snapshot: later updates must not change a reply in flight
 
     def _apply_round(self, lr: float) -> None:
         """sync mode: the mean of every worker's gradients, applied once."""
         pushes = [self.pending[w] for w in sorted(self.pending)]
         dense = None
         if self.dense:
-            dense = np.sum([d for d, _ in pushes], axis=0, dtype=np.float32)
+            dense = np.array(pushes[0][0], dtype=np.float32)  # one writable copy, then in-place sums
+            for d, _ in pushes[1:]:
+                dense += d
         sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name in self.tables:
             parts = [s[name] for _, s in pushes if name in s]
             if parts:
                 sparse[name] = (np.concatenate([i for i, _ in parts]), np.concatenate([r for _, r in parts]))
-        self._apply(lr, dense, sparse, 1.0 / self.world)
+        self._apply(lr, dense, sparse, 1.0 / self.world, owned=True)
         self.clocks = [c + 1 for c in self.clocks]
         self.pending.clear()
 
-    def _apply(self, lr: float, dense: Optional[np.ndarray], sparse: dict[str, tuple[np.ndarray, np.ndarray]], scale: float) -> None:
+    def _apply(self, lr: float, dense: Optional[np.ndarray], sparse: dict[str, tuple[np.ndarray, np.ndarray]], scale: float,
+               owned: bool = False) -> None:
+        """One optimizer step from ``scale`` x the gradients (``owned``: ``dense`` may be scaled in place)."""
         if self.dense_opt is not None and dense is not None:
-            flat = torch.tensor(np.asarray(dense), dtype=torch.float32) * scale
+            flat = torch.from_numpy(dense).mul_(scale) if owned else torch.from_numpy(np.multiply(dense, scale, dtype=np.float32))
             offset = 0
             for t in self.dense:
                 t.grad = flat[offset : offset + t.numel()].view_as(t)
