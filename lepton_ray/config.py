@@ -36,6 +36,7 @@ __all__ = [
     "ScalingConfig",
     "SyncConfig",
     "AllReduceConfig",
+    "PSConfig",
     "TrainConfig",
     "load_config",
 ]
@@ -349,6 +350,34 @@ class AllReduceConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
+class PSConfig(_Section):
+    """Options of the ``ps`` and ``hybrid`` strategies (sharded parameter-server actors)."""
+
+    PATH: ClassVar[str] = "sync.ps"
+
+    num_shards: int = 2
+    """Parameter-server actors; parameters are spread over them balanced by bytes (embedding tables by rows)."""
+    mode: Literal["sync", "async", "ssp"] = "sync"
+    """sync: each step waits for every worker's gradients (= all-reduce SGD); async: each push is applied
+    when it arrives; ssp: async, but no worker runs more than ``staleness`` steps ahead of the slowest."""
+    staleness: int = 2
+    """ssp only: how many steps the fastest worker may be ahead of the slowest (0 behaves as sync)."""
+    embedding_optimizer: Literal["adagrad", "sgd"] = "adagrad"
+    """Optimizer the shards apply to embedding rows (sparse updates: only the rows a batch touched)."""
+    embedding_lr: Optional[float] = None
+    """Peak learning rate of the embedding rows; omitted = ``train.lr``. Follows the same schedule."""
+    timeout_s: float = 600.0
+    """A push that waits longer than this for the other workers fails the step (instead of hanging)."""
+
+    def validate(self) -> None:
+        self._require(self.num_shards >= 1, "num_shards", "must be >= 1")
+        self._require(self.staleness >= 0, "staleness", "must be >= 0")
+        if self.embedding_lr is not None:
+            self._require(self.embedding_lr > 0, "embedding_lr", "must be > 0")
+        self._require(self.timeout_s > 0, "timeout_s", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
 class SyncConfig(_Section):
     """How workers agree on the parameters."""
 
@@ -356,6 +385,8 @@ class SyncConfig(_Section):
 
     strategy: Literal["allreduce", "ps", "hybrid"] = "allreduce"
     allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
+    """Parameter-server options (``strategy: ps`` and ``hybrid``)."""
 
     def validate(self) -> None:
         from lepton_ray.sync import STRATEGIES

@@ -54,7 +54,13 @@ def digits(train: str, eval: Optional[str], storage_options: Optional[dict] = No
         write_table(pa.table(cols), uri, storage_options)
 
 
-BUILDERS: dict[str, Callable[..., None]] = {"digits": digits}
+def _clicks(train: str, eval: Optional[str], storage_options: Optional[dict] = None) -> None:
+    from lepton_ray.data.synthetic import clicks  # its own module; imported late (it imports write_table from here)
+
+    clicks(train, eval, storage_options)
+
+
+BUILDERS: dict[str, Callable[..., None]] = {"digits": digits, "clicks": _clicks}
 
 
 def build_data(builder: str, train: str, eval: Optional[str], storage_options: dict[str, Any]) -> None:

@@ -9,10 +9,11 @@ from torch import nn
 
 from lepton_ray.config import ConfigError, ModelConfig
 from lepton_ray.models.mlp import mlp
+from lepton_ray.models.recommender import recommender
 
 __all__ = ["MODELS", "build_model"]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "recommender": recommender}
 
 
 def build_model(cfg: ModelConfig, input_dim: int, num_outputs: int) -> nn.Module:
@@ -23,7 +24,12 @@ def build_model(cfg: ModelConfig, input_dim: int, num_outputs: int) -> nn.Module
     """
     if cfg.factory is None:
         kwargs = {"hidden": list(cfg.hidden), "dropout": cfg.dropout} if cfg.name == "mlp" else {}
-        return MODELS[cfg.name](input_dim=input_dim, num_outputs=num_outputs, **kwargs, **cfg.kwargs)
+        if cfg.name == "recommender":
+            kwargs = {"hidden": list(cfg.hidden)}
+        try:
+            return MODELS[cfg.name](input_dim=input_dim, num_outputs=num_outputs, **{**kwargs, **cfg.kwargs})
+        except (TypeError, ValueError) as exc:  # a bad model.kwargs value: name it before any worker starts
+            raise ConfigError(f"model: cannot build '{cfg.name}': {exc}") from None
     module, _, name = cfg.factory.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)

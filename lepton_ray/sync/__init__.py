@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from lepton_ray.sync.allreduce import AllReduce
 from lepton_ray.sync.base import Strategy, WorkerInfo
+from lepton_ray.sync.hybrid import Hybrid
+from lepton_ray.sync.param_server import ParamServer
 
 __all__ = ["STRATEGIES", "Strategy", "WorkerInfo"]
 
-STRATEGIES: dict[str, type[Strategy]] = {"allreduce": AllReduce}
+STRATEGIES: dict[str, type[Strategy]] = {"allreduce": AllReduce, "ps": ParamServer, "hybrid": Hybrid}

@@ -5,6 +5,11 @@ A strategy wraps the model once, tells the loop whether gradients of a
 micro-batch should be communicated, applies the optimizer step, and saves or
 restores whatever state of its own it has. A new strategy is a new file plus an
 entry in ``lepton_ray.sync.STRATEGIES``.
+
+Driver side, a strategy may also check the model before Ray starts
+(:meth:`Strategy.check`) and start services that outlive a worker group
+(:meth:`Strategy.launch` / :meth:`Strategy.teardown`, e.g. parameter-server
+actors); what ``launch`` returns reaches every worker's strategy as ``services``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -54,9 +59,34 @@ class Strategy(ABC):
 
     name: str = ""
 
-    def __init__(self, config: Config, worker: WorkerInfo):
+    lockstep: bool = True
+    """Workers advance in lock step, so the loop may run a collective every step (the loss all-reduce).
+    False for asynchronous strategies, where a per-step collective would re-synchronise the workers."""
+
+    def __init__(self, config: Config, worker: WorkerInfo, services: Any = None):
         self.config = config
         self.worker = worker
+        self.services = services
+
+    # ------------------------------------------------------------------ driver side
+
+    @classmethod
+    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
+        """Driver, before Ray starts: raise ``ConfigError`` for a model or config this strategy cannot train.
+
+        ``build()`` returns the model exactly as every worker initialises it (call it only if needed).
+        """
+
+    @classmethod
+    def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> Any:
+        """Driver, Ray connected: start what outlives a worker group (actors); returns the workers' ``services``."""
+        return None
+
+    @classmethod
+    def teardown(cls, services: Any) -> None:
+        """Driver, after the run: stop what :meth:`launch` started."""
+
+    # ------------------------------------------------------------------ worker side
 
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -74,8 +104,16 @@ class Strategy(ABC):
     def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
         """Apply one optimizer step from the accumulated gradients."""
 
+    def step_metrics(self) -> dict[str, float]:
+        """Communication metrics since the previous call, merged into rank 0's per-step record."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
-        """Strategy state for a checkpoint (beyond model/optimizer), on rank 0."""
+        """Strategy state for a checkpoint (beyond model/optimizer), on rank 0.
+
+        Called before the model is saved: a strategy whose parameters live elsewhere
+        (parameter servers) refreshes the local model here, so the checkpoint's model is complete.
+        """
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

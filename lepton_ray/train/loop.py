@@ -45,6 +45,8 @@ class LoopSpec:
     report_to_ray: bool = False
     """Also ``ray.train.report`` every evaluation (for Tune's schedulers). Off by default: in Ray
     Train V2 each report is a cross-worker barrier through the controller, ~2 s on this machine."""
+    services: Any = None
+    """What the sync strategy's driver-side ``launch`` started (e.g. parameter-server actor handles)."""
 
 
 # --------------------------------------------------------------------------- pieces (pure, unit-tested)
@@ -121,6 +123,16 @@ def _allreduce_sum(values: list[float], device: torch.device, world: int) -> lis
     return t.tolist()
 
 
+def _gathered_auc(logits: torch.Tensor, y: torch.Tensor, world: int) -> float:
+    """ROC AUC of the positive-class score over every rank's eval rows."""
+    score = (logits[:, 1] - logits[:, 0]).detach().cpu().numpy()
+    parts = [(score, y.cpu().numpy())]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (score, y.cpu().numpy()))
+    return M.binary_auc(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -150,7 +162,7 @@ def train_loop(spec: LoopSpec) -> None:
     # ---- model, strategy, optimizer: same seed everywhere, so every replica starts equal
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, spec.train.feature_dim, spec.num_outputs).to(device)
-    strategy: Strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=rank, world_size=world, device=device))
+    strategy: Strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=rank, world_size=world, device=device), spec.services)
     net = strategy.wrap(model)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps)
@@ -198,6 +210,8 @@ def train_loop(spec: LoopSpec) -> None:
             sums = [F.cross_entropy(out, ey, reduction="sum").item(), (out.argmax(-1) == ey).sum().item(), len(ey)]
             loss_sum, correct, n = _allreduce_sum(sums, device, world)
             result = {f"{M.EVAL_PREFIX}loss": loss_sum / n, f"{M.EVAL_PREFIX}accuracy": correct / n}
+            if spec.num_outputs == 2:  # binary: also the ranking quality of the positive-class score
+                result[f"{M.EVAL_PREFIX}auc"] = _gathered_auc(out, ey, world)
         else:
             sums = [F.mse_loss(out.squeeze(-1), ey, reduction="sum").item(), len(ey)]
             loss_sum, n = _allreduce_sum(sums, device, world)
@@ -214,11 +228,12 @@ def train_loop(spec: LoopSpec) -> None:
             rngs = [_rng_state()]
         uri = ""
         if rank == 0:
+            strategy_state = strategy.state_dict()  # first: a strategy may refresh the local model here
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            if strategy.state_dict():
-                state["strategy"] = strategy.state_dict()
+            if strategy_state:
+                state["strategy"] = strategy_state
             nxt_epoch, nxt_start = (epoch + 1, 0) if pos + 1 >= stream.steps(epoch) else (epoch, pos + 1)
             meta = {
                 "step": step, "epoch": nxt_epoch, "step_in_epoch": nxt_start, "config": redact_config(spec.config),
@@ -262,12 +277,15 @@ def train_loop(spec: LoopSpec) -> None:
                 first_step_logged = True
 
             if step % t.log_every_steps == 0 or step == steps:
-                total, n = _allreduce_sum([window_loss.item(), window_steps], device, world)
+                if strategy.lockstep:
+                    total, n = _allreduce_sum([window_loss.item(), window_steps], device, world)
+                else:  # rank 0's own loss: a per-step collective would re-synchronise asynchronous workers
+                    total, n = window_loss.item(), window_steps
                 elapsed = time.perf_counter() - window_t0
                 waited = stream.stats["wait_s"] - window_wait
                 buffer.add({M.STEP: step, M.EPOCH: epoch, M.TRAIN_LOSS: total / n, M.LR: scheduler.get_last_lr()[0],
                             M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed, M.DATA_WAIT_FRAC: waited / elapsed,
-                            "time": time.time()})
+                            "time": time.time(), **strategy.step_metrics()})
                 window_loss.zero_()
                 window_steps, window_t0, window_wait = 0, time.perf_counter(), stream.stats["wait_s"]
             end_of_epoch = pos + 1 == stream.steps(epoch)

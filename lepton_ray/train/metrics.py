@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import ray
 
-__all__ = ["MetricsSink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S"]
+__all__ = ["MetricsSink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S", "binary_auc"]
 
 STEP = "step"
 EPOCH = "epoch"
@@ -22,6 +23,22 @@ LR = "lr"
 SAMPLES_PER_S = "samples_per_s"
 DATA_WAIT_FRAC = "data_wait_frac"  # share of the logging window the loop spent waiting for its next batch
 EVAL_PREFIX = "eval_"  # eval metrics are eval_loss, eval_accuracy, ...
+
+
+def binary_auc(score: np.ndarray, label: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney U, ties counted half) of scores for binary labels; NaN if one class is absent.
+
+    >>> binary_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    0.75
+    """
+    label = np.asarray(label).astype(bool)
+    n_pos, n_neg = int(label.sum()), int((~label).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # average 1-based rank of each tie group
+    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 @ray.remote(num_cpus=0)

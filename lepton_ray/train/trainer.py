@@ -13,12 +13,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
 from lepton_ray.data.pipeline import TableInfo, data_exists, describe
 from lepton_ray.data.pipeline import steps_in_epoch
+from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, join, redact_config
+from lepton_ray.sync import STRATEGIES
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
 from lepton_ray.train.loop import LoopSpec, train_loop
@@ -126,9 +129,15 @@ class Trainer:
                 " use a smaller batch or prepare the data with more row groups"
             )
         self.num_outputs = self._num_outputs()
+        STRATEGIES[cfg.sync.strategy].check(cfg, self._model)
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
 
     # ------------------------------------------------------------------ checks
+
+    def _model(self) -> "torch.nn.Module":
+        """The model exactly as every worker initialises it (same seed), for strategy checks and services."""
+        torch.manual_seed(self.config.train.seed)
+        return build_model(self.config.model, self.train_info.feature_dim, self.num_outputs)
 
     def _labels(self, info: TableInfo) -> np.ndarray:
         fs, _ = filesystem(info.uri, self.config.data.storage_options)
@@ -187,7 +196,10 @@ class Trainer:
             sink = M.MetricsSink.options(
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote()
-            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink)
+            strategy = STRATEGIES[cfg.sync.strategy]
+            services = strategy.launch(cfg, self._model, self.checkpoint_uri, self.run_name)
+            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink,
+                            services=services)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
                 _worker_entry,
@@ -209,6 +221,7 @@ class Trainer:
                 raise TrainingError(f"training run '{self.run_name}' failed: {exc}") from exc
             finally:
                 watcher.stop()
+                strategy.teardown(services)
             result = self._result(watcher.records, t0)
             (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
             return result

@@ -307,9 +307,12 @@ def test_invalid_enums(sections, message):
         load_config(with_base(**sections))
 
 
-def test_known_but_unavailable_strategy():
-    with raises("sync.strategy: is not available in this version (available: allreduce), got 'ps'"):
-        load_config(with_base(sync={"strategy": "ps"}))
+def test_known_but_unavailable_strategy(monkeypatch):
+    from lepton_ray.sync import STRATEGIES
+
+    monkeypatch.delitem(STRATEGIES, "hybrid")  # a build without one of the schema's strategies
+    with raises("sync.strategy: is not available in this version (available: allreduce, ps), got 'hybrid'"):
+        load_config(with_base(sync={"strategy": "hybrid"}))
 
 
 # --------------------------------------------------------------------------- ranges
@@ -330,7 +333,7 @@ def test_known_but_unavailable_strategy():
         ({"scaling": {"max_failures": -2}}, "scaling.max_failures: must be >= 0 (or -1 for unlimited), got -2"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1), got 1.0"),
         ({"model": {"hidden": [8, 0]}}, "model.hidden: every width must be > 0, got [8, 0]"),
-        ({"model": {"name": "resnet"}}, "model.name: must be one of mlp (or set model.factory), got 'resnet'"),
+        ({"model": {"name": "resnet"}}, "model.name: must be one of mlp, recommender (or set model.factory), got 'resnet'"),
         ({"model": {"factory": "nocolon"}}, "model.factory: must look like 'package.module:function', got 'nocolon'"),
         ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last: must be >= 1, got 0"),
         ({"checkpoint": {"every_n_steps": -1}}, "checkpoint.every_n_steps: must be >= 0, got -1"),

@@ -247,7 +247,7 @@ def test_digits_builder_without_eval_writes_everything_to_train(tmp_path):
 
 def test_builders_registry_and_errors():
     assert BUILDERS["digits"] is digits
-    with raises("data.builder: 'nope' is not one of digits nor 'package.module:function'"):
+    with raises("data.builder: 'nope' is not one of digits, clicks nor 'package.module:function'"):
         build_data("nope", "t", None, {})
     with raises("data.builder: cannot import 'no_such_module_xyz:make': No module named 'no_such_module_xyz'"):
         build_data("no_such_module_xyz:make", "t", None, {})

@@ -1,0 +1,69 @@
+"""``hybrid``: dense parameters all-reduced by DDP, embedding tables on the parameter-server shards.
+
+Recommendation models are a few dense layers over huge, sparsely touched
+embedding tables. All-reduce is the right tool for the dense part (small,
+every element changes every step) and the wrong one for the tables (it would
+move the whole ``rows x dim`` gradient every step); a parameter server moves
+only the rows a batch touched. So: DDP over Ray Train's process group for every
+parameter that is not an ``nn.Embedding`` / ``nn.EmbeddingBag`` weight (those are
+excluded from DDP), stepped by the loop's local optimizer; the tables live on the
+shards, pulled and pushed row-wise exactly as in ``ps`` and updated there with
+``sync.ps.embedding_optimizer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lepton_ray.config import Config, ConfigError
+from lepton_ray.sync.base import optimizer_step
+from lepton_ray.sync.param_server import ParamServer, embedding_modules
+
+__all__ = ["Hybrid"]
+
+
+class Hybrid(ParamServer):
+    """Dense by all-reduce, embeddings on the PS (``sync.strategy: hybrid``)."""
+
+    name = "hybrid"
+    embeddings_only = True
+
+    @classmethod
+    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
+        model = build()
+        if not embedding_modules(model):
+            what = config.model.factory or config.model.name
+            raise ConfigError(
+                f"sync.strategy: 'hybrid' needs a model with nn.Embedding or nn.EmbeddingBag tables for the parameter"
+                f" servers; model '{what}' has none (use 'allreduce' or 'ps')"
+            )
+        super().check(config, lambda: model)
+
+    @property
+    def lockstep(self) -> bool:  # type: ignore[override]
+        return True  # DDP's all-reduce is a collective every step anyway
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        super().wrap(model)
+        self._ddp: Optional[DistributedDataParallel] = None
+        if dist.is_available() and dist.is_initialized() and self.worker.world_size > 1:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(self._tables))
+            device_ids = [self.worker.device.index] if self.worker.device.type == "cuda" else None
+            opts = self.config.sync.allreduce
+            self._ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=opts.bucket_mb,
+                                                find_unused_parameters=opts.find_unused_parameters)
+            return self._ddp
+        return model
+
+    def no_sync(self) -> ContextManager[Any]:
+        return self._ddp.no_sync() if self._ddp is not None else super().no_sync()
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+        self._push(optimizer.param_groups[0]["lr"])  # embedding rows to the shards (clears their local grads)
+        dense = [p for n, p in self._model.named_parameters() if n not in self._tables]
+        optimizer_step(optimizer, dense, scaler, None)

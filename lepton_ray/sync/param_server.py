@@ -1,0 +1,277 @@
+"""``ps``: every parameter on sharded parameter-server actors; workers push gradients, pull parameters.
+
+The driver starts ``sync.ps.num_shards`` :class:`~lepton_ray.sync.ps_shard.ShardServer`
+actors (:meth:`ParamServer.launch`), owned by the driver so they outlive a
+restarted worker group, restarted by Ray if they die (each then restores its
+part of the newest checkpoint). Per step a worker makes one ``push`` call per
+shard (a flat buffer of its dense gradients plus the touched rows of each
+embedding table); the reply carries the shard's fresh dense parameters.
+Embedding rows are pulled in a forward pre-hook on each ``nn.Embedding`` /
+``nn.EmbeddingBag``: only the unique ids of the batch, one call per shard that
+owns some of them. The tables are switched to ``sparse=True`` so backward
+produces row gradients, never the dense ``rows x dim`` table gradient.
+
+Numpy buffers travel through Ray's object store (pickle protocol 5, out-of-band,
+no per-tensor calls). The learning rate of each step is read from the loop's
+optimizer (the loop's scheduler keeps setting it); that optimizer is never
+stepped for parameters that live on the shards, so it holds no state for them.
+
+``sync.ps.mode`` (sync | async | ssp) is described in :mod:`lepton_ray.sync.ps_shard`.
+
+Checkpoints: :meth:`state_dict` (rank 0) fetches every shard's parameters and
+optimizer state and refreshes the local model, so the saved model is complete;
+:meth:`load_state_dict` restores every shard (rank 0) before any worker pushes.
+A shard restored behind the workers (it died and Ray restarted it) refuses the
+next push with :class:`~lepton_ray.sync.ps_shard.PSStateError`: the worker group
+fails and, with ``scaling.max_failures``, resumes from the newest checkpoint,
+replaying the steps since.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lepton_ray.config import Config, ConfigError
+from lepton_ray.sync.base import Strategy
+from lepton_ray.sync.ps_shard import Piece, ShardServer, plan_shards
+
+__all__ = ["ParamServer", "embedding_modules", "NAMESPACE", "SHARD_PREFIX"]
+
+NAMESPACE = "lepton_ray"
+"""Ray namespace of the shard actors; their names start with :data:`SHARD_PREFIX`."""
+SHARD_PREFIX = "ps-shard:"
+
+
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{weight parameter name: module}`` of the model's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables.
+
+    >>> embedding_modules(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 1)))
+    {'0.weight': Embedding(10, 4)}
+    """
+    return {
+        (f"{name}.weight" if name else "weight"): m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+    }
+
+
+class ParamServer(Strategy):
+    """Every parameter on the shards (``sync.strategy: ps``)."""
+
+    name = "ps"
+    embeddings_only = False  # hybrid: only the embedding tables live on the shards
+
+    # ------------------------------------------------------------------ driver side
+
+    @classmethod
+    def _plan(cls, config: Config, model: nn.Module) -> list[list[Piece]]:
+        tables = embedding_modules(model)
+        params = [
+            (name, tuple(p.shape), name in tables)
+            for name, p in model.named_parameters()
+            if name in tables or not cls.embeddings_only
+        ]
+        try:
+            return plan_shards(params, config.sync.ps.num_shards)
+        except ValueError as exc:
+            raise ConfigError(f"sync.ps.num_shards: {exc}") from None
+
+    @classmethod
+    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
+        if config.train.grad_clip_norm is not None:
+            raise ConfigError(
+                f"train.grad_clip_norm: not supported with sync.strategy '{cls.name}' (gradients are combined on the"
+                f" parameter servers, no worker sees the global gradient), got {config.train.grad_clip_norm:g}"
+            )
+        if config.train.precision == "fp16":
+            raise ConfigError(f"train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy '{cls.name}'; use 'bf16' or 'fp32'")
+        cls._plan(config, build())
+
+    @classmethod
+    def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> dict[str, Any]:
+        import ray
+
+        model = build()
+        plan = cls._plan(config, model)
+        params = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
+        t, ps = config.train, config.sync.ps
+        train = {"optimizer": t.optimizer, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
+                 "embedding_optimizer": ps.embedding_optimizer, "embedding_lr": ps.embedding_lr}
+        run_id = uuid.uuid4().hex[:8]
+        actor_cls = ray.remote(ShardServer)
+        shards, inits = [], []
+        for i, pieces in enumerate(plan):
+            # put explicitly and kept in ``services``: a restart re-runs the constructor with these values
+            init = ray.put({p.name: params[p.name][p.row_start : p.row_start + p.shape[0]] if p.sparse else params[p.name] for p in pieces})
+            inits.append(init)
+            shards.append(
+                actor_cls.options(
+                    name=f"{SHARD_PREFIX}{run_name}:{run_id}:{i}", namespace=NAMESPACE,
+                    num_cpus=0, max_restarts=-1,  # Ray restarts a dead shard; it restores the newest checkpoint itself
+                ).remote(
+                    i, pieces, init, world_size=config.scaling.num_workers, mode=ps.mode, staleness=ps.staleness,
+                    train=train, timeout_s=ps.timeout_s, checkpoint_uri=checkpoint_uri,
+                    storage_options=config.checkpoint.storage_options,
+                )
+            )
+        ray.get([s.ready.remote() for s in shards])
+        return {"shards": shards, "plan": plan, "inits": inits}
+
+    @classmethod
+    def teardown(cls, services: Any) -> None:
+        import ray
+
+        for shard in (services or {}).get("shards", []):
+            ray.kill(shard, no_restart=True)
+
+    # ------------------------------------------------------------------ worker side
+
+    @property
+    def lockstep(self) -> bool:  # type: ignore[override]
+        return self.config.sync.ps.mode == "sync"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self._model = model
+        self._shards = self.services["shards"]
+        plan: list[list[Piece]] = self.services["plan"]
+        params = dict(model.named_parameters())
+        self._tables = embedding_modules(model)
+        self._dense = [[params[p.name] for p in pieces if not p.sparse] for pieces in plan]
+        self._rows = {name: [(p.shard, p.row_start, p.row_start + p.shape[0]) for pieces in plan for p in pieces if p.name == name]
+                      for name in self._tables}
+        for name, module in self._tables.items():
+            module.sparse = True  # backward yields the touched rows only, never a dense rows x dim gradient
+            module.register_forward_pre_hook(self._row_puller(name))
+        self._step = 0
+        self._metrics = {"ps_bytes_pushed": 0, "ps_bytes_pulled": 0, "ps_wait_s": 0.0, "ps_emb_rows_pushed": 0, "ps_emb_bytes_pushed": 0}
+        self._max_gap = 0
+        if not self.embeddings_only:
+            self._pull_dense()
+        return model
+
+    def unwrap(self) -> nn.Module:
+        return self._model
+
+    def _get(self, refs: list) -> list:
+        """``ray.get`` that names the dead shard instead of a bare actor error, and counts the wait."""
+        import ray
+
+        t0 = time.perf_counter()
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(
+                f"a parameter-server shard died ({exc.__class__.__name__}); Ray restarts it from the newest checkpoint,"
+                " and the worker group resumes from there when scaling.max_failures allows"
+            ) from exc
+        finally:
+            self._metrics["ps_wait_s"] += time.perf_counter() - t0
+
+    def _row_puller(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            ids = torch.unique(args[0].detach().reshape(-1).to("cpu", torch.int64))
+            asks = []
+            for shard, lo, hi in self._rows[name]:
+                sel = ids[(ids >= lo) & (ids < hi)]
+                if len(sel):
+                    asks.append((sel, self._shards[shard].pull_rows.remote(name, (sel - lo).numpy())))
+            rows = self._get([ref for _, ref in asks])
+            with torch.no_grad():
+                for (sel, _), r in zip(asks, rows):
+                    module.weight[sel.to(module.weight.device)] = torch.from_numpy(np.array(r)).to(module.weight.device)
+                    self._metrics["ps_bytes_pulled"] += r.nbytes + sel.numel() * 8
+
+        return hook
+
+    def _set_dense(self, shard: int, flat: Optional[np.ndarray]) -> None:
+        if flat is None:
+            return
+        self._metrics["ps_bytes_pulled"] += flat.nbytes
+        with warnings.catch_warnings():  # Ray's buffer is read-only; it is only read here (copied into the parameters)
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(flat)
+        offset = 0
+        with torch.no_grad():
+            for p in self._dense[shard]:
+                p.copy_(src[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def _pull_dense(self) -> None:
+        flats = self._get([s.pull_dense.remote() for s in self._shards])
+        for i, flat in enumerate(flats):
+            self._set_dense(i, flat)
+
+    def _sparse_grads(self) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Per shard, ``{table: (local row ids, row gradients)}`` of the rows this worker's batch touched."""
+        out: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in self._shards]
+        for name, module in self._tables.items():
+            g = module.weight.grad
+            module.weight.grad = None  # the shards own these rows; the local optimizer must not step them
+            if g is None:
+                continue
+            g = g.coalesce() if g.is_sparse else g.to_sparse().coalesce()
+            ids, rows = g.indices()[0].cpu(), g.values().float().cpu()
+            for shard, lo, hi in self._rows[name]:
+                mask = (ids >= lo) & (ids < hi)
+                if mask.any():
+                    local, vals = (ids[mask] - lo).numpy(), rows[mask].numpy()
+                    out[shard][name] = (local, vals)
+                    self._metrics["ps_emb_rows_pushed"] += len(local)
+                    self._metrics["ps_emb_bytes_pushed"] += local.nbytes + vals.nbytes
+        return out
+
+    def _push(self, lr: float) -> None:
+        sparse = self._sparse_grads()
+        refs = []
+        for i, shard in enumerate(self._shards):
+            dense = None
+            if self._dense[i]:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._dense[i]]
+                dense = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads]).numpy()
+                self._metrics["ps_bytes_pushed"] += dense.nbytes
+            self._metrics["ps_bytes_pushed"] += sum(a.nbytes + b.nbytes for a, b in sparse[i].values())
+            refs.append(shard.push.remote(self.worker.rank, self._step, lr, dense, sparse[i]))
+        replies = self._get(refs)
+        for i, reply in enumerate(replies):
+            self._set_dense(i, reply["dense"])
+            self._max_gap = max(self._max_gap, reply["max_gap"])
+        self._step += 1
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+        self._push(optimizer.param_groups[0]["lr"])
+
+    def step_metrics(self) -> dict[str, float]:
+        out = {**self._metrics, "ps_max_gap": self._max_gap}
+        self._metrics = {k: 0.0 if k == "ps_wait_s" else 0 for k in self._metrics}
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        states = self._get([s.state.remote() for s in self._shards])
+        with torch.no_grad():  # refresh the local model: the checkpoint's model must be the shards' parameters
+            params = dict(self._model.named_parameters())
+            for pieces, state in zip(self.services["plan"], states):
+                for p in pieces:
+                    if p.sparse:
+                        params[p.name][p.row_start : p.row_start + p.shape[0]].copy_(state["tables"][p.name])
+                    else:
+                        params[p.name].copy_(state["dense"][p.name])
+        return {"shards": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.worker.rank == 0:
+            self._get([s.restore.remote(st) for s, st in zip(self._shards, state["shards"])])
+        if self.worker.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()  # nobody pushes before every shard is back at the checkpoint
+        self._step = int(min(state["shards"][0]["clocks"]))
+        if not self.embeddings_only:
+            self._pull_dense()

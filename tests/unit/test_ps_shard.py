@@ -1,0 +1,230 @@
+"""Unit tests of the parameter server without a cluster: shard plan, update rules, SSP gate, config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from lepton_ray import ConfigError, Trainer, load_config
+from lepton_ray.data.synthetic import click_table
+from lepton_ray.models import build_model
+from lepton_ray.models.recommender import Recommender
+from lepton_ray.sync.ps_shard import PSStateError, ShardServer, plan_shards
+from lepton_ray.train.metrics import binary_auc
+
+SGD = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "embedding_optimizer": "adagrad", "embedding_lr": None}
+
+
+def raises(message: str):
+    return pytest.raises(ConfigError, match="^" + re.escape(message) + "$")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_balances_bytes_and_splits_tables_by_rows():
+    params = [("emb", (1000, 8), True), ("w1", (64, 32), False), ("w2", (32, 16), False), ("b1", (32,), False), ("b2", (16,), False)]
+    plan = plan_shards(params, 3)
+    rows = sorted((p.row_start, p.shape[0]) for s in plan for p in s if p.sparse)
+    assert rows == [(0, 333), (333, 334), (667, 333)]  # every row exactly once, contiguous
+    dense = sorted(p.name for s in plan for p in s if not p.sparse)
+    assert dense == ["b1", "b2", "w1", "w2"]
+    loads = [sum(p.nbytes for p in s) for s in plan]
+    assert max(loads) - min(loads) <= 64 * 32 * 4  # within the largest dense tensor
+
+
+def test_plan_refuses_more_shards_than_parameters():
+    with pytest.raises(ValueError, match=re.escape("3 is more than the model's parameters allow: 2 dense tensor(s) and embedding tables of at most 0 rows fill only 2 shard(s)")):
+        plan_shards([("w", (4, 4), False), ("b", (4,), False)], 3)
+
+
+# --------------------------------------------------------------------------- shard update rules
+
+
+def _shard(mode: str, staleness: int = 0, world: int = 2, train=SGD) -> ShardServer:
+    init = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "emb": np.ones((5, 2), np.float32)}
+    pieces = [p for s in plan_shards([("w", (2, 3), False), ("emb", (5, 2), True)], 1) for p in s]
+    return ShardServer(0, pieces, init, world_size=world, mode=mode, staleness=staleness, train=train, timeout_s=5)
+
+
+def test_sync_shard_applies_the_mean_gradient_like_torch_sgd():
+    shard = _shard("sync")
+    g0, g1 = np.full(6, 1.0, np.float32), np.full(6, 3.0, np.float32)
+
+    w = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+
+    async def rounds():
+        for step in range(3):
+            replies = await asyncio.gather(shard.push(0, step, 0.1, g0, {}), shard.push(1, step, 0.1, g1, {}))
+            w.grad = torch.full((2, 3), 2.0)
+            opt.step()
+            assert np.allclose(replies[0]["dense"], w.detach().numpy().ravel())
+            assert np.array_equal(replies[0]["dense"], replies[1]["dense"])
+
+    asyncio.run(rounds())
+    assert shard.clocks == [3, 3]
+
+
+def test_sparse_rows_from_several_workers_are_summed_then_averaged():
+    shard = _shard("sync", train={**SGD, "embedding_optimizer": "sgd"})
+    dense = np.zeros(6, np.float32)
+
+    async def both():
+        return await asyncio.gather(
+            shard.push(0, 0, 0.5, dense, {"emb": (np.array([0, 3]), np.ones((2, 2), np.float32))}),
+            shard.push(1, 0, 0.5, dense, {"emb": (np.array([3]), np.full((1, 2), 3.0, np.float32))}),
+        )
+
+    asyncio.run(both())
+    rows = shard.pull_rows("emb", np.arange(5))
+    # row 0: 1 - 0.5 * (1/2); row 3: 1 - 0.5 * (1 + 3)/2; untouched rows stay 1
+    assert np.allclose(rows[:, 0], [0.75, 1.0, 1.0, 0.0, 1.0])
+
+
+def test_ssp_holds_a_worker_that_is_staleness_steps_ahead():
+    async def scenario():
+        shard = _shard("ssp", staleness=1)
+        g = np.zeros(6, np.float32)
+        r = await shard.push(0, 0, 0.1, g, {})  # worker 0 finished step 0: 1 ahead, allowed
+        assert r["gap"] == 1
+        ahead = asyncio.ensure_future(shard.push(0, 1, 0.1, g, {}))  # would be 2 ahead: held
+        await asyncio.sleep(0.2)
+        assert not ahead.done() and shard.clocks == [2, 0]
+        await shard.push(1, 0, 0.1, g, {})  # the straggler catches up one step: worker 0 is released
+        r = await asyncio.wait_for(ahead, 2)
+        assert r["gap"] == 1 and r["max_gap"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_async_never_waits_and_records_the_gap():
+    async def scenario():
+        shard = _shard("async")
+        g = np.zeros(6, np.float32)
+        for step in range(5):
+            r = await asyncio.wait_for(shard.push(0, step, 0.1, g, {}), 1)
+        assert r["gap"] == 5 and r["max_gap"] == 5
+
+    asyncio.run(scenario())
+
+
+def test_a_restored_shard_refuses_pushes_from_the_future():
+    async def scenario():
+        shard = _shard("async")
+        g = np.ones(6, np.float32)
+        await shard.push(0, 0, 0.1, g, {})
+        saved = shard.state()
+        await shard.push(0, 1, 0.1, g, {})
+        await shard.restore(saved)  # like a Ray restart that reloads the checkpoint
+        assert shard.clocks == [0, 0]  # the checkpoint was taken with every worker at one step (the min)
+        with pytest.raises(PSStateError, match="PS shard 0 is at step 0 for worker 0, which pushed step 2"):
+            await shard.push(0, 2, 0.1, g, {})
+        assert np.array_equal(shard.pull_dense(), saved["dense"]["w"].numpy().ravel())
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- config errors (before Ray starts)
+
+
+@pytest.mark.parametrize(
+    ("ps", "message"),
+    [
+        ({"mode": "bsp"}, "sync.ps.mode: 'bsp' is not one of sync, async, ssp"),
+        ({"staleness": -1}, "sync.ps.staleness: must be >= 0, got -1"),
+        ({"num_shards": 0}, "sync.ps.num_shards: must be >= 1, got 0"),
+        ({"embedding_lr": 0}, "sync.ps.embedding_lr: must be > 0, got 0.0"),
+    ],
+)
+def test_invalid_ps_options(ps, message):
+    with raises(message):
+        load_config({"data": {"train": "x"}, "sync": {"strategy": "ps", "ps": ps}})
+
+
+def _cfg(blobs, **sync) -> dict:
+    return {"data": {"train": str(blobs)}, "model": {"hidden": [8]}, "train": {"batch_size": 32},
+            "sync": sync, "run": {"dir": str(blobs.parent / "runs")}}
+
+
+def test_hybrid_needs_an_embedding(blobs):
+    with raises("sync.strategy: 'hybrid' needs a model with nn.Embedding or nn.EmbeddingBag tables for the parameter"
+                " servers; model 'mlp' has none (use 'allreduce' or 'ps')"):
+        Trainer(_cfg(blobs, strategy="hybrid"), progress=False)
+
+
+def test_more_shards_than_parameters(blobs):
+    with raises("sync.ps.num_shards: 5 is more than the model's parameters allow: 4 dense tensor(s) and embedding"
+                " tables of at most 0 rows fill only 4 shard(s)"):
+        Trainer(_cfg(blobs, strategy="ps", ps={"num_shards": 5}), progress=False)
+
+
+def test_grad_clip_with_ps_is_refused(blobs):
+    cfg = _cfg(blobs, strategy="ps")
+    cfg["train"]["grad_clip_norm"] = 1.0
+    with raises("train.grad_clip_norm: not supported with sync.strategy 'ps' (gradients are combined on the parameter"
+                " servers, no worker sees the global gradient), got 1"):
+        Trainer(cfg, progress=False)
+
+
+# --------------------------------------------------------------------------- recommender, click data, AUC
+
+
+def test_binary_auc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = np.round(y + rng.normal(0, 1.5, 500), 1)  # rounded: many ties
+    assert binary_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_recommender_reads_ids_exactly_and_refuses_ids_float32_cannot_hold():
+    m = Recommender(3, 2, num_categorical=2, num_embeddings=2**24, embedding_dim=2, hidden=[4])
+    x = torch.tensor([[2.0**24 - 1, 5.0, 0.3]])
+    assert m(x).shape == (1, 2)
+    with raises("model: cannot build 'recommender': model.kwargs.num_embeddings: must be in 1..16777216 (ids travel as float32), got 16777217"):
+        build_model(load_config({"data": {"train": "x"}, "model": {"name": "recommender", "kwargs": {"num_categorical": 2, "num_embeddings": 2**24 + 1}}}).model, 3, 2)
+
+
+def test_click_data_is_seeded_and_learnable():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import OneHotEncoder
+
+    a, b = click_table(3000, seed=0), click_table(3000, seed=0)
+    assert a.equals(b)
+    tr, ev = click_table(20_000, seed=0), click_table(5_000, seed=1)
+    ids = lambda t: np.stack([t.column(f"cat{f}").to_numpy() for f in range(8)], 1)  # noqa: E731
+    enc = OneHotEncoder(handle_unknown="ignore").fit(ids(tr))
+    clf = LogisticRegression(max_iter=200).fit(enc.transform(ids(tr)), tr.column("label").to_numpy())
+    auc = roc_auc_score(ev.column("label").to_numpy(), clf.predict_proba(enc.transform(ids(ev)))[:, 1])
+    assert auc > 0.75  # the ids carry the click signal (labels of pure noise would give ~0.5)
+    assert max(len(np.unique(ids(tr)[i : i + 128])) for i in range(0, 20_000, 128)) < 8000 / 10  # Zipf: few rows per batch
+
+
+def test_a_shard_started_over_a_checkpoint_restores_its_part(tmp_path):
+    """What a shard restarted by Ray does: its constructor loads its piece of the newest checkpoint."""
+    from lepton_ray.train.checkpoint import CheckpointStore
+
+    async def advance(shard):
+        for step in range(3):
+            await shard.push(0, step, 0.1, np.ones(6, np.float32), {"emb": (np.array([1]), np.ones((1, 2), np.float32))})
+
+    trained = _shard("async")
+    asyncio.run(advance(trained))
+    saved = trained.state()
+    CheckpointStore(str(tmp_path)).save(30, {"strategy": {"shards": [saved]}}, meta={})
+
+    init = {"w": np.zeros((2, 3), np.float32), "emb": np.zeros((5, 2), np.float32)}
+    pieces = [p for s in plan_shards([("w", (2, 3), False), ("emb", (5, 2), True)], 1) for p in s]
+    fresh = ShardServer(0, pieces, init, world_size=2, mode="async", staleness=0, train=SGD, checkpoint_uri=str(tmp_path))
+    assert fresh.restored_from.endswith("step_00000030")
+    assert np.array_equal(fresh.pull_dense(), trained.pull_dense())
+    assert np.array_equal(fresh.pull_rows("emb", np.arange(5)), trained.pull_rows("emb", np.arange(5)))
+    assert fresh.clocks == [0, 0]  # min of the saved clocks [3, 0]: every worker restarts at one step
+    assert fresh.state()["dense_opt"]["state"][0]["momentum_buffer"].equal(saved["dense_opt"]["state"][0]["momentum_buffer"])
