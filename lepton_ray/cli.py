@@ -22,7 +22,31 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue run.name from its newest committed checkpoint")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w = sub.add_parser("sweep", help="search the config's sweep.space (lr, batch size, ...) on Ray Tune")
+    w.add_argument("config", help="YAML config file with a sweep: section")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set sweep.num_samples=16")
+    w.add_argument("--resume", action="store_true", help="continue the sweep (re-running the same command does too; this insists it exists)")
+    w.add_argument("--json", action="store_true", help="print the best trial as one JSON object on the last line of stdout")
+    w.add_argument("--no-progress", action="store_true", help="no trials table while it runs")
     return p
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from lepton_ray.tune import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    result = sweep(cfg, resume=True if args.resume else None, progress=not args.no_progress)
+    best = result.best
+    if best is not None:
+        print(f"best trial: {best['trial']}  {result.metric}={best[result.metric]:.4f}  "
+              + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
+        print(f"best checkpoint: {best['checkpoint']}")
+    print(f"results: {result.files['csv']}  plot: {result.files['plot']}  best: {result.files['best']}")
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(result.to_dict(), default=str))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,6 +72,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "sweep":
+            return _sweep(args)
     except ConfigError as exc:
         print(f"lepton-ray: config error: {exc}", file=sys.stderr)
         return 2
