@@ -70,6 +70,8 @@ def trial_row(trials_dir: Path, trial_id: str, params: dict[str, Any], last: dic
         "evaluations": int(last.get("evaluation", 0) or 0),
         metric: value,
         "launches": len(launches),
+        "started_at": launches[0] if launches else None,
+        "last_report_at": last.get("reported_at"),
         "launch_s": launch_s,
         "checkpoint": checkpoint,
     }
@@ -84,7 +86,7 @@ def format_table(rows: list[TrialRow], metric: str) -> str:
     if not rows:
         return "(no trials yet)"
     df = results_frame(rows)
-    hide = {"checkpoint", "launches", "launch_s"}
+    hide = {"checkpoint", "launches", "launch_s", "started_at", "last_report_at"}
     for effective, swept in (("lr", "train.lr"), ("batch_size", "train.batch_size")):
         if swept in df.columns and df[effective].equals(df[swept]):
             hide.add(effective)  # the same values: show the swept column only

@@ -44,6 +44,7 @@ from lepton_ray.tune.space import (
 __all__ = ["sweep", "SweepResult"]
 
 EVALUATION = "evaluation"  # ASHA's time axis: evaluations done (one per epoch by default)
+REPORTED_AT = "reported_at"  # wall time of the report (the table's ordering of trials in time)
 
 
 @dataclass
@@ -107,6 +108,7 @@ class _TuneReport(TuneReportCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         first = dict(metrics[0])
         first[EVALUATION] = evaluation_index(int(first["step"]), self.interval, self.total)
+        first[REPORTED_AT] = time.time()
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
@@ -127,7 +129,7 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     if done.exists():  # it finished before the sweep was interrupted: hand Tune its result, train nothing
         final = json.loads(done.read_text())
         ray.tune.report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"],
-                         EVALUATION: evaluation_index(final["steps"], interval, total)})
+                         EVALUATION: evaluation_index(final["steps"], interval, total), REPORTED_AT: time.time()})
         return
 
     cfg = load_config(raw)
@@ -295,7 +297,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
 
     rows = []
     for r in grid:
-        trial_id = Path(r.path).name
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name  # Tune may suffix a restored trial's dir
         params = {k: r.config.get(k) for k in s.space}
         rows.append(R.trial_row(trials_dir, trial_id, params, r.metrics or {}, metric, "TERMINATED", error=r.error is not None))
     frame = R.results_frame(rows)

@@ -43,13 +43,13 @@ def test_asha_sweep_on_digits_one_trial_at_a_time(ray_cluster, tmp_path):
     """lr log-uniform 1e-4..1 x batch {32, 128} with ASHA: a best trial >= 0.93, clearly bad trials stopped
     early (fewer evaluations), and on a 4-CPU cluster (a trial needs 2 workers + 1) trials run one after another."""
     cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(
-        tmp_path, "train.epochs=3", "sweep.num_samples=4", "sweep.seed=5", "checkpoint.every_n_steps=0"))
+        tmp_path, "train.epochs=3", "sweep.num_samples=3", "sweep.seed=5", "checkpoint.every_n_steps=0"))
     result = lepton_ray.sweep(cfg, progress=False)
     sweep_dir = tmp_path / "sweeps" / "digits_sweep"
     assert result.dir == str(sweep_dir) and result.max_concurrent_trials == 1
 
     rows = {r["trial"]: r for r in result.trials}
-    assert len(rows) == 4
+    assert len(rows) == 3
     # seeded random search: the first trial (lr 0.166, batch 32) runs to the end and is good
     best = result.best
     assert best["eval_accuracy"] >= 0.93 and best["status"] == "completed"
@@ -60,21 +60,14 @@ def test_asha_sweep_on_digits_one_trial_at_a_time(ray_cluster, tmp_path):
     assert manifest["meta"]["step"] == 3 * (1438 // 32)
     assert json.loads((sweep_dir / "best.json").read_text()) == json.loads(json.dumps(best))
 
-    # ASHA: every trial with lr < 1e-2 is clearly bad; it was stopped at its first rung (1 evaluation of 3)
-    bad = [r for r in rows.values() if r["lr"] < 1e-2]
+    # ASHA: every trial with lr < 0.05 is clearly bad (accuracy < 0.5); it was stopped at its first rung
+    bad = [r for r in rows.values() if r["lr"] < 0.05]
     assert bad, "the seeded sample has bad learning rates"
     for r in bad:
-        assert r["status"] == "stopped early" and r["evaluations"] < 3, r
-        evals = [x for x in _records(sweep_dir / "trials" / r["trial"]) if "eval_accuracy" in x and "event" not in x]
-        assert len(evals) < 3 and max(x["eval_accuracy"] for x in evals) < 0.5
-    assert sum(r["status"] == "completed" for r in rows.values()) >= 1
+        assert r["status"] == "stopped early" and r["evaluations"] == 1 and r["eval_accuracy"] < 0.5, r
 
-    # one trial at a time: each trial's first step comes after the previous trial's last record
-    spans = []
-    for trial in sorted(rows):
-        recs = [x for x in _records(sweep_dir / "trials" / trial) if "time" in x]
-        spans.append((recs[0]["time"], recs[-1]["time"]))
-    spans.sort()
+    # one trial at a time: each trial's driver started after the previous trial's last evaluation
+    spans = sorted((r["started_at"], r["last_report_at"]) for r in rows.values())
     assert all(prev_end < start for (_, prev_end), (start, _) in zip(spans, spans[1:])), spans
 
     # outputs: the csv has every trial, the plot is a PNG
@@ -97,7 +90,7 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, t
     """SIGKILL the `lepton-ray sweep` driver after a trial finished; the same command finishes the sweep:
     finished trials untouched, no trial trained from scratch twice, every trial in the final table."""
     args = [str(BIN / "lepton-ray"), "sweep", str(REPO / "examples" / "digits_sweep.yaml"), "--json", "--no-progress"]
-    for item in _digits(tmp_path, "train.epochs=2", "sweep.num_samples=3", "sweep.scheduler=fifo", "sweep.seed=2",
+    for item in _digits(tmp_path, "train.epochs=2", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.seed=2",
                         "checkpoint.every_n_steps=10"):
         args += ["--set", item]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
@@ -118,10 +111,10 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "continuing sweep 'digits_sweep'" in proc.stdout
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["num_trials"] == 3
+    assert out["num_trials"] == 2
 
     rows = _rows(trials.parent)
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     for trial, (result_json, metrics) in finished.items():  # not rerun: their files are byte-for-byte the same
         assert (trials / trial / "result.json").read_text() == result_json
         assert (trials / trial / "metrics.jsonl").read_text() == metrics
