@@ -55,7 +55,7 @@ def main() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=4)
+        ray.init(address="local", num_cpus=4)
     root = Path(tempfile.mkdtemp(prefix="lepton-sweep-bench-"))
     fifo = run("fifo", root, args.samples, args.epochs)
     asha = run("asha", root, args.samples, args.epochs)

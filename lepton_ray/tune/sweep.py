@@ -138,7 +138,8 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)
         shutil.rmtree(run_dir, ignore_errors=True)
         trainer = Trainer(cfg, resume=False, progress=False, report_to_ray=True, callbacks=[_TuneReport(interval, total)])
-    assert trainer.run_name == trial_id  # explicit per-trial names: nothing else may claim this directory
+    if trainer.run_name != trial_id:  # explicit per-trial names: nothing else may claim this directory
+        raise RuntimeError(f"trial {trial_id}: its run directory is taken ({trainer.run_dir})")
     info_path = run_dir / "trial.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"trial": trial_id, "params": params, "config": raw,
                                                                         "checkpoint_uri": trainer.checkpoint_uri, "launches": []}
@@ -227,6 +228,21 @@ def _scheduler(cfg: Config, mode: str, num_rows: int) -> Any:
     return ASHAScheduler(time_attr=EVALUATION, max_t=horizon + 1, grace_period=grace, reduction_factor=a.reduction_factor)
 
 
+def _connect(cfg: Config) -> bool:
+    """Connect like the Trainer does; with ``RAY_ADDRESS`` set, also hand it to every process of this job.
+
+    Ray Train's PlacementGroupCleaner (which frees the workers' placement group when ASHA kills a
+    trial) looks its controller up through the state API, which without ``RAY_ADDRESS`` picks "the
+    latest cluster" on a machine that runs several: it then misses the controller and the stopped
+    trial's workers' CPUs stay reserved, so the next trial waits forever.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or not address:
+        return ensure_ray(min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
+    ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    return True
+
+
 def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True) -> SweepResult:
     """Run (or continue) the sweep that ``config``'s ``sweep:`` section describes.
 
@@ -268,7 +284,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
         raise ConfigError(f"sweep '{name}' under '{sweep_dir}' was started with a different config; "
                           "run it with the same config to continue it, or set another sweep.name")
 
-    started = ensure_ray(min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
+    started = _connect(cfg)
     try:
         concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
         plan = {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": num_rows}
