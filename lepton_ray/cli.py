@@ -46,6 +46,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.flush()
         print(json.dumps(result.to_dict(), default=str))
+    if best is None:
+        print(f"lepton-ray: no trial of sweep '{result.dir}' reported {result.metric}; see the trial logs above", file=sys.stderr)
+        return 1
     return 0
 
 
