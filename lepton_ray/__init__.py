@@ -9,6 +9,7 @@
 
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.train import CheckpointError, Result, Trainer, TrainingError
+from lepton_ray.tune import SweepResult, sweep
 
-__all__ = ["Config", "ConfigError", "CheckpointError", "Result", "Trainer", "TrainingError", "load_config"]
+__all__ = ["Config", "ConfigError", "CheckpointError", "Result", "SweepResult", "Trainer", "TrainingError", "load_config", "sweep"]
 __version__ = "0.1.0"

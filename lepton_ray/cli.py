@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue run.name from its newest committed checkpoint")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w = sub.add_parser("sweep", help="search the config's sweep.space (lr, batch size, ...) on Ray Tune")
+    w.add_argument("config", help="YAML config file with a sweep: section")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set sweep.num_samples=16")
+    w.add_argument("--resume", action="store_true", help="continue the sweep (re-running the same command does too; this insists it exists)")
+    w.add_argument("--json", action="store_true", help="print the best trial as one JSON object on the last line of stdout")
+    w.add_argument("--no-progress", action="store_true", help="no trials table while it runs")
 
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     pr = d.add_parser("prepare", help="write Parquet/CSV rows as N Parquet shards plus a committed _manifest.json")
@@ -43,6 +50,26 @@ def _prepare(args: argparse.Namespace) -> int:
                   compression=args.compression, eval_fraction=args.eval_fraction, seed=args.seed, shuffle=not args.no_shuffle)
     for split, manifest in out.items():
         print(f"{split}: {manifest['num_rows']} rows in {len(manifest['shards'])} shards")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from lepton_ray.tune import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    result = sweep(cfg, resume=True if args.resume else None, progress=not args.no_progress)
+    best = result.best
+    if best is not None:
+        print(f"best trial: {best['trial']}  {result.metric}={best[result.metric]:.4f}  "
+              + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
+        print(f"best checkpoint: {best['checkpoint']}")
+    print(f"results: {result.files['csv']}  plot: {result.files['plot']}  best: {result.files['best']}")
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(result.to_dict(), default=str))
+    if best is None:
+        print(f"lepton-ray: no trial of sweep '{result.dir}' reported {result.metric}; see the trial logs above", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -71,6 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _train(args)
         if args.command == "data" and args.data_command == "prepare":
             return _prepare(args)
+        if args.command == "sweep":
+            return _sweep(args)
     except ConfigError as exc:
         print(f"lepton-ray: config error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ __all__ = [
     "SyncConfig",
     "AllReduceConfig",
     "PSConfig",
+    "AshaConfig",
+    "SweepConfig",
     "TrainConfig",
     "load_config",
 ]
@@ -434,6 +436,123 @@ class RunConfig(_Section):
         self._require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
 
 
+# sweep distributions: the YAML spelling -> what the bounds must satisfy
+SWEEP_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+
+
+@dataclass(kw_only=True, slots=True)
+class AshaConfig(_Section):
+    """Options of the ASHA scheduler (asynchronous successive halving).
+
+    ASHA compares trials at the same number of evaluations (an evaluation is one
+    report; by default one per epoch, so batch sizes are compared at equal epochs).
+    """
+
+    PATH: ClassVar[str] = "sweep.asha"
+
+    grace_period: Optional[int] = None
+    """Evaluations every trial gets before it may be stopped; omitted = the longest trial's
+    evaluations // reduction_factor**2 (at least 1), so there are two or more rungs."""
+    reduction_factor: int = 3
+    """Only the top 1/reduction_factor of the trials at a rung go on to the next."""
+
+    def validate(self) -> None:
+        if self.grace_period is not None:
+            self._require(self.grace_period >= 1, "grace_period", "must be >= 1")
+        self._require(self.reduction_factor >= 2, "reduction_factor", "must be >= 2")
+
+
+@dataclass(kw_only=True, slots=True)
+class SweepConfig(_Section):
+    """A hyperparameter sweep (``lepton-ray sweep``): each trial is a normal training run.
+
+    ``space`` maps a config key to a distribution, e.g.
+    ``train.lr: {loguniform: [1e-4, 1.0]}`` or ``train.batch_size: {choice: [32, 128]}``.
+    """
+
+    PATH: ClassVar[str] = "sweep"
+
+    space: dict[str, Any] = field(default_factory=dict)
+    """Config key -> ``{loguniform: [low, high]}``, ``{uniform: [low, high]}``,
+    ``{randint: [low, high]}`` (high excluded) or ``{choice: [v1, v2, ...]}``."""
+    num_samples: int = 8
+    """Trials to run (points drawn from ``space``)."""
+    metric: str = "eval_accuracy"
+    """The eval metric to optimise: eval_accuracy or eval_loss (classification), eval_mse or eval_loss (regression)."""
+    mode: Literal["auto", "max", "min"] = "auto"
+    """auto: max for accuracy, min for losses."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha: stop poor trials early; fifo: run every trial to the end."""
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    search: Literal["random", "optuna"] = "random"
+    """random: seeded random search; optuna: TPE through Optuna (needs ``pip install optuna``)."""
+    seed: int = 0
+    """Seeds the search (which points are tried)."""
+    max_concurrent_trials: Optional[int] = None
+    """Trials running at once; omitted = as many as the cluster's free resources fit
+    (each trial needs its workers plus one CPU for its driver)."""
+    scale_lr_with_batch: Literal["none", "linear", "sqrt"] = "none"
+    """When train.batch_size is swept: lr = lr x (batch / reference), or x sqrt(batch / reference)."""
+    reference_batch_size: Optional[int] = None
+    """The batch size ``train.lr`` is meant for; omitted = ``train.batch_size``."""
+    name: Optional[str] = None
+    """Sweep name; omitted = ``run.name``. Re-running the same sweep name continues it."""
+    dir: str = "sweeps"
+    """Local directory of sweeps: a sweep lives in ``<dir>/<name>`` (trials, results, plot, best.json)."""
+
+    def validate(self) -> None:
+        flat = flatten_space(self.space)
+        for key, dist in flat.items():
+            where = f"sweep.space.{key}"
+            if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in SWEEP_DISTRIBUTIONS):
+                raise ConfigError(f"{where}: expected one of {{{'|'.join(SWEEP_DISTRIBUTIONS)}: ...}}, got {_show(dist)}")
+            kind, args = next(iter(dist.items()))
+            if kind == "choice":
+                if not isinstance(args, list):
+                    raise ConfigError(f"{where}: choice needs a list of values, got {_show(args)}")
+                if not args:
+                    raise ConfigError(f"{where}: choice list is empty; give at least one value")
+                continue
+            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+                raise ConfigError(f"{where}: {kind} needs [low, high] (two numbers), got {_show(args)}")
+            low, high = args
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ConfigError(f"{where}: randint bounds must be integers, got {_show(args)}")
+            if low >= high:
+                raise ConfigError(f"{where}: {kind} low must be < high, got low={_show(low)} high={_show(high)}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform bounds must be > 0, got low={_show(low)}")
+        self.space = flat
+        self._require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        if self.max_concurrent_trials is not None:
+            self._require(self.max_concurrent_trials >= 1, "max_concurrent_trials", "must be >= 1 (or omitted: computed from the cluster)")
+        if self.reference_batch_size is not None:
+            self._require(self.reference_batch_size >= 1, "reference_batch_size", "must be >= 1")
+        if self.name is not None:
+            self._require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.space)
+
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": {"loguniform": [..]}}}`` -> ``{"train.lr": {"loguniform": [..]}}`` (both spellings allowed).
+
+    >>> flatten_space({"train": {"lr": {"choice": [0.1]}}, "train.batch_size": {"choice": [32]}})
+    {'train.lr': {'choice': [0.1]}, 'train.batch_size': {'choice': [32]}}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in space.items():
+        path = f"{prefix}{key}"
+        section = isinstance(value, dict) and any(isinstance(v, dict) for v in value.values())
+        if section and not (len(value) == 1 and next(iter(value)) in SWEEP_DISTRIBUTIONS):
+            flat.update(flatten_space(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
 @dataclass(kw_only=True, slots=True)
 class Config(_Section):
     """A whole lepton_ray run. Build with :func:`load_config`."""
@@ -447,6 +566,7 @@ class Config(_Section):
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -464,6 +584,10 @@ class Config(_Section):
             )
         if t.precision == "fp16" and not s.use_gpu:
             raise ConfigError("train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'")
+        if self.sweep.enabled:
+            from lepton_ray.tune.space import check_sweep
+
+            check_sweep(self)  # every key and every value a trial can draw must make a valid config
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :func:`load_config` turns back into an equal config."""

@@ -88,8 +88,12 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--object-store-memory=1000000000", "--disable-usage-stats"]
+    # RAY_ADDRESS in the cluster's own processes too: Ray Train's PlacementGroupCleaner (and any state-API
+    # call inside the cluster) otherwise auto-detects "the latest cluster" on a machine running several,
+    # fails to watch its controller, and a trial ASHA stops leaks its workers' placement group.
     with open(log, "wb") as out:
-        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_ADDRESS": address})
     try:
         deadline = time.monotonic() + 120
         while b"Ray runtime started" not in log.read_bytes():

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -104,10 +104,22 @@ class Trainer:
     True
     """
 
-    def __init__(self, config: Union[Config, dict, str, os.PathLike], *, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        config: Union[Config, dict, str, os.PathLike],
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        report_to_ray: bool = False,
+        callbacks: Sequence[Any] = (),
+    ):
+        """``report_to_ray``: the workers also ``ray.train.report`` each evaluation (a ~2 s barrier
+        each), for Ray Train ``callbacks`` such as Tune's ``TuneReportCallback`` (used by sweeps)."""
         self.config = config if isinstance(config, Config) else load_config(config)
         self.resume = resume
         self.progress = progress
+        self.report_to_ray = report_to_ray
+        self.callbacks = list(callbacks)
         cfg = self.config
         d = cfg.data
         if d.builder and not data_exists(d.train, d.storage_options):
@@ -199,7 +211,7 @@ class Trainer:
             strategy = STRATEGIES[cfg.sync.strategy]
             services = strategy.launch(cfg, self._model, self.checkpoint_uri, self.run_name)
             spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink,
-                            services=services)
+                            report_to_ray=self.report_to_ray, services=services)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
                 _worker_entry,
@@ -210,6 +222,7 @@ class Trainer:
                     name=self.run_name,
                     storage_path=str((self.run_dir / "ray").resolve()),
                     failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+                    callbacks=self.callbacks or None,
                 ),
             )
             watcher = _Watcher(sink, self.run_dir / "metrics.jsonl", self.progress, self.run_name)

@@ -1,0 +1,92 @@
+"""ASHA against FIFO on the same sweep: same search space, same trials (same seed), same run.
+
+    python benchmarks/sweep.py [--samples 6] [--epochs 10]
+
+Prints the wall time and the best metric of each, the ratio ASHA / FIFO (the bar: ASHA's
+best within 1 point of FIFO's in <= 50% of FIFO's wall time), and the per-trial launch
+overhead (the trial function starting -> the first optimizer step), split into what is
+lepton_ray's (the Trainer's checks before Ray Train starts) and the rest (Ray Train
+starting the controller and the worker processes, the workers loading data and model).
+
+Connects to the cluster in RAY_ADDRESS, else starts a local one with 4 logical CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import ray  # noqa: E402
+
+import lepton_ray  # noqa: E402
+from lepton_ray.train import Trainer  # noqa: E402
+from lepton_ray.tune.space import trial_config  # noqa: E402
+
+
+def run(scheduler: str, root: Path, samples: int, epochs: int) -> dict:
+    cfg = lepton_ray.load_config(REPO / "examples" / "digits_sweep.yaml", [
+        f"data.train={root / 'digits' / 'train.parquet'}", f"data.eval={root / 'digits' / 'eval.parquet'}",
+        f"run.dir={root / 'runs'}", f"sweep.dir={root / 'sweeps'}", f"sweep.name={scheduler}",
+        f"sweep.scheduler={scheduler}", f"sweep.num_samples={samples}", f"train.epochs={epochs}", "sweep.seed=0",
+        "checkpoint.every_n_steps=0",
+    ])
+    t0 = time.perf_counter()
+    result = lepton_ray.sweep(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    launch = [t["launch_s"] for t in result.trials if isinstance(t.get("launch_s"), float)]
+    return {"wall_s": wall, "best": result.best[result.metric], "trials": result.trials, "launch_s": launch,
+            "stopped": sum(t["status"] == "stopped early" for t in result.trials), "cfg": cfg}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=10)
+    args = p.parse_args()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(address="local", num_cpus=4)
+    root = Path(tempfile.mkdtemp(prefix="lepton-sweep-bench-"))
+    fifo = run("fifo", root, args.samples, args.epochs)
+    asha = run("asha", root, args.samples, args.epochs)
+
+    # what is ours in a launch: the Trainer's checks (config, data description, label scan) before Ray Train
+    cfg = fifo["cfg"]
+    raw = trial_config(cfg.to_dict(), {}, cfg.sweep)
+    raw["run"]["dir"] = str(root / "probe")
+    t = time.perf_counter()
+    for _ in range(5):
+        Trainer(lepton_ray.load_config(raw), progress=False)
+    ours = (time.perf_counter() - t) / 5
+
+    print(f"\nsweep benchmark: digits, {args.samples} trials, {args.epochs} epochs each (one evaluation per epoch), "
+          f"lr loguniform 1e-4..1 x batch {{32, 128}}, seed 0, {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    for name, r in (("FIFO", fifo), ("ASHA", asha)):
+        print(f"  {name}: wall {r['wall_s']:7.1f} s   best eval_accuracy {r['best']:.4f}   stopped early {r['stopped']}/{len(r['trials'])}")
+    ratio = asha["wall_s"] / fifo["wall_s"]
+    gap = (fifo["best"] - asha["best"]) * 100
+    print(f"  ASHA / FIFO wall time: {ratio:.2f}  (bar: <= 0.50)   best-metric gap: {gap:+.2f} points (bar: <= 1)")
+    print(f"  bar {'MET' if ratio <= 0.5 and gap <= 1.0 else 'NOT MET'}")
+    launch = fifo["launch_s"] + asha["launch_s"]
+    if launch:
+        print(f"  launch overhead (trial start -> first step), {len(launch)} launches: median {statistics.median(launch):.1f} s, "
+              f"min {min(launch):.1f} s, max {max(launch):.1f} s")
+    print(f"    of which lepton_ray's Trainer checks before Ray Train starts: {ours:.2f} s "
+          f"({ours / statistics.median(launch) * 100 if launch else 0:.0f}% of the median)")
+    print(json.dumps({"fifo_wall_s": fifo["wall_s"], "asha_wall_s": asha["wall_s"], "ratio": ratio,
+                      "fifo_best": fifo["best"], "asha_best": asha["best"],
+                      "launch_median_s": statistics.median(launch) if launch else None, "trainer_checks_s": ours}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""``lepton-ray sweep``: a learning-rate / batch-size search on Ray Tune, each trial a normal training run.
+
+The Ray 2.60 (Train V2) pattern: a Tune *function trainable* per trial builds the
+trial's config and runs :class:`~lepton_ray.train.Trainer` (a ``TorchTrainer``); the
+workers ``ray.train.report`` every evaluation and Tune's ``TuneReportCallback``
+hands those reports to Tune, so ASHA can stop a poor trial early.
+
+Layout of a sweep (``<sweep.dir>/<name>/``)::
+
+    config.json         the config the sweep was started with (a re-run must match it)
+    tune/               Ray Tune's experiment state (what Tuner.restore continues)
+    trials/<trial_id>/  each trial's run: trial.json, metrics.jsonl, result.json, checkpoints/
+    sweep_results.csv   one row per trial
+    sweep.png           metric vs lr, coloured by batch size, early-stopped trials marked
+    best.json           the best trial's config and checkpoint URI
+
+Resume: running the same sweep again continues it. Tune restores the unfinished
+trials; a trial whose ``result.json`` exists is not trained again, and an
+unfinished trial resumes from its newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from lepton_ray.config import Config, ConfigError, load_config
+from lepton_ray.storage import join
+from lepton_ray.train.trainer import Trainer, ensure_ray
+from lepton_ray.tune import results as R
+from lepton_ray.tune.space import (
+    BATCH_KEY, LR_KEY, concurrent_trials, evaluation_index, max_evaluations, resolve_mode, trial_config, trial_schedule,
+)
+
+__all__ = ["sweep", "SweepResult"]
+
+EVALUATION = "evaluation"  # ASHA's time axis: evaluations done (one per epoch by default)
+REPORTED_AT = "reported_at"  # wall time of the report (the table's ordering of trials in time)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced. ``best`` is ``best.json``; ``trials`` the rows of ``sweep_results.csv``.
+
+    >>> r = SweepResult(best={"trial": "t1", "eval_accuracy": 0.97, "checkpoint": "sweeps/s/trials/t1/checkpoints/step_00000200"},
+    ...                 trials=[], dir="sweeps/s", metric="eval_accuracy", mode="max", max_concurrent_trials=1)
+    >>> r.best["checkpoint"].endswith("step_00000200")
+    True
+    """
+
+    best: Optional[dict[str, Any]]
+    trials: list[dict[str, Any]]
+    dir: str
+    metric: str
+    mode: str
+    max_concurrent_trials: int
+    resumed: bool = False
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**(self.best or {}), "sweep_dir": self.dir, "num_trials": len(self.trials),
+                "stopped_early": sum(t["status"] == R.STOPPED for t in self.trials)}
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _local_abs(path: Optional[str]) -> Optional[str]:
+    """Trials run in Tune's actors with another working directory: make local paths absolute."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _absolute(cfg: Config) -> dict[str, Any]:
+    raw = cfg.to_dict()
+    raw["data"]["train"] = _local_abs(raw["data"]["train"])
+    raw["data"]["eval"] = _local_abs(raw["data"]["eval"])
+    raw["run"]["dir"] = _local_abs(raw["run"]["dir"])
+    raw["checkpoint"]["dir"] = _local_abs(raw["checkpoint"]["dir"])
+    raw["sweep"]["dir"] = _local_abs(raw["sweep"]["dir"])
+    return raw
+
+
+# --------------------------------------------------------------------------- one trial (runs in a Tune actor)
+
+
+class _TuneReport(TuneReportCallback):
+    """Tune's ``TuneReportCallback`` (worker reports -> Tune), adding the evaluation count, ASHA's time axis.
+
+    The count comes from the step, so a trial resumed from a checkpoint carries on counting where
+    it stopped (Tune's own ``training_iteration`` would restart at 1).
+    """
+
+    def __init__(self, interval: int, total: int):
+        super().__init__()
+        self.interval, self.total = interval, total
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        first = dict(metrics[0])
+        first[EVALUATION] = evaluation_index(int(first["step"]), self.interval, self.total)
+        first[REPORTED_AT] = time.time()
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
+    """Tune's function trainable: one trial = one lepton_ray training run with ``params`` set."""
+    import ray.tune
+
+    sweep_cfg = load_config(plan["config"]).sweep
+    trial_id = ray.tune.get_context().get_trial_id()
+    raw = trial_config(plan["config"], params, sweep_cfg)
+    raw["run"] = {"name": trial_id, "dir": plan["trials_dir"]}
+    if raw["checkpoint"]["dir"] is not None:
+        raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
+    interval, total = trial_schedule(raw, plan["num_rows"])
+    run_dir = Path(plan["trials_dir"]) / trial_id
+
+    done = run_dir / "result.json"
+    if done.exists():  # it finished before the sweep was interrupted: hand Tune its result, train nothing
+        final = json.loads(done.read_text())
+        ray.tune.report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"],
+                         EVALUATION: evaluation_index(final["steps"], interval, total), REPORTED_AT: time.time()})
+        return
+
+    cfg = load_config(raw)
+    try:
+        trainer = Trainer(cfg, resume=True, progress=False, report_to_ray=True, callbacks=[_TuneReport(interval, total)])
+    except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        trainer = Trainer(cfg, resume=False, progress=False, report_to_ray=True, callbacks=[_TuneReport(interval, total)])
+    if trainer.run_name != trial_id:  # explicit per-trial names: nothing else may claim this directory
+        raise RuntimeError(f"trial {trial_id}: its run directory is taken ({trainer.run_dir})")
+    info_path = run_dir / "trial.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"trial": trial_id, "params": params, "config": raw,
+                                                                        "checkpoint_uri": trainer.checkpoint_uri, "launches": []}
+    info["launches"].append(time.time())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+class _Table(tune.Callback):
+    """Prints the trials table while the sweep runs: every ``every_s`` seconds and whenever a trial ends."""
+
+    def __init__(self, trials_dir: str, space: list[str], metric: str, num_samples: int, every_s: float = 15.0):
+        self.trials_dir, self.space, self.metric, self.every_s = trials_dir, space, metric, every_s
+        self.num_samples = num_samples
+        self._last = 0.0
+
+    def _print(self, trials: list[Any], force: bool) -> None:
+        if not force and time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        rows = [_row(Path(self.trials_dir), t, self.space, self.metric) for t in trials]
+        done = sum(r["status"] in (R.COMPLETED, R.STOPPED, R.ERROR) for r in rows)
+        print(f"\n== sweep: {done}/{self.num_samples} trials done ==\n{R.format_table(rows, self.metric)}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._print(trials, force=False)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._print(trials, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._print(trials, force=True)
+
+
+def _row(trials_dir: Path, trial: Any, space: list[str], metric: str) -> R.TrialRow:
+    """A table row from a live Tune ``Trial``."""
+    params = {k: trial.config.get(k) for k in space}
+    return R.trial_row(trials_dir, trial.trial_id, params, trial.last_result or {}, metric, trial.status,
+                       error=trial.status == "ERROR")
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _tune_space(space: dict[str, Any]) -> dict[str, Any]:
+    make = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}
+    out = {}
+    for key, dist in space.items():
+        kind, args = next(iter(dist.items()))
+        out[key] = tune.choice(list(args)) if kind == "choice" else make[kind](*args)
+    return out
+
+
+def _search(cfg: Config, concurrency: int) -> Any:
+    """The search algorithm, holding at most ``concurrency`` trials at once (TuneConfig's
+    max_concurrent_trials is silently ignored for BasicVariantGenerator, so it is set here)."""
+    s = cfg.sweep
+    if s.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("sweep.search: 'optuna' needs the optuna package (pip install optuna); or use 'random'") from None
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=s.seed), max_concurrent=concurrency)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)
+
+
+def _scheduler(cfg: Config, mode: str, num_rows: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    a = cfg.sweep.asha
+    horizon = max_evaluations(cfg, num_rows)
+    grace = a.grace_period or max(1, horizon // a.reduction_factor**2)
+    # max_t one past the longest trial: ASHA must never cut a trial at its own last evaluation
+    return ASHAScheduler(time_attr=EVALUATION, max_t=horizon + 1, grace_period=grace, reduction_factor=a.reduction_factor)
+
+
+def _connect(cfg: Config) -> bool:
+    """Connect like the Trainer does; with ``RAY_ADDRESS`` set, also hand it to every process of this job.
+
+    Ray Train's PlacementGroupCleaner (which frees the workers' placement group when ASHA kills a
+    trial) looks its controller up through the state API, which without ``RAY_ADDRESS`` picks "the
+    latest cluster" on a machine that runs several: it then misses the controller and the stopped
+    trial's workers' CPUs stay reserved, so the next trial waits forever.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or not address:
+        return ensure_ray(min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
+    ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    return True
+
+
+def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True) -> SweepResult:
+    """Run (or continue) the sweep that ``config``'s ``sweep:`` section describes.
+
+    ``resume``: None = continue the sweep if ``<sweep.dir>/<name>`` holds one, else start it;
+    True = it must exist; False = it must not.
+
+    >>> import lepton_ray
+    >>> cfg = lepton_ray.load_config("examples/digits_sweep.yaml")  # doctest: +SKIP
+    >>> result = lepton_ray.sweep(cfg)  # doctest: +SKIP
+    >>> result.best["eval_accuracy"] > 0.93, result.best["checkpoint"]  # doctest: +SKIP
+    (True, '.../sweeps/digits_sweep/trials/..._00002/checkpoints/step_00000180')
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    s = cfg.sweep
+    if not s.enabled:
+        raise ConfigError("sweep.space: nothing to sweep; add e.g. sweep: {space: {train.lr: {loguniform: [1.0e-4, 1.0]}}}")
+    raw = _absolute(cfg)
+    name = s.name or cfg.run.name
+    sweep_dir = Path(raw["sweep"]["dir"]) / name
+    tune_dir, trials_dir = sweep_dir / "tune", sweep_dir / "trials"
+    metric, mode = s.metric, resolve_mode(s)
+
+    # every check before any trial: data (built once here, not by racing trials), columns, batch sizes
+    base = load_config(trial_config(raw, {}, s))
+    probe = Trainer(base, progress=False)
+    num_rows = probe.train_info.num_rows
+    batches = [v for v in (s.space.get(BATCH_KEY, {}).get("choice") or []) if isinstance(v, int)]
+    for b in batches or [cfg.train.batch_size]:
+        if b > num_rows:
+            raise ConfigError(f"sweep.space.{BATCH_KEY}: {b} is larger than data.train ({num_rows} rows)")
+
+    saved = sweep_dir / "config.json"
+    exists = tune.Tuner.can_restore(str(tune_dir))
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no sweep '{name}' to resume under '{sweep_dir}'")
+    if exists and resume is False:
+        raise ConfigError(f"sweep '{name}' already exists under '{sweep_dir}'; run it again to continue it, or set sweep.name")
+    if exists and saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(raw)):
+        raise ConfigError(f"sweep '{name}' under '{sweep_dir}' was started with a different config; "
+                          "run it with the same config to continue it, or set another sweep.name")
+
+    started = _connect(cfg)
+    try:
+        concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
+        plan = {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": num_rows}
+        trainable = tune.with_resources(tune.with_parameters(_run_trial, plan=plan), {"cpu": 1})
+        if exists:
+            print(f"continuing sweep '{name}' from {sweep_dir}", flush=True)
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(raw, indent=1) + "\n")
+            callbacks = [_Table(str(trials_dir), list(s.space), metric, s.num_samples)] if progress else []
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_tune_space(s.space),
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=mode, num_samples=s.num_samples,
+                    search_alg=_search(cfg, concurrency), scheduler=_scheduler(cfg, mode, num_rows),
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0),
+            )
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+
+    rows = []
+    for r in grid:
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name  # Tune may suffix a restored trial's dir
+        params = {k: r.config.get(k) for k in s.space}
+        rows.append(R.trial_row(trials_dir, trial_id, params, r.metrics or {}, metric, "TERMINATED", error=r.error is not None))
+    frame = R.results_frame(rows)
+    rows = frame.to_dict("records")
+    csv_path = sweep_dir / "sweep_results.csv"
+    frame.to_csv(csv_path, index=False)
+    plot_x = LR_KEY if LR_KEY in s.space else next(iter(s.space))
+    log_x = next(iter(s.space[plot_x])) == "loguniform" or plot_x == LR_KEY
+    plot_path = R.write_plot(rows, metric, sweep_dir / "sweep.png", x="lr" if plot_x == LR_KEY else plot_x, log_x=log_x)
+    best = R.best_row(rows, metric, mode)
+    best_out = None
+    if best is not None:
+        info = json.loads((trials_dir / best["trial"] / "trial.json").read_text())
+        best_out = {"trial": best["trial"], "metric": metric, "mode": mode, metric: best[metric], "status": best["status"],
+                    "params": {k: best[k] for k in s.space}, "checkpoint": best["checkpoint"],
+                    "run_dir": str(trials_dir / best["trial"]), "config": info["config"]}
+    (sweep_dir / "best.json").write_text(json.dumps(best_out, indent=1, default=str) + "\n")
+    print(f"\n== sweep '{name}': {len(rows)} trials ==\n{R.format_table(rows, metric)}", flush=True)
+    return SweepResult(best=best_out, trials=rows, dir=str(sweep_dir), metric=metric, mode=mode,
+                       max_concurrent_trials=concurrency, resumed=exists,
+                       files={"csv": str(csv_path), "plot": str(plot_path), "best": str(sweep_dir / "best.json")})

@@ -1,0 +1,124 @@
+"""Sweeps on a real Ray cluster (4 logical CPUs): ASHA on digits, one trial at a time, resume after a killed driver."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lepton_ray
+from lepton_ray import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _digits(tmp_path: Path, *overrides: str) -> list[str]:
+    return [
+        f"data.train={tmp_path / 'digits' / 'train.parquet'}",
+        f"data.eval={tmp_path / 'digits' / 'eval.parquet'}",
+        f"run.dir={tmp_path / 'runs'}",
+        f"sweep.dir={tmp_path / 'sweeps'}",
+        *overrides,
+    ]
+
+
+def _rows(sweep_dir: Path) -> list[dict[str, str]]:
+    with (sweep_dir / "sweep_results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_asha_sweep_on_digits_one_trial_at_a_time(ray_cluster, tmp_path):
+    """lr log-uniform 1e-4..1 x batch {32, 128} with ASHA: a best trial >= 0.93, clearly bad trials stopped
+    early (fewer evaluations), and on a 4-CPU cluster (a trial needs 2 workers + 1) trials run one after another."""
+    cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(
+        tmp_path, "train.epochs=3", "sweep.num_samples=3", "sweep.seed=5", "checkpoint.every_n_steps=0"))
+    result = lepton_ray.sweep(cfg, progress=False)
+    sweep_dir = tmp_path / "sweeps" / "digits_sweep"
+    assert result.dir == str(sweep_dir) and result.max_concurrent_trials == 1
+
+    rows = {r["trial"]: r for r in result.trials}
+    assert len(rows) == 3
+    # seeded random search: the first trial (lr 0.166, batch 32) runs to the end and is good
+    best = result.best
+    assert best["eval_accuracy"] >= 0.93 and best["status"] == "completed"
+    assert best["params"]["train.batch_size"] == 32 and 0.1 < best["params"]["train.lr"] < 0.3
+    # the checkpoint handed on is the best trial's final, committed one, with its config in the manifest
+    manifest = json.loads((Path(best["checkpoint"]) / "MANIFEST.json").read_text())
+    assert manifest["meta"]["config"]["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
+    assert manifest["meta"]["step"] == 3 * (1438 // 32)
+    assert json.loads((sweep_dir / "best.json").read_text()) == json.loads(json.dumps(best))
+
+    # ASHA: every trial with lr < 0.05 is clearly bad (accuracy < 0.5); it was stopped at its first rung
+    bad = [r for r in rows.values() if r["lr"] < 0.05]
+    assert bad, "the seeded sample has bad learning rates"
+    for r in bad:
+        assert r["status"] == "stopped early" and r["evaluations"] == 1 and r["eval_accuracy"] < 0.5, r
+
+    # one trial at a time: each trial's driver started after the previous trial's last evaluation
+    spans = sorted((r["started_at"], r["last_report_at"]) for r in rows.values())
+    assert all(prev_end < start for (_, prev_end), (start, _) in zip(spans, spans[1:])), spans
+
+    # outputs: the csv has every trial, the plot is a PNG
+    assert sorted(r["trial"] for r in _rows(sweep_dir)) == sorted(rows)
+    assert (sweep_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_too_many_concurrent_trials_is_an_error_before_any_trial(ray_cluster, tmp_path):
+    cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(tmp_path, "sweep.max_concurrent_trials=2"))
+    with pytest.raises(ConfigError) as err:
+        lepton_ray.sweep(cfg, progress=False)
+    assert str(err.value) == (
+        "sweep.max_concurrent_trials: 2 trials at once need 6 CPU (each: 2 workers x 1 CPU + 1 CPU for its driver); "
+        "the Ray cluster has 4 CPU, enough for 1 at a time"
+    )
+    assert not (tmp_path / "sweeps" / "digits_sweep" / "trials").exists()
+
+
+def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    """SIGKILL the `lepton-ray sweep` driver after a trial finished; the same command finishes the sweep:
+    finished trials untouched, no trial trained from scratch twice, every trial in the final table."""
+    args = [str(BIN / "lepton-ray"), "sweep", str(REPO / "examples" / "digits_sweep.yaml"), "--json", "--no-progress"]
+    for item in _digits(tmp_path, "train.epochs=2", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.seed=2",
+                        "checkpoint.every_n_steps=10"):
+        args += ["--set", item]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    trials = tmp_path / "sweeps" / "digits_sweep" / "trials"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 400
+    while not list(trials.glob("*/result.json")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finished = {p.parent.name: (p.read_text(), (p.parent / "metrics.jsonl").read_text()) for p in trials.glob("*/result.json")}
+    assert not (trials.parent / "sweep_results.csv").exists()  # it really was interrupted
+
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "continuing sweep 'digits_sweep'" in proc.stdout
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["num_trials"] == 2
+
+    rows = _rows(trials.parent)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    for trial, (result_json, metrics) in finished.items():  # not rerun: their files are byte-for-byte the same
+        assert (trials / trial / "result.json").read_text() == result_json
+        assert (trials / trial / "metrics.jsonl").read_text() == metrics
+    for r in rows:  # no trial trained from scratch twice; an interrupted one resumed from its checkpoint
+        starts = [x for x in _records(trials / r["trial"]) if x.get("event") == "start"]
+        assert sum(x["resumed_from"] is None for x in starts) == 1, (r["trial"], starts)
+        assert json.loads((trials / r["trial"] / "result.json").read_text())["steps"] == 2 * (1438 // int(r["batch_size"]))
