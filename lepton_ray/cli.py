@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue run.name from its newest committed checkpoint")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from lepton_ray.serve.cli import add_commands as add_serve_commands
+
+    add_serve_commands(sub)
     return p
 
 
@@ -48,6 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
     except ConfigError as exc:
         print(f"lepton-ray: config error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
+from lepton_ray.data.pipeline import _list_parquet
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["predict"]
@@ -64,12 +65,7 @@ def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batc
     meta = load_bundle(bundle, storage_options)  # fail here, not in an actor, when the bundle is bad
     fs_in, path_in = filesystem(input, storage_options)
     fs_out, path_out = filesystem(output, storage_options)
-    try:
-        files = [path_in] if fs_in.isfile(path_in) else sorted(fs_in.glob(f"{path_in.rstrip('/')}/**.parquet"))
-    except FileNotFoundError:
-        files = []
-    if not files:
-        raise ConfigError(f"--input: no Parquet file at '{input}'")
+    files = _list_parquet("--input", input, dict(storage_options or {}))
     schema = pq.read_schema(files[0], filesystem=arrow_filesystem(fs_in))
     need = [id_column, *meta.features]
     missing = [c for c in need if c not in schema.names]
@@ -84,5 +80,5 @@ def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batc
     fs_out.makedirs(path_out, exist_ok=True)
     out.write_parquet(path_out, filesystem=arrow_filesystem(fs_out))
     rows = sum(pq.read_metadata(f, filesystem=arrow_filesystem(fs_out)).num_rows
-               for f in fs_out.glob(f"{path_out.rstrip('/')}/**.parquet"))
+               for f in _list_parquet("--output", output, dict(storage_options or {})))
     return {"rows": int(rows), "output": output}
