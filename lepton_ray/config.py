@@ -415,6 +415,8 @@ class ServeConfig(_Section):
     """torch threads (and logical CPUs) per replica."""
     port: int = 8000
     """HTTP port; the server binds 127.0.0.1 only."""
+    access_log: bool = False
+    """Log one line per request in the replica (Ray Serve's access log); off saves per-request time."""
     auth_token_env: Optional[str] = None
     """Name of an environment variable holding a bearer token; set = every request but
     ``/healthz`` and ``/livez`` needs ``Authorization: Bearer <token>``."""

@@ -184,7 +184,9 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
     deployment = serve.deployment(
         ModelServer, name=f"{name}-model", ray_actor_options=actor_options,
         # enough in flight per replica to fill batches from many clients
-        max_ongoing_requests=max(64, 4 * cfg.max_batch_size), max_queued_requests=-1, **scaling,
+        max_ongoing_requests=max(64, 4 * cfg.max_batch_size), max_queued_requests=-1,
+        logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"},
+        **scaling,
     )
     return deployment.bind(bundle, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                            max_instances=cfg.max_instances, threads=cfg.threads_per_replica,
