@@ -9,7 +9,8 @@ N concurrent clients, each sending one row per request, for a fixed time):
    Bar: >= 0.5x the plain server's req/s.
 3. the chosen form vs fp32 at batch 32 for the compute-bound model (from the optimizer's report).
    Bar: >= 1.5x faster with <= 0.5 points accuracy drop.
-4. the same Serve load with Ray's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1).
+4. the same Serve load with Ray's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), sent
+   straight to the replica's direct-ingress port (127.0.0.1:300xx), skipping the proxy.
 
 Models have seeded random weights; the held-out labels are the fp32 model's own answers on
 seeded random inputs, so "accuracy" is agreement with fp32 (fp32 = 100%).
@@ -190,7 +191,7 @@ def serve_phase(root: str, seconds: float) -> None:
     from ray import serve
 
     from lepton_ray.config import ServeConfig
-    from lepton_ray.serve.app import deploy
+    from lepton_ray.serve.app import deploy, replica_urls
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -198,6 +199,11 @@ def serve_phase(root: str, seconds: float) -> None:
     try:
         cfg = ServeConfig(port=port, max_batch_size=32, batch_wait_ms=2.0)
         urls = {name: deploy(f"{root}/{name}-bundle", cfg, name=name, route_prefix=f"/{name}") for name in MODELS}
+        for name in MODELS:  # direct ingress (throughput-optimized mode): the replica's own port, no proxy hop
+            direct = replica_urls(name)
+            if direct:
+                urls[name] = direct[0]
+        out["urls"] = urls
         for name, clients in (("tiny", 1), ("tiny", 16), ("compute", 32)):
             out[f"{name}@{clients}"] = load(urls[name] + "/predict", clients, seconds, MODELS[name]["input_dim"])
     finally:

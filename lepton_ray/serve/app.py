@@ -33,7 +33,7 @@ from ray import serve
 
 from lepton_ray.config import ServeConfig
 
-__all__ = ["ModelServer", "app", "build_app", "deploy"]
+__all__ = ["ModelServer", "app", "build_app", "deploy", "replica_urls"]
 
 HEALTH_PATHS = ("/healthz", "/livez")
 
@@ -240,3 +240,29 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+def replica_urls(name: str = "lepton_ray") -> list[str]:
+    """Direct-ingress URLs of application ``name``'s replicas (empty unless the cluster runs direct ingress).
+
+    With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the Ray cluster's environment, each ingress
+    replica also listens on its own port (30000-31000, on the HTTP host: 127.0.0.1) and answers
+    there without the proxy hop. Read from the Serve controller's target groups (a Ray-internal
+    call, hence the defensive ``except``).
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    try:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name))
+    except Exception:  # noqa: BLE001 - not available in this Ray version / mode
+        return []
+    proxy_port = serve.context._get_global_client().http_config.port if hasattr(serve, "context") else None
+    urls = []
+    for g in groups:
+        if str(getattr(g.protocol, "value", g.protocol)).upper() != "HTTP":
+            continue
+        for t in g.targets:
+            if t.port != proxy_port:
+                urls.append(f"http://{t.ip}:{t.port}{g.route_prefix.rstrip('/')}")
+    return urls

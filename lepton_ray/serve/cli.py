@@ -31,13 +31,15 @@ def _optimize(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import time
 
-    from lepton_ray.serve.app import deploy
+    from lepton_ray.serve.app import deploy, replica_urls
 
     cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
                                "threads_per_replica", "auth_token_env"))
     url = deploy(args.bundle, cfg)
     print(f"serving {args.bundle} at {url}/predict  (health: {url}/healthz, metrics: {url}/metrics); Ctrl-C stops",
           flush=True)
+    for direct in replica_urls():
+        print(f"  replica (direct ingress, no proxy hop): {direct}/predict", flush=True)
     try:
         while True:
             time.sleep(3600)
