@@ -254,10 +254,11 @@ def replica_urls(name: str = "lepton_ray") -> list[str]:
     from ray.serve.context import _get_global_client
 
     try:
-        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name))
+        client = _get_global_client()
+        groups = ray.get(client._controller.get_target_groups.remote(name))
+        proxy_port = client.http_config.port
     except Exception:  # noqa: BLE001 - not available in this Ray version / mode
         return []
-    proxy_port = serve.context._get_global_client().http_config.port if hasattr(serve, "context") else None
     urls = []
     for g in groups:
         if str(getattr(g.protocol, "value", g.protocol)).upper() != "HTTP":
