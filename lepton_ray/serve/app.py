@@ -207,7 +207,9 @@ def app(args: dict[str, str]):
     values = {k: (yaml.safe_load(v) if isinstance(v, str) else v) for k, v in args.items()}
     if "auth_token_env" in values and values["auth_token_env"] is not None:
         values["auth_token_env"] = str(args["auth_token_env"])
-    return build_app(bundle, ServeConfig(**values))
+    from lepton_ray.config import _build
+
+    return build_app(bundle, _build(ServeConfig, values, "serve"))  # unknown keys: a ConfigError with a hint
 
 
 def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray", route_prefix: str = "/",

@@ -128,3 +128,13 @@ def test_serve_config_errors(values, message):
     with pytest.raises(ConfigError) as exc:
         load_config({"data": {"train": "x"}, "serve": values})
     assert str(exc.value) == message
+
+
+def test_serve_run_builder_validates_its_arguments(tmp_path):
+    from lepton_ray.serve.app import app
+
+    assert type(app({"bundle": str(tmp_path), "max_batch_size": "16"})).__name__ == "Application"
+    with pytest.raises(ConfigError, match=r"^serve.max_batch_sise: unknown key \(did you mean 'max_batch_size'\?\)"):
+        app({"bundle": str(tmp_path), "max_batch_sise": "16"})
+    with pytest.raises(ValueError, match="needs bundle=URI"):
+        app({})
