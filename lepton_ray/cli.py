@@ -15,6 +15,9 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lepton-ray", description="Distributed PyTorch training on Ray from one YAML config.")
     sub = p.add_subparsers(dest="command", required=True)
+    from lepton_ray.serve.cli import add_commands as add_serve_commands  # optimize, serve, predict
+
+    add_serve_commands(sub)
     t = sub.add_parser("train", help="train a model as the config says")
     t.add_argument("config", help="YAML config file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -22,9 +25,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue run.name from its newest committed checkpoint")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from lepton_ray.serve.cli import add_commands as add_serve_commands
-
-    add_serve_commands(sub)
     return p
 
 
@@ -49,10 +49,10 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "handler", None) is not None:  # subcommands that bring their own handler
+            return args.handler(args)
         if args.command == "train":
             return _train(args)
-        if getattr(args, "handler", None) is not None:
-            return args.handler(args)
     except ConfigError as exc:
         print(f"lepton-ray: config error: {exc}", file=sys.stderr)
         return 2
