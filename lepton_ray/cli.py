@@ -15,6 +15,9 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lepton-ray", description="Distributed PyTorch training on Ray from one YAML config.")
     sub = p.add_subparsers(dest="command", required=True)
+    from lepton_ray.serve.cli import add_commands as add_serve_commands  # optimize, serve, predict
+
+    add_serve_commands(sub)
     t = sub.add_parser("train", help="train a model as the config says")
     t.add_argument("config", help="YAML config file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -94,6 +97,8 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "handler", None) is not None:  # subcommands that bring their own handler
+            return args.handler(args)
         if args.command == "train":
             return _train(args)
         if args.command == "data" and args.data_command == "prepare":

@@ -34,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "ScalingConfig",
+    "ServeConfig",
     "SyncConfig",
     "AllReduceConfig",
     "PSConfig",
@@ -554,6 +555,56 @@ def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @dataclass(kw_only=True, slots=True)
+class ServeConfig(_Section):
+    """How a trained model is optimized and served (``lepton-ray optimize / serve / predict``)."""
+
+    PATH: ClassVar[str] = "serve"
+
+    max_accuracy_drop: float = 0.5
+    """The optimizer picks the fastest form whose held-out accuracy is at most this many points
+    (percent) below fp32's; 0 = only forms exactly as accurate as fp32."""
+    candidates: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8", "compile"])
+    """Forms the optimizer tries: fp32, bf16, int8 (dynamic quantization of Linear layers), compile."""
+    bench_batch_size: int = 32
+    """Batch size at which the optimizer times every form (the batch the server mostly runs)."""
+    max_batch_size: int = 32
+    """Dynamic batching: most requests one model call serves."""
+    batch_wait_ms: float = 2.0
+    """Dynamic batching: longest wait for more requests once one has arrived."""
+    max_instances: int = 1024
+    """Most instances one request may carry; more is a 400."""
+    replicas: int = 1
+    """Serve replicas (ignored when ``autoscaling`` is set)."""
+    autoscaling: Optional[dict[str, Any]] = None
+    """Ray Serve ``autoscaling_config`` passed through (``min_replicas``, ``max_replicas``, ...)."""
+    threads_per_replica: int = 1
+    """torch threads (and logical CPUs) per replica."""
+    port: int = 8000
+    """HTTP port; the server binds 127.0.0.1 only."""
+    access_log: bool = False
+    """Log one line per request in the replica (Ray Serve's access log); off saves per-request time."""
+    auth_token_env: Optional[str] = None
+    """Name of an environment variable holding a bearer token; set = every request but
+    ``/healthz`` and ``/livez`` needs ``Authorization: Bearer <token>``."""
+
+    def validate(self) -> None:
+        self._require(0.0 <= self.max_accuracy_drop <= 100.0, "max_accuracy_drop", "must be in [0, 100] (accuracy points)")
+        forms = ("fp32", "bf16", "int8", "compile")
+        bad = [c for c in self.candidates if c not in forms]
+        self._require(not bad and len(self.candidates) > 0, "candidates", f"every entry must be one of {', '.join(forms)}")
+        self._require(self.bench_batch_size >= 1, "bench_batch_size", "must be >= 1")
+        self._require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        self._require(self.batch_wait_ms >= 0, "batch_wait_ms", "must be >= 0")
+        self._require(self.max_instances >= 1, "max_instances", "must be >= 1")
+        self._require(self.replicas >= 1, "replicas", "must be >= 1")
+        self._require(self.threads_per_replica >= 1, "threads_per_replica", "must be >= 1")
+        self._require(1 <= self.port <= 65535, "port", "must be a TCP port in [1, 65535]")
+        if self.auth_token_env is not None:
+            self._require(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.auth_token_env)), "auth_token_env",
+                          "must be an environment variable name")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config(_Section):
     """A whole lepton_ray run. Build with :func:`load_config`."""
 
@@ -567,6 +618,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

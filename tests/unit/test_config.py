@@ -25,7 +25,7 @@ TRAIN_KEYS = (
     "epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, "
     "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_every_steps, log_every_steps"
 )
-SECTIONS = "model, data, train, scaling, sync, checkpoint, run, sweep"
+SECTIONS = "model, data, train, scaling, sync, checkpoint, run, sweep, serve"
 
 
 def with_base(**sections) -> dict:

@@ -1,0 +1,109 @@
+"""``lepton-ray optimize | serve | predict``: argument parsing only; the work is in the serve API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lepton_ray.config import ServeConfig
+
+__all__ = ["add_commands"]
+
+
+def _serve_config(args: argparse.Namespace, keys: tuple[str, ...]) -> ServeConfig:
+    values: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return ServeConfig(**values)
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from lepton_ray.serve.optimize import optimize
+
+    cfg = _serve_config(args, ("max_accuracy_drop", "candidates", "bench_batch_size", "threads_per_replica"))
+    report = optimize(args.checkpoint, args.eval, args.output, config=cfg)
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(report))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from lepton_ray.serve.app import deploy, replica_urls
+
+    cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
+                               "threads_per_replica", "auth_token_env"))
+    url = deploy(args.bundle, cfg)
+    print(f"serving {args.bundle} at {url}/predict  (health: {url}/healthz, metrics: {url}/metrics); Ctrl-C stops",
+          flush=True)
+    for direct in replica_urls():
+        print(f"  replica (direct ingress, no proxy hop): {direct}/predict", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lepton_ray.serve.batch_predict import predict
+
+    out = predict(args.bundle, args.input, args.output, id_column=args.id_column, batch_size=args.batch_size,
+                  concurrency=args.concurrency)
+    print(f"wrote {out['rows']} predictions to {out['output']}")
+    return 0
+
+
+def _clean(handler: Any) -> Any:
+    """A bad bundle or checkpoint is a one-line error and exit status 1, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from lepton_ray.serve.bundle import BundleError
+
+        try:
+            return handler(args)
+        except BundleError as exc:
+            print(f"lepton-ray: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def add_commands(sub: Any) -> None:
+    """Add the serving subcommands to the ``lepton-ray`` parser; each sets ``handler``."""
+    o = sub.add_parser("optimize", help="time fp32/bf16/int8/compile forms of a checkpoint, keep the fastest accurate one")
+    o.add_argument("checkpoint", help="checkpoint URI (.../step_NNNNNNNN, or a checkpoint root for its newest)")
+    o.add_argument("--eval", required=True, help="held-out Parquet data with the feature and label columns")
+    o.add_argument("--output", "-o", default=None, help="where to write the serving bundle (local path or URI)")
+    o.add_argument("--max-accuracy-drop", type=float, default=None, help="accuracy points allowed below fp32 (default 0.5)")
+    o.add_argument("--candidates", nargs="+", default=None, help="forms to try (default: fp32 bf16 int8 compile)")
+    o.add_argument("--bench-batch-size", type=int, default=None, help="batch size the forms are timed at (default 32)")
+    o.add_argument("--threads", dest="threads_per_replica", type=int, default=None, help="torch threads (default 1)")
+    o.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    o.set_defaults(handler=_clean(_optimize))
+
+    s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP on 127.0.0.1 with Ray Serve")
+    s.add_argument("bundle", help="serving bundle or checkpoint URI")
+    s.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000)")
+    s.add_argument("--replicas", type=int, default=None, help="Serve replicas (default 1)")
+    s.add_argument("--max-batch-size", type=int, default=None, help="requests per model call (default 32)")
+    s.add_argument("--batch-wait-ms", type=float, default=None, help="longest wait for a batch to fill (default 2)")
+    s.add_argument("--max-instances", type=int, default=None, help="most rows per request (default 1024)")
+    s.add_argument("--threads", dest="threads_per_replica", type=int, default=None, help="torch threads per replica")
+    s.add_argument("--auth-token-env", default=None, metavar="NAME",
+                   help="require 'Authorization: Bearer $NAME' on every endpoint but /healthz and /livez")
+    s.set_defaults(handler=_clean(_serve))
+
+    p = sub.add_parser("predict", help="batch prediction over Parquet with Ray Data")
+    p.add_argument("bundle", help="serving bundle or checkpoint URI")
+    p.add_argument("--input", required=True, help="Parquet file or directory (any URI)")
+    p.add_argument("--output", required=True, help="output directory for the prediction Parquet files (any URI)")
+    p.add_argument("--id-column", default="id", help="input column copied next to each prediction (default: id)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per model call")
+    p.add_argument("--concurrency", type=int, default=1, help="model actors")
+    p.set_defaults(handler=_clean(_predict))
