@@ -51,33 +51,13 @@ class Result:
         return {**self.metrics, "checkpoint": self.checkpoint, "run_dir": self.run_dir}
 
 
-def _live_local_cluster() -> Optional[str]:
-    """The GCS address of the one Ray cluster running on this machine (``ray start``), if exactly one is alive.
-
-    Ray's own ``address="auto"`` trusts /tmp/ray/ray_current_cluster, which outlives a crashed or
-    stopped cluster and then makes ``ray.init`` retry a dead address for minutes; here only a GCS
-    process that is running *and* accepts connections counts.
-    """
-    import socket
-
-    try:
-        from ray._private.services import find_gcs_addresses  # greps the running gcs_server processes
-    except ImportError:  # pragma: no cover - private API moved: fall back to starting a local instance
-        return None
-    live = []
-    for address in find_gcs_addresses():
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            live.append(address)
-        except (OSError, ValueError):
-            continue
-    return live[0] if len(live) == 1 else None
-
-
 def ensure_ray(min_cpus: int = 1) -> bool:
-    """Connect to the cluster in ``RAY_ADDRESS``, or to the one live ``ray start`` cluster on this
-    machine; else start a local Ray instance with at least ``min_cpus`` logical CPUs.
+    """Connect to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it); else start a private
+    local Ray instance with at least ``min_cpus`` logical CPUs.
+
+    Without ``RAY_ADDRESS`` nothing is guessed: Ray's ``address="auto"`` trusts
+    /tmp/ray/ray_current_cluster (and running gcs_server processes), which outlive crashed or
+    half-stopped clusters and then make ``ray.init`` retry a dead address for many minutes.
 
     Returns True when this call connected or started Ray (the caller shuts it down when done).
     """
@@ -85,7 +65,7 @@ def ensure_ray(min_cpus: int = 1) -> bool:
 
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS") or _live_local_cluster()
+    address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
