@@ -5,8 +5,11 @@ Everything is measured in ONE run of this script, on the same synthetic data (a
 seeded Parquet file in a temporary directory) and the same model: an MLP
 512 -> 2048 -> 1024 -> 10 (3.16 M parameters), fp32, SGD (momentum 0.9, constant
 lr), 2 workers with 1 CPU thread each, the same global batch, and the same
-per-step batch slicing (one seeded permutation per epoch, each rank taking its
-contiguous slice of every global batch, as ``lepton_ray.data.ShardedBatches``).
+per-step batches: the baselines hold the data in memory and index each step's
+rows in lepton_ray's data order (seeded per-epoch deal of row-group units,
+shuffle-buffer windows; see ``epoch_plan``), which the script checks batch for
+batch against ``lepton_ray.data.WorkerStream`` before timing anything. lepton_ray
+streams the same rows from the Parquet file, as it always does.
 
 1. Steady-state throughput (samples/s over steps ``--warmup``..``--steps``):
    lepton_ray ``sync.strategy: allreduce`` (``Trainer(config).fit()``, rates
@@ -67,14 +70,14 @@ THROUGHPUT_BAR, STARTUP_BAR = 0.95, 1.10
 # --------------------------------------------------------------------------- shared by the baselines
 
 
-def write_data(path: Path, rows: int) -> None:
+def write_data(path: Path, rows: int, row_group_rows: int | None) -> None:
     """Seeded synthetic classification data: one fixed-size-list feature column + int64 labels."""
     rng = np.random.default_rng(SEED)
     x = rng.standard_normal((rows, FEATURES), dtype=np.float32)
     w = rng.standard_normal((FEATURES, CLASSES), dtype=np.float32)
     y = (x @ w).argmax(1).astype(np.int64)
     col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), FEATURES)
-    pq.write_table(pa.table({"x": col, "label": y}), path)
+    pq.write_table(pa.table({"x": col, "label": y}), path, row_group_size=row_group_rows)
 
 
 def read_data(path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,28 +99,85 @@ def build_mlp() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, global_batch: int, rank: int, world: int):
-    """This rank's slice of every global batch, forever (same order as lepton_ray's ShardedBatches)."""
-    n, local = len(x), global_batch // world
-    lo, epoch = rank * local, 0
+def epoch_plan(row_groups: list[int], *, rank: int, world: int, local_batch: int, epoch: int,
+               buffer_rows: int = 65536) -> np.ndarray:
+    """Row ids [steps, local_batch] rank ``rank`` trains on in ``epoch``, in lepton_ray's order (one file).
+
+    Written out independently of lepton_ray (checked against its WorkerStream by :func:`check_order`):
+    row groups are the units (cut into equal pieces when fewer than max(16, 4 x world)); each epoch the
+    units are permuted with (seed, epoch) and dealt round-robin; a rank's units are grouped into
+    windows of >= ``buffer_rows`` rows, each window's rows permuted with (seed, epoch, rank, window);
+    every rank takes the shortest share's number of whole batches.
+    """
+    offsets = np.concatenate([[0], np.cumsum(row_groups)])
+    groups = [(g, n) for g, n in enumerate(row_groups) if n > 0]
+    target = max(16, 4 * world)
+    pieces = -(-target // len(groups)) if len(groups) < target else 1
+    units = []
+    for g, n in groups:
+        cuts = np.linspace(0, n, min(pieces, n) + 1).astype(int)
+        units += [(offsets[g] + a, offsets[g] + b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    order = np.random.default_rng([SEED, epoch]).permutation(len(units))
+    shares = [[units[i] for i in order[r::world]] for r in range(world)]
+    steps = min(sum(b - a for a, b in share) // local_batch for share in shares)
+    rows, window, held = [], [], 0
+    for a, b in shares[rank]:
+        window.append(np.arange(a, b))
+        held += b - a
+        if held >= buffer_rows:
+            rows.append(window)
+            window, held = [], 0
+    if window:
+        rows.append(window)
+    out = [np.concatenate(w)[np.random.default_rng([SEED, epoch, rank, i]).permutation(sum(map(len, w)))] for i, w in enumerate(rows)]
+    return np.concatenate(out)[: steps * local_batch].reshape(steps, local_batch)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, row_groups: list[int], global_batch: int, rank: int, world: int):
+    """This rank's batches, epoch after epoch, forever, in lepton_ray's order."""
+    epoch = 0
     while True:
-        perm = torch.from_numpy(np.random.default_rng([SEED, epoch]).permutation(n))
-        for s in range(n // global_batch):
-            idx = perm[s * global_batch + lo : s * global_batch + lo + local]
+        for idx in torch.from_numpy(epoch_plan(row_groups, rank=rank, world=world, local_batch=global_batch // world, epoch=epoch)):
             yield x[idx], y[idx]
         epoch += 1
+
+
+def check_order(data: str, global_batch: int, epochs: int = 2) -> None:
+    """Fail loudly unless the baselines' batches are exactly lepton_ray's (WorkerStream, every rank, ``epochs`` epochs)."""
+    import lepton_ray.data.pipeline as P
+    from lepton_ray.config import DataConfig
+
+    cfg = DataConfig(train=data, label="label")
+    info = P.describe("data.train", data, cfg)
+    x, y = read_data(data)
+    row_groups = row_groups_of(data)
+    for rank in range(WORLD):
+        stream = P.WorkerStream(info, cfg, rank=rank, world_size=WORLD, local_batch=global_batch // WORLD, seed=SEED)
+        for epoch in range(epochs):
+            plan = epoch_plan(row_groups, rank=rank, world=WORLD, local_batch=global_batch // WORLD, epoch=epoch)
+            got = list(stream.epoch(epoch))
+            same = len(got) == len(plan) and all(torch.equal(xb, x[idx]) and torch.equal(yb, y[idx]) for (xb, yb), idx in zip(got, torch.from_numpy(plan)))
+            if not same:
+                raise SystemExit(f"benchmark out of date: the baselines' batches differ from lepton_ray's WorkerStream (rank {rank}, "
+                                 f"epoch {epoch}); update epoch_plan() in {__file__} to lepton_ray's current data order")
+
+
+def row_groups_of(data: str) -> list[int]:
+    meta = pq.read_metadata(data)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def train_steps(rank: int, world: int, data: str, steps: int, global_batch: int, stamp: str | None) -> list[float]:
     """The plain DDP loop both baselines run; returns time.time() after every optimizer step."""
     torch.set_num_threads(1)
     x, y = read_data(data)
+    row_groups = row_groups_of(data)
     model = build_mlp()
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     ddp.train()
     times: list[float] = []
-    for step, (xb, yb) in zip(range(steps), batches(x, y, global_batch, rank, world)):
+    for step, (xb, yb) in zip(range(steps), batches(x, y, row_groups, global_batch, rank, world)):
         loss = F.cross_entropy(ddp(xb), yb)
         loss.backward()
         opt.step()
@@ -244,6 +304,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256, help="global batch (default 256)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per side, alternating; medians are reported (default 2)")
     ap.add_argument("--rows", type=int, default=16384, help="rows of synthetic training data (default 16384)")
+    ap.add_argument("--row-group-rows", type=int, default=None,
+                    help="Parquet row-group size of the data file (default: pyarrow's, i.e. one row group at this size)")
     ap.add_argument("--bare-steps", type=int, default=None,
                     help="steps of each bare TorchTrainer run (default: --steps, which also gives its throughput)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
@@ -262,7 +324,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lepton_bench_"))
     try:
         data = str(tmp / "train.parquet")
-        write_data(Path(data), args.rows)
+        write_data(Path(data), args.rows, args.row_group_rows)
+        check_order(data, args.batch_size)  # the baselines train on exactly lepton_ray's batches
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # "local": never join a cluster someone else started
         print(f"ray up ({time.monotonic() - wall0:.1f}s); warming the driver with one untimed bare TorchTrainer run", flush=True)
         run_bare(data, 2, args.batch_size, args.warmup, tmp)

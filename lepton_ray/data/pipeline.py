@@ -41,9 +41,10 @@ import torch
 from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data.cache import ShardCache
 from lepton_ray.data.prepare import read_manifest
-from lepton_ray.storage import arrow_filesystem, filesystem, redact
+from lepton_ray.storage import arrow_filesystem, filesystem
 
-__all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "load_arrays", "steps_in_epoch"]
+__all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "list_parquet", "load_arrays",
+           "steps_in_epoch"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ def _list_parquet(key: str, uri: str, fs: Any, path: str) -> list[dict[str, Any]
     if not files:
         raise ConfigError(f"{key}: '{uri}' holds no .parquet files")
     return files
+
+
+def list_parquet(key: str, uri: str, storage_options: Optional[dict] = None) -> list[str]:
+    """Paths of the Parquet files behind ``uri`` (a file, or a directory searched recursively, hidden files skipped).
+
+    ``key`` names the option in errors, e.g. ``"--input"``.
+    """
+    fs, path = filesystem(uri, storage_options)
+    return [info["name"] for info in _list_parquet(key, uri, fs, path)]
 
 
 def data_exists(uri: str, storage_options: dict) -> bool:

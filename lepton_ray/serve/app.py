@@ -21,7 +21,6 @@ the application builder :func:`app`::
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import os
@@ -222,12 +221,12 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
     >>> requests.post(url + "/predict", json={"instances": [[0.0] * 64]}).json()  # doctest: +SKIP
     {'predictions': [{'label': 1, 'probabilities': [...]}]}
     """
-    import ray
     import requests
 
     cfg = config or ServeConfig()
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    from lepton_ray.train.trainer import ensure_ray
+
+    ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app(bundle, cfg, name=name, storage_options=storage_options), name=name,
               route_prefix=route_prefix, blocking=False)

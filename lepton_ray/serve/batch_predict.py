@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
-from lepton_ray.data.pipeline import _list_parquet
+from lepton_ray.data.pipeline import list_parquet
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["predict"]
@@ -65,20 +65,21 @@ def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batc
     meta = load_bundle(bundle, storage_options)  # fail here, not in an actor, when the bundle is bad
     fs_in, path_in = filesystem(input, storage_options)
     fs_out, path_out = filesystem(output, storage_options)
-    files = _list_parquet("--input", input, dict(storage_options or {}))
+    files = list_parquet("--input", input, storage_options)
     schema = pq.read_schema(files[0], filesystem=arrow_filesystem(fs_in))
     need = [id_column, *meta.features]
     missing = [c for c in need if c not in schema.names]
     if missing:
         what = "--id-column" if missing[0] == id_column else "feature"
         raise ConfigError(f"--input: {what} column '{missing[0]}' is not in '{input}' (columns: {', '.join(schema.names)})")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    from lepton_ray.train.trainer import ensure_ray
+
+    ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
     ds = ray.data.read_parquet(files, filesystem=arrow_filesystem(fs_in), columns=need)
     out = ds.map_batches(_BatchModel, fn_constructor_args=(bundle, id_column, storage_options, threads),
                          batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency, num_cpus=threads)
     fs_out.makedirs(path_out, exist_ok=True)
     out.write_parquet(path_out, filesystem=arrow_filesystem(fs_out))
     rows = sum(pq.read_metadata(f, filesystem=arrow_filesystem(fs_out)).num_rows
-               for f in _list_parquet("--output", output, dict(storage_options or {})))
+               for f in list_parquet("--output", output, storage_options))
     return {"rows": int(rows), "output": output}

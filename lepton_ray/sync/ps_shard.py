@@ -26,7 +26,6 @@ runs it as an async Ray actor.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
