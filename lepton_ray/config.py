@@ -244,6 +244,9 @@ class DataConfig(_Section):
     """Rows shuffled together: consecutive row groups are read until the buffer holds this many."""
     prefetch_windows: int = 2
     """Shuffle buffers read ahead by a background thread while the model trains."""
+    memory_cache_bytes: int = 2**30
+    """Decoded rows each worker keeps in memory across epochs (least recently used row groups evicted
+    beyond it): a share that fits is read and decoded once, not every epoch. 0 = decode every epoch."""
     cache_dir: Optional[str] = None
     """Local directory caching shards of a remote prepared split (read once, then from disk); omitted = no cache."""
     cache_max_bytes: int = 10 * 2**30
@@ -256,6 +259,7 @@ class DataConfig(_Section):
         self._require(self.shuffle_buffer_rows >= 1, "shuffle_buffer_rows", "must be >= 1")
         self._require(self.prefetch_windows >= 1, "prefetch_windows", "must be >= 1")
         self._require(self.cache_max_bytes >= 1, "cache_max_bytes", "must be >= 1")
+        self._require(self.memory_cache_bytes >= 0, "memory_cache_bytes", "must be >= 0")
         self._require(self.read_retries >= 0, "read_retries", "must be >= 0")
         if self.features is not None:
             self._require(len(self.features) > 0, "features", "must name at least one column (or be omitted)")

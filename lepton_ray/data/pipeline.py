@@ -27,9 +27,11 @@ like ``drop_last``). Hence:
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -206,7 +208,8 @@ def _to_arrays(info: TableInfo, table: pa.Table) -> tuple[np.ndarray, np.ndarray
     cols = [_column_matrix(table.column(c)) for c in info.features]
     x = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
     y = table.column(info.label).to_numpy()
-    return np.ascontiguousarray(x, dtype=np.float32), y.copy()  # writable: torch.from_numpy needs it
+    # writable (arrow's zero-copy views are read-only, and torch.from_numpy needs writable memory): copies only when needed
+    return np.require(x, np.float32, ["C", "W"]), y.copy()
 
 
 def load_arrays(info: TableInfo, storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -281,11 +284,37 @@ def _windows(units: list[Unit], buffer_rows: int) -> list[list[Unit]]:
 _WHOLE_FETCH_BYTES = 256 * 2**20  # remote shards up to this size are fetched with one GET and read from memory
 
 
+def _put(out: "queue.Queue[Any]", item: Any, stop: threading.Event) -> None:
+    """``out.put(item)`` that gives up once ``stop`` is set (nobody will read the queue any more)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
+
+
+def _lower_thread_priority() -> None:
+    """Run the calling (prefetch) thread at the lowest CPU priority (Linux: per-thread nice 19).
+
+    The prefetch thread reads ahead, so it only needs the CPU the training thread leaves idle
+    (waiting for a gradient all-reduce, for example). At normal priority, each window's decode
+    and shuffle took the core from the training thread in one burst, and in lock-step data
+    parallelism one slow rank stalls them all. A training thread that waits for data leaves the
+    core idle, so a data-bound run still gets its full read speed.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        pass
+
+
 class WorkerStream:
     """This worker's batches, streamed from storage with prefetching, in a resumable order.
 
     ``stats`` counts what the stream did: ``rows``, ``wait_s`` (time the training loop
-    waited for data), ``remote_bytes`` (whole shards fetched from remote storage),
+    waited for data), ``row_groups_decoded`` (Parquet decodes; a share that fits in
+    ``data.memory_cache_bytes`` is decoded once), ``remote_bytes`` (whole shards fetched from remote storage),
     ``remote_row_group_reads`` (ranged row-group reads of remote shards too big to fetch whole) and
     the cache's hits/misses/refetches.
     """
@@ -299,8 +328,12 @@ class WorkerStream:
         self.afs = arrow_filesystem(self.fs)
         self.remote = "://" in info.uri and not info.uri.startswith("file://")
         self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if (cfg.cache_dir and self.remote and info.prepared) else None
-        self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0, "remote_bytes": 0, "remote_row_group_reads": 0}
+        self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0, "remote_bytes": 0, "remote_row_group_reads": 0, "row_groups_decoded": 0}
         self._steps: dict[int, int] = {}
+        self._decoded: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._decoded_bytes = 0
+        self._decoded_lock = threading.Lock()
+        self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
 
     def steps(self, epoch: int) -> int:
         if epoch not in self._steps:
@@ -339,20 +372,52 @@ class WorkerStream:
         fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
         return pq.ParquetFile(fh)
 
-    def _read_window(self, window: list[Unit], files: dict[int, pq.ParquetFile]) -> pa.Table:
-        parts = []
+    def _row_group(self, shard: int, row_group: int, files: dict[int, pq.ParquetFile]) -> tuple[np.ndarray, np.ndarray]:
+        """One row group, decoded to ``(x float32 [n, D], y [n])``; kept in memory across epochs while the
+        decoded row groups fit in ``data.memory_cache_bytes`` (least recently used evicted first)."""
+        key = (shard, row_group)
+        with self._decoded_lock:
+            if key in self._decoded:
+                self._decoded.move_to_end(key)
+                return self._decoded[key]
+        if shard not in files:
+            files[shard] = self._open(self.info.shards[shard])
+        pf = files[shard]
+        # use_threads=False: the decode stays on this worker's prefetch thread instead of spreading over every core
+        table = self._with_retries(self.info.shards[shard].path, lambda: pf.read_row_group(
+            row_group, columns=[*self.info.features, self.info.label], use_threads=False))
+        if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:
+            self.stats["remote_row_group_reads"] += 1
+        arrays = _to_arrays(self.info, table)
+        self.stats["row_groups_decoded"] += 1
+        with self._decoded_lock:
+            self._decoded[key] = arrays
+            self._decoded_bytes += arrays[0].nbytes + arrays[1].nbytes
+            while self._decoded and self._decoded_bytes > self.cfg.memory_cache_bytes:
+                _, (ox, oy) = self._decoded.popitem(last=False)
+                self._decoded_bytes -= ox.nbytes + oy.nbytes
+        return arrays
+
+    def _read_window(self, window: list[Unit], files: dict[int, pq.ParquetFile]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(x, y, rows)``: the window's row groups (one array, concatenated if several) and the indices
+        of the window's rows in it, in unit order. A row group cut into several units is decoded once."""
+        offsets: dict[tuple[int, int], int] = {}
+        arrays: list[tuple[np.ndarray, np.ndarray]] = []
+        rows, held = [], 0
         for u in window:
-            if u.shard not in files:
-                files[u.shard] = self._open(self.info.shards[u.shard])
-            pf = files[u.shard]
-            table = self._with_retries(self.info.shards[u.shard].path,
-                                       lambda: pf.read_row_group(u.row_group, columns=[*self.info.features, self.info.label]))
-            if self.remote and self.cache is None and self.info.shards[u.shard].bytes > _WHOLE_FETCH_BYTES:
-                self.stats["remote_row_group_reads"] += 1
-            parts.append(table.slice(u.start, u.rows))
-        return pa.concat_tables(parts)
+            key = (u.shard, u.row_group)
+            if key not in offsets:
+                arrays.append(self._row_group(u.shard, u.row_group, files))
+                offsets[key], held = held, held + len(arrays[-1][1])
+            rows.append(np.arange(u.start, u.stop) + offsets[key])
+        if len(arrays) == 1:
+            x, y = arrays[0]
+        else:
+            x, y = np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays])
+        return x, y, np.concatenate(rows)
 
     def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
+        _lower_thread_priority()
         try:
             units = epoch_units(self.info, rank=self.rank, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
             files: dict[int, pq.ParquetFile] = {}
@@ -365,59 +430,87 @@ class WorkerStream:
                     if offset >= end_row:
                         break
                     continue
-                x, y = _to_arrays(self.info, self._read_window(window, files))
+                x, y, rows = self._read_window(window, files)
                 if self.cfg.shuffle:  # the local shuffle buffer: a seeded permutation of the window's rows
-                    perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(n)
-                    x, y = x[perm], y[perm]
-                xt, yt = torch.from_numpy(x[lo:hi]), torch.from_numpy(y[lo:hi]).to(self.label_dtype)
-                if self.device.type == "cuda":
-                    xt, yt = xt.pin_memory(), yt.pin_memory()  # lets the copy to the GPU run asynchronously
-                while not stop.is_set():
-                    try:
-                        out.put((xt, yt), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                    rows = rows[np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(n)]
+                # the rows still to be consumed; the consumer gathers each batch from x by these indices
+                _put(out, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rows[lo:hi])), stop)
                 if stop.is_set() or offset >= end_row:
                     break
             if self.cache is not None:
                 self.stats.update({f"cache_{k}": v for k, v in self.cache.stats.items()})
-            out.put(None)
+            _put(out, None, stop)
         except BaseException as exc:  # hand the error to the training loop
-            out.put(exc)
+            _put(out, exc, stop)
 
     # ---- consuming (training loop)
 
+    def _start(self, epoch: int, start_step: int) -> tuple["queue.Queue[Any]", threading.Event, threading.Thread]:
+        out: "queue.Queue[Any]" = queue.Queue(maxsize=self.cfg.prefetch_windows)
+        stop = threading.Event()
+        b = self.local_batch
+        producer = threading.Thread(target=self._produce, args=(epoch, start_step * b, self.steps(epoch) * b, out, stop), daemon=True)
+        producer.start()
+        return out, stop, producer
+
+    def close(self) -> None:
+        """Stop the next epoch's prefetch, if one is running (the training loop calls this at its end)."""
+        if self._next is not None:
+            _, (_, stop, producer) = self._next
+            self._next = None
+            stop.set()
+            producer.join(timeout=10)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(x, y)`` for steps ``start_step .. steps(epoch)-1`` of ``epoch``."""
+        """Yield ``(x, y)`` for steps ``start_step .. steps(epoch)-1`` of ``epoch``.
+
+        Once every row of this epoch has been read, the next epoch's first windows are read in the
+        background, so the loop does not wait for data at the epoch boundary.
+        """
         b, steps = self.local_batch, self.steps(epoch)
         if start_step >= steps:
             return
-        out: "queue.Queue[Any]" = queue.Queue(maxsize=self.cfg.prefetch_windows)
-        stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(epoch, start_step * b, steps * b, out, stop), daemon=True)
-        producer.start()
-        pending_x: Optional[torch.Tensor] = None
-        pending_y: Optional[torch.Tensor] = None
-        step = start_step
+        if self._next is not None and self._next[0] == epoch and start_step == 0:
+            (_, (out, stop, producer)), self._next = self._next, None
+        else:
+            self.close()
+            out, stop, producer = self._start(epoch, start_step)
+        segments: "deque[list[Any]]" = deque()  # [x, y, rows, next position in rows]
+        step, received, wanted = start_step, 0, (steps - start_step) * b
         try:
             while step < steps:
-                while pending_x is None or len(pending_x) < b:
-                    t0 = time.perf_counter()
-                    item = out.get()
-                    self.stats["wait_s"] += time.perf_counter() - t0
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is None:
-                        raise RuntimeError(f"{self.info.key}: the data ended before step {steps} of epoch {epoch}")
-                    xt, yt = item
-                    pending_x = xt if pending_x is None else torch.cat([pending_x, xt])
-                    pending_y = yt if pending_y is None else torch.cat([pending_y, yt])
-                xb, yb = pending_x[:b], pending_y[:b]
-                pending_x, pending_y = pending_x[b:], pending_y[b:]
+                xs, ys, need = [], [], b
+                while need:
+                    if not segments:
+                        t0 = time.perf_counter()
+                        item = out.get()
+                        self.stats["wait_s"] += time.perf_counter() - t0
+                        if isinstance(item, BaseException):
+                            raise item
+                        if item is None:
+                            raise RuntimeError(f"{self.info.key}: the data ended before step {steps} of epoch {epoch}")
+                        segments.append([*item, 0])
+                        received += len(item[2])
+                        if received >= wanted and self.steps(epoch + 1) > 0:
+                            self.close()
+                            self._next = (epoch + 1, self._start(epoch + 1, 0))
+                    seg = segments[0]
+                    x, y, rows, pos = seg
+                    idx = rows[pos:pos + need]
+                    xs.append(x.index_select(0, idx))  # one batch-sized gather per step, like indexing an in-memory tensor
+                    ys.append(y.index_select(0, idx))
+                    need -= len(idx)
+                    seg[3] += len(idx)
+                    if seg[3] == len(rows):
+                        segments.popleft()
+                xb = xs[0] if len(xs) == 1 else torch.cat(xs)
+                yb = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(self.label_dtype)
                 self.stats["rows"] += b
-                if self.device.type != "cpu":
-                    xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    xb = xb.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy runs asynchronously
+                    yb = yb.pin_memory().to(self.device, non_blocking=True)
+                elif self.device.type != "cpu":
+                    xb, yb = xb.to(self.device), yb.to(self.device)
                 yield xb, yb
                 step += 1
         finally:

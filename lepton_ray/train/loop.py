@@ -123,6 +123,35 @@ def _allreduce_sum(values: list[float], device: torch.device, world: int) -> lis
     return t.tolist()
 
 
+class _LossLog:
+    """The per-step train-loss records, averaged over workers without a blocking collective per step.
+
+    The window's loss sum is all-reduced asynchronously and the record is completed at the next log
+    point (or at :meth:`flush`): the all-reduce no longer makes every rank wait for the slowest at
+    each step, on top of the gradient all-reduce that already does.
+    """
+
+    def __init__(self, buffer: "M.RecordBuffer", device: torch.device, world: int, collective: bool):
+        self.buffer, self.device, self.world, self.collective = buffer, device, world, collective
+        self._pending: Optional[tuple[Any, torch.Tensor, dict[str, Any]]] = None
+
+    def add(self, loss_sum: torch.Tensor, steps: int, record: dict[str, Any]) -> None:
+        self.flush()
+        sums = torch.stack([loss_sum.detach().to(torch.float64), torch.tensor(float(steps), dtype=torch.float64, device=loss_sum.device)])
+        work = dist.all_reduce(sums, async_op=True) if self.collective and self.world > 1 else None
+        self._pending = (work, sums, record)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        work, sums, record = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        total, n = sums.tolist()
+        self.buffer.add({**record, M.TRAIN_LOSS: total / n})
+
+
 def _gathered_auc(logits: torch.Tensor, y: torch.Tensor, world: int) -> float:
     """ROC AUC of the positive-class score over every rank's eval rows."""
     score = (logits[:, 1] - logits[:, 0]).detach().cpu().numpy()
@@ -245,12 +274,15 @@ def train_loop(spec: LoopSpec) -> None:
                 "metrics": dict(last_eval),
             }
             uri = store.save(step, state, meta).uri
+            losses.flush()
             buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)
         if world > 1:
             dist.barrier()  # nobody runs ahead of a checkpoint that may still fail
         return uri
 
     # ---- train
+    # rank 0's own loss when the strategy is not lock-step: a per-step collective would re-synchronise asynchronous workers
+    losses = _LossLog(buffer, device, world, collective=strategy.lockstep)
     last_eval: dict[str, float] = {}
     window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
     window_wait = 0.0
@@ -277,20 +309,17 @@ def train_loop(spec: LoopSpec) -> None:
                 first_step_logged = True
 
             if step % t.log_every_steps == 0 or step == steps:
-                if strategy.lockstep:
-                    total, n = _allreduce_sum([window_loss.item(), window_steps], device, world)
-                else:  # rank 0's own loss: a per-step collective would re-synchronise asynchronous workers
-                    total, n = window_loss.item(), window_steps
                 elapsed = time.perf_counter() - window_t0
                 waited = stream.stats["wait_s"] - window_wait
-                buffer.add({M.STEP: step, M.EPOCH: epoch, M.TRAIN_LOSS: total / n, M.LR: scheduler.get_last_lr()[0],
-                            M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed, M.DATA_WAIT_FRAC: waited / elapsed,
-                            "time": time.time(), **strategy.step_metrics()})
+                losses.add(window_loss.clone(), window_steps, {
+                    M.STEP: step, M.EPOCH: epoch, M.LR: scheduler.get_last_lr()[0], M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed,
+                    M.DATA_WAIT_FRAC: waited / elapsed, "time": time.time(), **strategy.step_metrics()})
                 window_loss.zero_()
                 window_steps, window_t0, window_wait = 0, time.perf_counter(), stream.stats["wait_s"]
             end_of_epoch = pos + 1 == stream.steps(epoch)
             if (t.eval_every_steps and step % t.eval_every_steps == 0) or (t.eval_every_steps is None and end_of_epoch) or step == steps:
                 last_eval = evaluate()
+                losses.flush()  # metrics.jsonl stays in step order
                 buffer.add({M.STEP: step, M.EPOCH: epoch, **last_eval, "time": time.time()})
             if (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0) or step == steps:
                 save()
@@ -301,6 +330,8 @@ def train_loop(spec: LoopSpec) -> None:
             continue
         break
 
+    losses.flush()
+    stream.close()
     if rank == 0:
         latest = store.latest()
         buffer.add({"event": "end", M.STEP: step, **last_eval, "checkpoint": latest.uri if latest else None,

@@ -59,7 +59,7 @@ class MetricsSink:
 class RecordBuffer:
     """Worker-side buffer: ``add`` is a list append; ``flush`` ships to the sink."""
 
-    def __init__(self, sink: Any, flush_s: float = 0.5):
+    def __init__(self, sink: Any, flush_s: float = 1.0):
         self.sink, self.flush_s = sink, flush_s
         self._pending: list[dict[str, Any]] = []
         self._last = time.monotonic()

@@ -96,7 +96,8 @@ def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, buc
 
 def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, bucket, s3_endpoint):
     prepare(_ids_table(1024), f"s3://{bucket}/c", num_shards=4, row_group_rows=128, seed=0)
-    cfg = DataConfig(train=f"s3://{bucket}/c", cache_dir=str(tmp_path / "cache"))
+    # memory_cache_bytes=0: every epoch reads its shards again, so this test sees the disk cache serve them
+    cfg = DataConfig(train=f"s3://{bucket}/c", cache_dir=str(tmp_path / "cache"), memory_cache_bytes=0)
     info = describe("data.train", cfg.train, cfg)
     total = sum(s.bytes for s in info.shards)
 

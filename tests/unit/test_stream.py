@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,3 +126,45 @@ def test_wait_time_is_counted(tmp_path):
     ids_of(s, 0)
     assert s.stats["rows"] == s.steps(0) * 32
     assert s.stats["wait_s"] > 0
+
+
+def test_memory_cache_decodes_each_row_group_once_and_changes_nothing(tmp_path):
+    write_ids(tmp_path / "d", files=2, groups=4, rows=64)  # 8 row groups
+    (cached,) = streams(tmp_path / "d", 1, shuffle_buffer_rows=128)
+    (uncached,) = streams(tmp_path / "d", 1, shuffle_buffer_rows=128, memory_cache_bytes=0)
+    for epoch in range(3):
+        assert ids_of(cached, epoch) == ids_of(uncached, epoch)
+    assert cached.stats["row_groups_decoded"] == 8  # epoch 0 only: later epochs (and the read-ahead) come from memory
+    assert uncached.stats["row_groups_decoded"] >= 3 * 8
+
+
+def test_memory_cache_is_bounded(tmp_path):
+    write_ids(tmp_path / "d", files=1, groups=8, rows=64, features=3)  # a row group decodes to 64 x 3 x 4 + 64 x 8 bytes
+    one_group = 64 * 3 * 4 + 64 * 8
+    (s,) = streams(tmp_path / "d", 1, shuffle_buffer_rows=64, memory_cache_bytes=3 * one_group)
+    ids_of(s, 0)
+    ids_of(s, 1)
+    assert s._decoded_bytes <= 3 * one_group and len(s._decoded) == 3
+    assert s.stats["row_groups_decoded"] > 8  # evicted row groups are read again in epoch 1
+
+
+def test_a_row_group_cut_into_units_is_decoded_once_per_window(tmp_path):
+    write_ids(tmp_path / "d", files=1, groups=1, rows=1024)  # one row group: cut into 16 units
+    (s,) = streams(tmp_path / "d", 1, memory_cache_bytes=0)  # one window (default buffer) holds every unit
+    out: queue.Queue = queue.Queue()
+    s._produce(0, 0, 1024, out, threading.Event())  # the reading thread's work for epoch 0, run here (no read-ahead)
+    x, y, rows = out.get()
+    assert out.get() is None and sorted(x[rows, 0].long().tolist()) == list(range(1024))
+    assert s.stats["row_groups_decoded"] == 1
+
+
+def test_the_next_epoch_is_read_ahead_and_identical_to_a_fresh_read(tmp_path):
+    write_ids(tmp_path / "d")
+    (ahead,) = streams(tmp_path / "d", 2)[:1]
+    first = ids_of(ahead, 0)
+    assert ahead._next is not None and ahead._next[0] == 1  # epoch 1 is being read while epoch 0 ends
+    second = ids_of(ahead, 1)
+    fresh = streams(tmp_path / "d", 2)[0]
+    assert first == ids_of(fresh, 0) and second == ids_of(fresh, 1, 0)
+    ahead.close()
+    assert ahead._next is None
