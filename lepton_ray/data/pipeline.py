@@ -27,7 +27,6 @@ like ``drop_last``). Hence:
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 import time
@@ -294,21 +293,6 @@ def _put(out: "queue.Queue[Any]", item: Any, stop: threading.Event) -> None:
             continue
 
 
-def _lower_thread_priority() -> None:
-    """Run the calling (prefetch) thread at the lowest CPU priority (Linux: per-thread nice 19).
-
-    The prefetch thread reads ahead, so it only needs the CPU the training thread leaves idle
-    (waiting for a gradient all-reduce, for example). At normal priority, each window's decode
-    and shuffle took the core from the training thread in one burst, and in lock-step data
-    parallelism one slow rank stalls them all. A training thread that waits for data leaves the
-    core idle, so a data-bound run still gets its full read speed.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
-        pass
-
-
 class WorkerStream:
     """This worker's batches, streamed from storage with prefetching, in a resumable order.
 
@@ -383,9 +367,8 @@ class WorkerStream:
         if shard not in files:
             files[shard] = self._open(self.info.shards[shard])
         pf = files[shard]
-        # use_threads=False: the decode stays on this worker's prefetch thread instead of spreading over every core
         table = self._with_retries(self.info.shards[shard].path, lambda: pf.read_row_group(
-            row_group, columns=[*self.info.features, self.info.label], use_threads=False))
+            row_group, columns=[*self.info.features, self.info.label]))
         if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:
             self.stats["remote_row_group_reads"] += 1
         arrays = _to_arrays(self.info, table)
@@ -417,7 +400,6 @@ class WorkerStream:
         return x, y, np.concatenate(rows)
 
     def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
-        _lower_thread_priority()
         try:
             units = epoch_units(self.info, rank=self.rank, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
             files: dict[int, pq.ParquetFile] = {}
