@@ -55,7 +55,9 @@ def main() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(address="local", num_cpus=4)
+        from lepton_ray.train.trainer import start_local_ray
+
+        start_local_ray(num_cpus=4)  # what `lepton-ray sweep` does without RAY_ADDRESS
     root = Path(tempfile.mkdtemp(prefix="lepton-sweep-bench-"))
     fifo = run("fifo", root, args.samples, args.epochs)
     asha = run("asha", root, args.samples, args.epochs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -69,8 +70,34 @@ def ensure_ray(min_cpus: int = 1) -> bool:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus))
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, min_cpus))
     return True
+
+
+_API_SERVER_SET_BY_US: Optional[str] = None
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init(address="local", ...)`` whose processes can find their own cluster's state API.
+
+    Ray Train's PlacementGroupCleaner (one per ``TorchTrainer.fit``) asks the state API whether
+    the controller is alive. Without ``RAY_ADDRESS`` the state client resolves "the latest
+    cluster" from /tmp/ray/ray_current_cluster, which the last ``ray start`` on the machine
+    wrote: a stale or foreign cluster there made every run end with a 12 s wait and a GCS
+    timeout in the log. Here the dashboard gets a known free port, and ``RAY_API_SERVER_ADDRESS``
+    (inherited by every Ray process this call starts) points the state client at it.
+    """
+    import ray
+
+    global _API_SERVER_SET_BY_US
+    current = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if current is None or current == _API_SERVER_SET_BY_US:  # never override a user's own setting
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        _API_SERVER_SET_BY_US = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        init_kwargs.setdefault("dashboard_port", port)
+    ray.init(address="local", **init_kwargs)
 
 
 class Trainer:
