@@ -63,6 +63,17 @@ def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+class _RayShardServer(ShardServer):
+    """The shard as a Ray actor: push replies carry an ``ObjectRef`` to one ``ray.put`` snapshot, so
+    a sync round serialises the shard's parameters once, not once per worker."""
+
+    def _publish_dense(self) -> Any:
+        import ray
+
+        flat = self.flat.numpy() if self.dense else None
+        return None if flat is None else ray.put(flat)  # ray.put copies: later updates do not change it
+
+
 class ParamServer(Strategy):
     """Every parameter on the shards (``sync.strategy: ps``)."""
 
@@ -106,7 +117,7 @@ class ParamServer(Strategy):
         train = {"optimizer": t.optimizer, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
                  "embedding_optimizer": ps.embedding_optimizer, "embedding_lr": ps.embedding_lr}
         run_id = uuid.uuid4().hex[:8]
-        actor_cls = ray.remote(ShardServer)
+        actor_cls = ray.remote(_RayShardServer)
         shards, inits = [], []
         for i, pieces in enumerate(plan):
             # put explicitly and kept in ``services``: a restart re-runs the constructor with these values
@@ -240,6 +251,11 @@ class ParamServer(Strategy):
             self._metrics["ps_bytes_pushed"] += sum(a.nbytes + b.nbytes for a, b in sparse[i].values())
             refs.append(shard.push.remote(self.worker.rank, self._step, lr, dense, sparse[i]))
         replies = self._get(refs)
+        import ray
+
+        refd = [i for i, r in enumerate(replies) if isinstance(r["dense"], ray.ObjectRef)]
+        for i, flat in zip(refd, self._get([replies[i]["dense"] for i in refd])):  # one batched get for every shard
+            replies[i]["dense"] = flat
         for i, reply in enumerate(replies):
             self._set_dense(i, reply["dense"])
             self._max_gap = max(self._max_gap, reply["max_gap"])

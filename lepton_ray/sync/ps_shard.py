@@ -152,6 +152,7 @@ class ShardServer:
         self.max_gap = 0
         self.restored_from: Optional[str] = None
         self._cond: Optional[asyncio.Condition] = None
+        self._round_reply: Any = None  # sync mode: the dense snapshot every worker of the last round gets
         if checkpoint_uri:
             self._restore_from_checkpoint(checkpoint_uri, storage_options or {})
 
@@ -253,7 +254,9 @@ class ShardServer:
                 raise PSStateError(f"PS shard {self.index} was restored from a checkpoint while worker {worker} waited at step {step}")
             gap = self.clocks[worker] - min(self.clocks)
             self.max_gap = max(self.max_gap, gap)
-            return {"dense": self._dense_flat(), "gap": gap, "max_gap": self.max_gap, "step": self.clocks[worker]}
+            # sync: one snapshot per round, the same object for every worker; otherwise this push's own
+            dense = self._round_reply if self.mode == "sync" else self._publish_dense()
+            return {"dense": dense, "gap": gap, "max_gap": self.max_gap, "step": self.clocks[worker]}
 
     # ------------------------------------------------------------------ internals
 
@@ -276,6 +279,11 @@ class ShardServer:
             return None
         return self.flat.numpy().copy()  # a snapshot: later updates must not change a reply in flight
 
+    def _publish_dense(self) -> Any:
+        """A snapshot of the dense parameters for push replies. The Ray actor overrides this with one
+        ``ray.put`` (a single copy into the object store, which every worker of a sync round reads)."""
+        return self._dense_flat()
+
     def _apply_round(self, lr: float) -> None:
         """sync mode: the mean of every worker's gradients, applied once."""
         pushes = [self.pending[w] for w in sorted(self.pending)]
@@ -292,6 +300,7 @@ class ShardServer:
         self._apply(lr, dense, sparse, 1.0 / self.world, owned=True)
         self.clocks = [c + 1 for c in self.clocks]
         self.pending.clear()
+        self._round_reply = self._publish_dense()
 
     def _apply(self, lr: float, dense: Optional[np.ndarray], sparse: dict[str, tuple[np.ndarray, np.ndarray]], scale: float,
                owned: bool = False) -> None:
