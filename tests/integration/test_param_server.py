@@ -13,34 +13,15 @@ import torch.nn.functional as F
 from lepton_ray import Trainer, load_config
 from lepton_ray.data.pipeline import WorkerStream, steps_in_epoch
 from lepton_ray.models import build_model
-from lepton_ray.train.checkpoint import CheckpointStore
+from run_configs import final_params, merge_sections, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _config(tmp_path: Path, data_path: Path, **sections) -> dict:
-    cfg = {
-        "model": {"name": "mlp", "hidden": [32]},
-        "data": {"train": str(data_path), "label": "label"},
-        "train": {"max_steps": 20, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                  "schedule": "constant", "seed": 7},
-        "scaling": {"num_workers": 2},
-        "sync": {"strategy": "ps", "ps": {"num_shards": 2, "mode": "sync"}},
-        "checkpoint": {"every_n_steps": 10, "keep_last": 5},
-        "run": {"dir": str(tmp_path / "runs"), "name": "t"},
-    }
-    for section, values in sections.items():
-        for k, v in values.items():
-            if isinstance(v, dict) and isinstance(cfg.get(section, {}).get(k), dict):
-                cfg[section][k].update(v)
-            else:
-                cfg.setdefault(section, {})[k] = v
-    return cfg
-
-
-def _final_params(result) -> dict[str, torch.Tensor]:
-    store = CheckpointStore(result.checkpoint.rsplit("/", 1)[0])
-    return store.load(store.latest(), ["model"])["model"]
+    """:func:`small_config` on 2 sync PS shards."""
+    ps = small_config(tmp_path, data_path, sync={"strategy": "ps", "ps": {"num_shards": 2, "mode": "sync"}})
+    return merge_sections(ps, **sections)
 
 
 def _steps(result) -> list[dict]:
@@ -68,7 +49,7 @@ def test_ps_equals_single_process(tmp_path, blobs, mode, momentum):
     cfg = load_config(_config(tmp_path, blobs, train={"momentum": momentum}, sync={"ps": ps}))
     result = Trainer(cfg, progress=False).fit()
     assert result.metrics["steps"] == 20
-    got = _final_params(result)
+    got = final_params(result)
 
     trainer = Trainer(cfg, progress=False)
     global_batches = [(torch.cat([x0, x1]), torch.cat([y0, y1]))

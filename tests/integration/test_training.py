@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,30 +17,9 @@ from lepton_ray import Trainer, TrainingError, load_config
 from lepton_ray.data.pipeline import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore
+from run_configs import final_params, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def _config(tmp_path: Path, data_path: Path, **sections) -> dict:
-    cfg = {
-        "model": {"name": "mlp", "hidden": [32]},
-        "data": {"train": str(data_path), "label": "label"},
-        "train": {"max_steps": 20, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                  "schedule": "constant", "seed": 7},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"every_n_steps": 10, "keep_last": 5},
-        "run": {"dir": str(tmp_path / "runs"), "name": "t"},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    return cfg
-
-
-def _final_params(result) -> dict[str, torch.Tensor]:
-    store = CheckpointStore(result.checkpoint.rsplit("/", 1)[0])
-    latest = store.latest()
-    assert latest is not None and latest.uri == result.checkpoint
-    return store.load(latest, ["model"])["model"]
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -52,10 +30,10 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize("accum,clip", [(1, None), (2, 0.5)], ids=["plain", "accum2-clip"])
 def test_allreduce_equals_single_process(tmp_path, blobs, accum, clip):
     """2 workers with DDP end where one process ends on the same global batches (max abs diff <= 1e-5)."""
-    cfg = load_config(_config(tmp_path, blobs, train={"grad_accum_steps": accum, "grad_clip_norm": clip}))
+    cfg = load_config(small_config(tmp_path, blobs, train={"grad_accum_steps": accum, "grad_clip_norm": clip}))
     result = Trainer(cfg, progress=False).fit()
     assert result.metrics["steps"] == 20
-    ddp = _final_params(result)
+    ddp = final_params(result)
 
     # the reference: plain torch, one process, the same 20 global batches (the two workers' batches together)
     trainer = Trainer(cfg, progress=False)
@@ -83,7 +61,7 @@ def test_allreduce_equals_single_process(tmp_path, blobs, accum, clip):
 
 
 def _crash_config(tmp_path, blobs, marker: Path, **extra) -> dict:
-    return _config(
+    return small_config(
         tmp_path, blobs,
         model={"factory": "lr_testing_models:crash_once_mlp", "kwargs": {"crash_at": 15, "marker": str(marker)}},
         train={"max_steps": 30, "schedule": "cosine", "warmup_steps": 5},
@@ -95,7 +73,7 @@ def _uninterrupted(tmp_path, blobs, **extra) -> dict[str, torch.Tensor]:
     marker = tmp_path / "never-crash"
     marker.touch()
     cfg = _crash_config(tmp_path, blobs, marker, run={"name": "straight"}, **extra)
-    return _final_params(Trainer(cfg, progress=False).fit())
+    return final_params(Trainer(cfg, progress=False).fit())
 
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, blobs):
@@ -111,7 +89,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, blobs):
     resumed = Trainer(cfg, resume=True, progress=False).fit()
     assert resumed.resumed_from.endswith("step_00000010")
     assert resumed.metrics["steps"] == 30
-    assert _max_diff(_final_params(resumed), _uninterrupted(tmp_path, blobs)) <= 1e-6
+    assert _max_diff(final_params(resumed), _uninterrupted(tmp_path, blobs)) <= 1e-6
 
 
 def test_ray_train_restart_resumes_automatically(tmp_path, blobs):
@@ -123,12 +101,12 @@ def test_ray_train_restart_resumes_automatically(tmp_path, blobs):
     assert result.resumed_from.endswith("step_00000010")
     starts = [r for r in result.records if r.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, 10]
-    assert _max_diff(_final_params(result), _uninterrupted(tmp_path, blobs)) <= 1e-6
+    assert _max_diff(final_params(result), _uninterrupted(tmp_path, blobs)) <= 1e-6
 
 
 def test_checkpoint_killed_before_manifest_is_not_used(tmp_path, blobs):
     """A checkpoint write SIGKILLed between its files and its manifest does not exist; resume takes the one before."""
-    cfg = _config(tmp_path, blobs, train={"max_steps": 20})
+    cfg = small_config(tmp_path, blobs, train={"max_steps": 20})
     first = Trainer(cfg, progress=False).fit()
     root = first.checkpoint.rsplit("/", 1)[0]
     assert CheckpointStore(root).steps() == [10, 20]
@@ -164,12 +142,12 @@ def test_resume_with_checkpoints_on_s3(tmp_path, blobs, bucket):
     resumed = Trainer(cfg, resume=True, progress=False).fit()
     assert resumed.resumed_from == f"s3://{bucket}/runs/t/step_00000010"
     assert resumed.checkpoint == f"s3://{bucket}/runs/t/step_00000030"
-    assert _max_diff(_final_params(resumed), _uninterrupted(tmp_path, blobs)) <= 1e-6
+    assert _max_diff(final_params(resumed), _uninterrupted(tmp_path, blobs)) <= 1e-6
 
 
 def test_fresh_run_never_reuses_a_used_run_name(tmp_path, blobs):
     """Running the same config twice keeps the first run's checkpoints: the second becomes 't-1'."""
-    cfg = _config(tmp_path, blobs, train={"max_steps": 5})
+    cfg = small_config(tmp_path, blobs, train={"max_steps": 5})
     a = Trainer(cfg, progress=False).fit()
     b = Trainer(cfg, progress=False).fit()
     assert Path(a.run_dir).name == "t" and Path(b.run_dir).name == "t-1"
@@ -182,7 +160,7 @@ def test_fresh_run_never_reuses_a_used_run_name(tmp_path, blobs):
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, blobs):
     """train.precision: bf16 runs under CPU autocast and still learns the blobs."""
-    cfg = _config(tmp_path, blobs, data={"eval": str(blobs)}, train={"max_steps": 40, "precision": "bf16"})
+    cfg = small_config(tmp_path, blobs, data={"eval": str(blobs)}, train={"max_steps": 40, "precision": "bf16"})
     result = Trainer(cfg, progress=False).fit()
     losses = [r["train_loss"] for r in result.records if "train_loss" in r]
     assert losses[-1] < 0.5 * losses[0]
@@ -194,7 +172,7 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, blobs):
 def test_gpu_nccl_training(tmp_path, blobs, precision):
     """On GPUs: NCCL all-reduce across every visible GPU, each precision learns the blobs."""
     workers = torch.cuda.device_count()
-    cfg = _config(tmp_path, blobs, data={"eval": str(blobs)},
+    cfg = small_config(tmp_path, blobs, data={"eval": str(blobs)},
                   train={"max_steps": 40, "precision": precision, "batch_size": 32 * workers},
                   scaling={"num_workers": workers, "use_gpu": True})
     result = Trainer(cfg, progress=False).fit()
