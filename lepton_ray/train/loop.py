@@ -131,12 +131,13 @@ class _LossLog:
     each step, on top of the gradient all-reduce that already does.
     """
 
-    def __init__(self, buffer: "M.RecordBuffer", device: torch.device, world: int, collective: bool):
-        self.buffer, self.device, self.world, self.collective = buffer, device, world, collective
+    def __init__(self, buffer: "M.RecordBuffer", world: int, collective: bool):
+        self.buffer, self.world, self.collective = buffer, world, collective
         self._pending: Optional[tuple[Any, torch.Tensor, dict[str, Any]]] = None
 
     def add(self, loss_sum: torch.Tensor, steps: int, record: dict[str, Any]) -> None:
         self.flush()
+        # torch.stack makes a new tensor: the caller may reset loss_sum right after
         sums = torch.stack([loss_sum.detach().to(torch.float64), torch.tensor(float(steps), dtype=torch.float64, device=loss_sum.device)])
         work = dist.all_reduce(sums, async_op=True) if self.collective and self.world > 1 else None
         self._pending = (work, sums, record)
@@ -282,7 +283,7 @@ def train_loop(spec: LoopSpec) -> None:
 
     # ---- train
     # rank 0's own loss when the strategy is not lock-step: a per-step collective would re-synchronise asynchronous workers
-    losses = _LossLog(buffer, device, world, collective=strategy.lockstep)
+    losses = _LossLog(buffer, world, collective=strategy.lockstep)
     last_eval: dict[str, float] = {}
     window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
     window_wait = 0.0
@@ -311,7 +312,7 @@ def train_loop(spec: LoopSpec) -> None:
             if step % t.log_every_steps == 0 or step == steps:
                 elapsed = time.perf_counter() - window_t0
                 waited = stream.stats["wait_s"] - window_wait
-                losses.add(window_loss.clone(), window_steps, {
+                losses.add(window_loss, window_steps, {
                     M.STEP: step, M.EPOCH: epoch, M.LR: scheduler.get_last_lr()[0], M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed,
                     M.DATA_WAIT_FRAC: waited / elapsed, "time": time.time(), **strategy.step_metrics()})
                 window_loss.zero_()
