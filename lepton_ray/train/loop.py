@@ -168,6 +168,7 @@ def _gathered_auc(logits: torch.Tensor, y: torch.Tensor, world: int) -> float:
 
 def train_loop(spec: LoopSpec) -> None:
     """Ray Train's ``train_loop_per_worker``: run (or resume) one data-parallel training run."""
+    entered = time.time()
     import ray.train
     import ray.train.torch
 
@@ -227,7 +228,7 @@ def train_loop(spec: LoopSpec) -> None:
     buffer = M.RecordBuffer(spec.sink if rank == 0 else None)
     if rank == 0:
         buffer.add({"event": "start", M.STEP: step, "total_steps": steps, "resumed_from": latest.uri if latest else None,
-                    "notes": notes}, now=True)
+                    "notes": notes, "entered": entered, "time": time.time()}, now=True)
 
     def evaluate() -> dict[str, float]:
         if spec.eval is None:
@@ -246,8 +247,6 @@ def train_loop(spec: LoopSpec) -> None:
             sums = [F.mse_loss(out.squeeze(-1), ey, reduction="sum").item(), len(ey)]
             loss_sum, n = _allreduce_sum(sums, device, world)
             result = {f"{M.EVAL_PREFIX}loss": loss_sum / n, f"{M.EVAL_PREFIX}mse": loss_sum / n}
-        if spec.report_to_ray:
-            ray.train.report({**result, M.STEP: step, M.EPOCH: epoch})
         return result
 
     def save() -> str:
@@ -322,6 +321,10 @@ def train_loop(spec: LoopSpec) -> None:
                 last_eval = evaluate()
                 losses.flush()  # metrics.jsonl stays in step order
                 buffer.add({M.STEP: step, M.EPOCH: epoch, **last_eval, "time": time.time()})
+                if spec.report_to_ray:
+                    # a scheduler may stop the run on this report: its records are on disk first
+                    buffer.flush(wait=True)
+                    ray.train.report({**last_eval, M.STEP: step, M.EPOCH: epoch})
             if (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0) or step == steps:
                 save()
             if step >= steps:

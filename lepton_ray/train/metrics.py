@@ -8,8 +8,9 @@ driver drains the sink to drive the progress bar and append ``metrics.jsonl``.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import ray
@@ -43,12 +44,22 @@ def binary_auc(score: np.ndarray, label: np.ndarray) -> float:
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
-    """Collects records from the workers; the driver drains them."""
+    """Collects records from the workers: appends each batch to ``path`` (``metrics.jsonl``) as it
+    arrives, and keeps it for the driver to drain (progress bar, result).
 
-    def __init__(self) -> None:
+    Writing here, not in the driver, keeps the records of a run whose driver is killed (a sweep
+    trial that ASHA stops): everything rank 0 shipped is on disk. The actor runs on the driver's
+    node, so ``path`` is the driver's local run directory.
+    """
+
+    def __init__(self, path: Optional[str] = None) -> None:
         self._records: list[dict[str, Any]] = []
+        self._path = path
 
     def log(self, records: list[dict[str, Any]]) -> None:
+        if self._path is not None:
+            with open(self._path, "a") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in records))
         self._records.extend(records)
 
     def drain(self) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -214,7 +215,7 @@ class Trainer:
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
-            ).remote()
+            ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
             strategy = STRATEGIES[cfg.sync.strategy]
             services = strategy.launch(cfg, self._model, self.checkpoint_uri, self.run_name)
             spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink,
@@ -232,11 +233,12 @@ class Trainer:
                     callbacks=self.callbacks or None,
                 ),
             )
-            watcher = _Watcher(sink, self.run_dir / "metrics.jsonl", self.progress, self.run_name)
+            watcher = _Watcher(sink, self.progress, self.run_name)
             watcher.start()
             t0 = time.time()
             try:
-                trainer.fit()
+                with _poll_interval(s.poll_interval_s):
+                    trainer.fit()
             except Exception as exc:  # Ray wraps worker errors; keep the worker's message
                 raise TrainingError(f"training run '{self.run_name}' failed: {exc}") from exc
             finally:
@@ -277,16 +279,32 @@ class Trainer:
         )
 
 
+_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train hands it from the driver to its controller
+
+
+@contextlib.contextmanager
+def _poll_interval(seconds: float) -> Iterator[None]:
+    """Ray Train's controller poll interval for the ``fit()`` inside (unless the user set the variable)."""
+    if _POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[_POLL_ENV] = repr(float(seconds))
+    try:
+        yield
+    finally:
+        os.environ.pop(_POLL_ENV, None)
+
+
 def _worker_entry(config: dict[str, Any]) -> None:
     train_loop(config["spec"])
 
 
 class _Watcher(threading.Thread):
-    """Drains the metrics sink: appends metrics.jsonl and drives the progress bar."""
+    """Drains the metrics sink (which appends metrics.jsonl itself): keeps the records, drives the progress bar."""
 
-    def __init__(self, sink: Any, path: Path, progress: bool, name: str):
+    def __init__(self, sink: Any, progress: bool, name: str):
         super().__init__(daemon=True)
-        self.sink, self.path, self.progress, self.name = sink, path, progress, name
+        self.sink, self.progress, self.name = sink, progress, name
         self.records: list[dict[str, Any]] = []
         self._stop_event = threading.Event()
         self._bar: Any = None
@@ -313,9 +331,6 @@ class _Watcher(threading.Thread):
         if not new:
             return
         self.records.extend(new)
-        with self.path.open("a") as fh:
-            for r in new:
-                fh.write(json.dumps(r) + "\n")
         if self.progress:
             self._update_bar(new)
 

@@ -65,6 +65,10 @@ def test_asha_sweep_on_digits_one_trial_at_a_time(ray_cluster, tmp_path):
     assert bad, "the seeded sample has bad learning rates"
     for r in bad:
         assert r["status"] == "stopped early" and r["evaluations"] == 1 and r["eval_accuracy"] < 0.5, r
+        # the stop killed the trial's driver, yet its metrics.jsonl holds the evaluation ASHA acted on (first)
+        # and any it made before the stop landed (Tune acts on a report asynchronously)
+        evals = [x["eval_accuracy"] for x in _records(sweep_dir / "trials" / r["trial"]) if "eval_accuracy" in x]
+        assert evals[:1] == [pytest.approx(r["eval_accuracy"])] and len(evals) <= 3, (r, evals)
 
     # one trial at a time: each trial's driver started after the previous trial's last evaluation
     spans = sorted((r["started_at"], r["last_report_at"]) for r in rows.values())

@@ -212,7 +212,7 @@ def test_unknown_key_with_did_you_mean_hint():
 
 
 def test_unknown_key_without_a_close_match():
-    with raises("scaling.zzzz: unknown key; valid keys in 'scaling' are: num_workers, use_gpu, cpus_per_worker, max_failures"):
+    with raises("scaling.zzzz: unknown key; valid keys in 'scaling' are: num_workers, use_gpu, cpus_per_worker, max_failures, poll_interval_s"):
         load_config(with_base(scaling={"zzzz": 1}))
 
 
@@ -331,6 +331,7 @@ def test_known_but_unavailable_strategy(monkeypatch):
         ({"train": {"grad_clip_norm": 0}}, "train.grad_clip_norm: must be > 0, got 0.0"),
         ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be >= 1, got 0"),
         ({"scaling": {"max_failures": -2}}, "scaling.max_failures: must be >= 0 (or -1 for unlimited), got -2"),
+        ({"scaling": {"poll_interval_s": 0}}, "scaling.poll_interval_s: must be between 0.05 and 60 seconds, got 0.0"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1), got 1.0"),
         ({"model": {"hidden": [8, 0]}}, "model.hidden: every width must be > 0, got [8, 0]"),
         ({"model": {"name": "resnet"}}, "model.name: must be one of mlp, recommender (or set model.factory), got 'resnet'"),
@@ -424,3 +425,19 @@ def test_load_config_from_config_applies_overrides_without_mutating_source():
 def test_nested_section_instance_is_accepted():
     cfg = Config(data=DataConfig(train="x"), sync={"allreduce": AllReduceConfig(bucket_mb=2)})
     assert cfg.sync.allreduce.bucket_mb == 2.0
+
+
+def test_poll_interval_is_handed_to_ray_train_unless_the_user_set_it(monkeypatch):
+    """scaling.poll_interval_s reaches Ray Train through the variable its driver side propagates, for one fit only."""
+    import os
+
+    from lepton_ray.train.trainer import _POLL_ENV, _poll_interval
+
+    monkeypatch.delenv(_POLL_ENV, raising=False)
+    with _poll_interval(0.25):
+        assert os.environ[_POLL_ENV] == "0.25"
+    assert _POLL_ENV not in os.environ
+    monkeypatch.setenv(_POLL_ENV, "3")
+    with _poll_interval(0.25):
+        assert os.environ[_POLL_ENV] == "3"
+    assert os.environ[_POLL_ENV] == "3"
