@@ -3,7 +3,8 @@
 Rank 0 buffers its per-step records and ships them to a :class:`MetricsSink`
 actor pinned to the driver's node every ``flush_s`` seconds (never once per
 step: a remote call per step would cost more than a small model's step). The
-driver drains the sink to drive the progress bar and append ``metrics.jsonl``.
+sink appends them to ``metrics.jsonl`` as they arrive; the driver drains it to
+drive the progress bar and build the result.
 """
 
 from __future__ import annotations
