@@ -36,6 +36,7 @@ import ray  # noqa: E402
 
 import lepton_ray  # noqa: E402
 from lepton_ray.train import Trainer  # noqa: E402
+from lepton_ray.tune.results import read_records  # noqa: E402
 from lepton_ray.tune.space import trial_config  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def run(scheduler: str, root: Path, samples: int, epochs: int) -> dict:
     # its last record); the rest is Ray Train/Tune between trials (worker shutdown, the next trial's start)
     training = 0.0
     for t in result.trials:
-        records = [json.loads(x) for x in (Path(result.dir) / "trials" / t["trial"] / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(Path(result.dir) / "trials" / t["trial"])
         first = next((r["time"] for r in records if r.get("event") == "first_step"), None)
         last = max((r["time"] for r in records if "time" in r), default=None)
         training += (last - first) if first is not None and last is not None else 0.0

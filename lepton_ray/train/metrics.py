@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import ray
@@ -53,14 +53,13 @@ class MetricsSink:
     node, so ``path`` is the driver's local run directory.
     """
 
-    def __init__(self, path: Optional[str] = None) -> None:
+    def __init__(self, path: str) -> None:
         self._records: list[dict[str, Any]] = []
         self._path = path
 
     def log(self, records: list[dict[str, Any]]) -> None:
-        if self._path is not None:
-            with open(self._path, "a") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in records))
+        with open(self._path, "a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
         self._records.extend(records)
 
     def drain(self) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ COMPLETED, STOPPED, ERROR, RUNNING, PENDING = "completed", "stopped early", "err
 TrialRow = dict[str, Any]
 
 
-def _records(run_dir: Path) -> list[dict[str, Any]]:
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """A run directory's ``metrics.jsonl`` records (none if it has no file yet)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -31,7 +32,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short when the driver was killed
+        except json.JSONDecodeError:  # a line cut short when the writer (the metrics sink) was killed
             continue
     return out
 
@@ -57,7 +58,7 @@ def trial_row(trials_dir: Path, trial_id: str, params: dict[str, Any], last: dic
         latest = CheckpointStore(info["checkpoint_uri"]).latest()
         checkpoint = latest.uri if latest else None
     # launch overhead: from the trial function starting to the first optimizer step of that launch
-    records = _records(run_dir)
+    records = read_records(run_dir)
     firsts = [r["time"] for r in records if r.get("event") == "first_step"]
     launches = info.get("launches", [])
     launch_s = (firsts[0] - launches[0]) if firsts and launches and firsts[0] >= launches[0] else None
