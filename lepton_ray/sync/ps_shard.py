@@ -32,6 +32,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from lepton_ray.sync.base import fused_kwargs
+
 __all__ = ["Piece", "PSStateError", "ShardServer", "plan_shards"]
 
 
@@ -137,10 +139,11 @@ class ShardServer:
         self.emb_lr_ratio = float(train.get("embedding_lr") or self.lr) / self.lr
         self.dense_opt: Optional[torch.optim.Optimizer] = None
         if self.dense:
+            fast = fused_kwargs(self.dense)
             if train["optimizer"] == "sgd":
-                self.dense_opt = torch.optim.SGD(self.dense, lr=self.lr, momentum=train["momentum"], weight_decay=train["weight_decay"])
+                self.dense_opt = torch.optim.SGD(self.dense, lr=self.lr, momentum=train["momentum"], weight_decay=train["weight_decay"], **fast)
             else:
-                self.dense_opt = torch.optim.AdamW(self.dense, lr=self.lr, weight_decay=train["weight_decay"])
+                self.dense_opt = torch.optim.AdamW(self.dense, lr=self.lr, weight_decay=train["weight_decay"], **fast)
         self.sparse_opt: Optional[torch.optim.Optimizer] = None
         if self.tables:
             tables = list(self.tables.values())

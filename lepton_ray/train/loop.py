@@ -26,6 +26,7 @@ from lepton_ray.data.pipeline import TableInfo, WorkerStream, load_arrays
 from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
+from lepton_ray.sync.base import fused_kwargs
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
 
@@ -54,9 +55,13 @@ class LoopSpec:
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    params = list(model.parameters())
+    # fused kernels, except for sparse-gradient tables (a parameter server strategy sets them sparse)
+    sparse = any(getattr(m, "sparse", False) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+    fast = {} if sparse else fused_kwargs(params, scaled=t.precision == "fp16")
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **fast)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fast)
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
