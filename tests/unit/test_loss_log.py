@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from lepton_ray.train.loop import _LossLog
 
@@ -20,12 +20,6 @@ class _ListBuffer:
 
     def add(self, record, *, now=False):
         self.records.append(record)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, out: str, records: int, sleep_s: float, target_s: float) -> None:
@@ -53,7 +47,7 @@ def _rank(rank: int, port: int, out: str, records: int, sleep_s: float, target_s
 
 def _run(tmp_path, records: int, sleep_s: float, target_s: float):
     out = str(tmp_path / "log")
-    mp.spawn(_rank, args=(_free_port(), out, records, sleep_s, target_s), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), out, records, sleep_s, target_s), nprocs=2, join=True)
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 
