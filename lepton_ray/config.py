@@ -381,6 +381,16 @@ class PSConfig(_Section):
     """Peak learning rate of the embedding rows; omitted = ``train.lr``. Follows the same schedule."""
     timeout_s: float = 600.0
     """A push that waits longer than this for the other workers fails the step (instead of hanging)."""
+    balance: Literal["static", "dynamic"] = "static"
+    """How the data reaches the workers (``strategy: ps``, modes async and ssp). static: every worker
+    trains on an equal share in a fixed order (resumable mid-epoch). dynamic: pieces of each epoch go to
+    whichever worker asks first, so a fast worker takes more of them, and a worker held at the ssp bound
+    keeps computing and adds those batches to its next push (work-conserving); the run ends when the
+    data is used up; evaluation and checkpoints happen at epoch ends."""
+    max_batches_per_push: int = 2
+    """balance dynamic: the most batches a worker adds up into one push while held at the ssp bound (their
+    gradients are summed: each batch weighs what it weighs in sync; past it the worker waits for its
+    release). 2 keeps a worker twice as fast as the slowest busy; larger sums are larger, staler steps."""
 
     def validate(self) -> None:
         self._require(self.num_shards >= 1, "num_shards", "must be >= 1")
@@ -388,6 +398,7 @@ class PSConfig(_Section):
         if self.embedding_lr is not None:
             self._require(self.embedding_lr > 0, "embedding_lr", "must be > 0")
         self._require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        self._require(self.max_batches_per_push >= 1, "max_batches_per_push", "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -22,6 +22,16 @@ like ``drop_last``). Hence:
   number of workers the deal changes, so the interrupted epoch's remaining rows
   are not the same set (some rows repeat or are missed in that epoch); later
   epochs are exact for the new world size.
+
+With a ``claim`` function (an elastic sync strategy, ``sync.ps.balance: dynamic``)
+the deal is dynamic instead: the epoch's pieces (cut 4x finer than for the fixed
+deal) are permuted with ``(seed, epoch)`` as before, but each worker asks for the
+next undealt piece when it needs rows (one piece read ahead), so a fast worker
+takes more of the epoch than a slow one. Rows are shuffled inside each piece with
+``(seed, epoch, piece)``; a worker drops the rows left over after its last full
+batch of the epoch (fewer than one batch). Every row is still used at most once
+per epoch; which worker trains on it depends on timing, and a run resumes at the
+start of an epoch.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -235,10 +245,11 @@ class Unit:
         return self.stop - self.start
 
 
-def _units(info: TableInfo, world_size: int) -> list[Unit]:
-    """Row groups as units; when there are too few to deal fairly, each is cut into equal pieces."""
+def _units(info: TableInfo, world_size: int, finer: int = 1) -> list[Unit]:
+    """Row groups as units; when there are too few to deal fairly, each is cut into equal pieces
+    (at least ``finer`` x max(16, 4 x world size) units in all)."""
     groups = [(i, g, n) for i, s in enumerate(info.shards) for g, n in enumerate(s.row_groups) if n > 0]
-    target = max(16, 4 * world_size)
+    target = max(16, 4 * world_size) * finer
     pieces = -(-target // len(groups)) if len(groups) < target else 1
     units = []
     for i, g, n in groups:
@@ -252,6 +263,18 @@ def epoch_units(info: TableInfo, *, rank: int, world_size: int, epoch: int, seed
     units = _units(info, world_size)
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
     return [units[i] for i in order[rank::world_size]]
+
+
+DYNAMIC_FINER = 4
+"""The dynamic deal cuts units this many times finer than the fixed deal: the last pieces of an epoch
+decide how unevenly the workers finish it."""
+
+
+def dynamic_units(info: TableInfo, *, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[Unit]:
+    """Every piece of ``epoch`` in the order the dynamic deal hands them out."""
+    units = _units(info, world_size, DYNAMIC_FINER)
+    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+    return [units[i] for i in order]
 
 
 def steps_in_epoch(info: TableInfo, *, world_size: int, local_batch: int, epoch: int, seed: int, shuffle: bool = True) -> int:
@@ -304,8 +327,9 @@ class WorkerStream:
     """
 
     def __init__(self, info: TableInfo, cfg: DataConfig, *, rank: int, world_size: int, local_batch: int, seed: int,
-                 label_dtype: torch.dtype = torch.int64, device: torch.device = torch.device("cpu")):
-        self.info, self.cfg = info, cfg
+                 label_dtype: torch.dtype = torch.int64, device: torch.device = torch.device("cpu"),
+                 claim: Optional[Callable[[int, int], Optional[int]]] = None):
+        self.info, self.cfg, self.claim = info, cfg, claim
         self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
         self.label_dtype, self.device = label_dtype, device
         self.fs, _ = filesystem(info.uri, cfg.storage_options)
@@ -313,6 +337,8 @@ class WorkerStream:
         self.remote = "://" in info.uri and not info.uri.startswith("file://")
         self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if (cfg.cache_dir and self.remote and info.prepared) else None
         self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0, "remote_bytes": 0, "remote_row_group_reads": 0, "row_groups_decoded": 0}
+        if claim is not None:
+            self.stats.update(pieces_claimed=0, rows_dropped=0)
         self._steps: dict[int, int] = {}
         self._decoded: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()
         self._decoded_bytes = 0
@@ -320,9 +346,14 @@ class WorkerStream:
         self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
 
     def steps(self, epoch: int) -> int:
+        """Steps of ``epoch``: exact for the fixed deal; with the dynamic deal, the epoch's batches over the
+        world size (workers take different numbers of batches)."""
         if epoch not in self._steps:
-            self._steps[epoch] = steps_in_epoch(self.info, world_size=self.world_size, local_batch=self.local_batch,
-                                                epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
+            if self.claim is not None:
+                self._steps[epoch] = self.info.num_rows // self.local_batch // self.world_size
+            else:
+                self._steps[epoch] = steps_in_epoch(self.info, world_size=self.world_size, local_batch=self.local_batch,
+                                                    epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
         return self._steps[epoch]
 
     # ---- reading (background thread)
@@ -425,6 +456,66 @@ class WorkerStream:
         except BaseException as exc:  # hand the error to the training loop
             _put(out, exc, stop)
 
+    def _produce_dealt(self, epoch: int, out: "queue.Queue[Any]", room: threading.Semaphore, stop: threading.Event) -> None:
+        """Dynamic deal: claim a piece only once the consumer took the previous one (one piece read ahead)."""
+        try:
+            units = dynamic_units(self.info, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
+            files: dict[int, pq.ParquetFile] = {}
+            while not stop.is_set():
+                if not room.acquire(timeout=0.05):
+                    continue
+                i = self.claim(epoch, len(units)) if not stop.is_set() else None
+                if i is None:
+                    break
+                self.stats["pieces_claimed"] += 1
+                x, y, rows = self._read_window([units[i]], files)
+                if self.cfg.shuffle:
+                    rows = rows[np.random.default_rng([self.seed, epoch, i]).permutation(len(rows))]
+                _put(out, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rows)), stop)
+            _put(out, None, stop)
+        except BaseException as exc:  # hand the error to the training loop
+            _put(out, exc, stop)
+
+    def _dealt_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        out: "queue.Queue[Any]" = queue.Queue(maxsize=1)
+        room, stop = threading.Semaphore(1), threading.Event()
+        producer = threading.Thread(target=self._produce_dealt, args=(epoch, out, room, stop), daemon=True)
+        producer.start()
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        held = 0
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = out.get()
+                self.stats["wait_s"] += time.perf_counter() - t0
+                room.release()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    self.stats["rows_dropped"] += held
+                    return
+                x, y, rows = item
+                pending.append((x.index_select(0, rows), y.index_select(0, rows)))
+                held += len(rows)
+                while held >= self.local_batch:
+                    xa, ya = (pending[0] if len(pending) == 1 else (torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])))
+                    b = self.local_batch
+                    pending = [(xa[b:], ya[b:])] if len(ya) > b else []
+                    held -= b
+                    self.stats["rows"] += b
+                    yield self._to_device(xa[:b], ya[:b].to(self.label_dtype))
+        finally:
+            stop.set()
+            producer.join(timeout=10)
+
+    def _to_device(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":
+            xb = xb.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy runs asynchronously
+            yb = yb.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            xb, yb = xb.to(self.device), yb.to(self.device)
+        return xb, yb
+
     # ---- consuming (training loop)
 
     def _start(self, epoch: int, start_step: int) -> tuple["queue.Queue[Any]", threading.Event, threading.Thread]:
@@ -448,7 +539,14 @@ class WorkerStream:
 
         Once every row of this epoch has been read, the next epoch's first windows are read in the
         background, so the loop does not wait for data at the epoch boundary.
+
+        Dynamic deal (``claim``): every full batch this worker gets of ``epoch`` (``start_step`` must be 0).
         """
+        if self.claim is not None:
+            if start_step:
+                raise ValueError(f"the dynamic deal starts epochs at step 0, got start_step={start_step}")
+            yield from self._dealt_epoch(epoch)
+            return
         b, steps = self.local_batch, self.steps(epoch)
         if start_step >= steps:
             return
@@ -488,12 +586,7 @@ class WorkerStream:
                 xb = xs[0] if len(xs) == 1 else torch.cat(xs)
                 yb = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(self.label_dtype)
                 self.stats["rows"] += b
-                if self.device.type == "cuda":
-                    xb = xb.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy runs asynchronously
-                    yb = yb.pin_memory().to(self.device, non_blocking=True)
-                elif self.device.type != "cpu":
-                    xb, yb = xb.to(self.device), yb.to(self.device)
-                yield xb, yb
+                yield self._to_device(xb, yb)
                 step += 1
         finally:
             stop.set()

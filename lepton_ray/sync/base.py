@@ -80,6 +80,11 @@ class Strategy(ABC):
     """Workers advance in lock step, so the loop may run a collective every step (the loss all-reduce).
     False for asynchronous strategies, where a per-step collective would re-synchronise the workers."""
 
+    elastic: bool = False
+    """Workers take different numbers of batches (data dealt to whoever is free, see :meth:`claimer`);
+    the loop then asks :meth:`held` after each batch, counts steps by :meth:`progress`, and evaluates
+    and checkpoints only at epoch ends, after :meth:`drain`."""
+
     def __init__(self, config: Config, worker: WorkerInfo, services: Any = None):
         self.config = config
         self.worker = worker
@@ -103,6 +108,12 @@ class Strategy(ABC):
     def teardown(cls, services: Any) -> None:
         """Driver, after the run: stop what :meth:`launch` started."""
 
+    @classmethod
+    def claimer(cls, config: Config, services: Any) -> Optional[Callable[[int, int], Optional[int]]]:
+        """Worker, before the data stream starts: for an elastic strategy, ``claim(epoch, pieces)`` returning
+        the next undealt piece of ``epoch`` (``None`` when all are dealt); ``None`` = a fixed equal deal."""
+        return None
+
     # ------------------------------------------------------------------ worker side
 
     @abstractmethod
@@ -118,8 +129,24 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
-        """Apply one optimizer step from the accumulated gradients."""
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], batches: int = 1) -> None:
+        """Apply one optimizer step from the accumulated gradients (the sum of ``batches`` batch-mean
+        gradients; more than 1 only for elastic strategies)."""
+
+    def held(self, batches: int) -> bool:
+        """Elastic strategies, after each batch (``batches`` computed since the last step): True = compute
+        another batch and add it to the next step instead of stepping now."""
+        return False
+
+    def progress(self) -> int:
+        """Elastic strategies: the run's step (every worker's batches, over the world size)."""
+        raise NotImplementedError
+
+    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> int:
+        """Elastic strategies, every worker at the same epoch ends: apply the ``batches`` computed but not yet
+        stepped, wait for every worker, refresh the parameters; returns :meth:`progress`. ``last``: no
+        more steps follow."""
+        raise NotImplementedError
 
     def step_metrics(self) -> dict[str, float]:
         """Communication metrics since the previous call, merged into rank 0's per-step record."""

@@ -18,6 +18,15 @@ stepped for parameters that live on the shards, so it holds no state for them.
 
 ``sync.ps.mode`` (sync | async | ssp) is described in :mod:`lepton_ray.sync.ps_shard`.
 
+``sync.ps.balance: dynamic`` (async / ssp) makes the strategy *elastic*: shard 0
+deals the pieces of each epoch to whichever worker asks first (:meth:`claimer`),
+and with ssp a push past the bound is answered at once as ``held`` (with the
+freshest parameters): the worker computes up to ``max_batches_per_push - 1``
+batches on them, then waits for the release, computes one more batch on the
+released parameters and pushes the sum (:meth:`held`). A slow worker therefore
+no longer sets everyone's pace, and no push goes out past the bound. The run's
+step is ``batches // world`` over every worker's pushes (:meth:`progress`).
+
 Checkpoints: :meth:`state_dict` (rank 0) fetches every shard's parameters and
 optimizer state and refreshes the local model, so the saved model is complete;
 :meth:`load_state_dict` restores every shard (rank 0) before any worker pushes.
@@ -104,7 +113,26 @@ class ParamServer(Strategy):
             )
         if config.train.precision == "fp16":
             raise ConfigError(f"train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy '{cls.name}'; use 'bf16' or 'fp32'")
+        ps = config.sync.ps
+        if ps.balance == "dynamic" and (cls.name != "ps" or ps.mode == "sync"):
+            why = "sync.strategy 'hybrid' all-reduces every step" if cls.name != "ps" else "sync.ps.mode 'sync' steps in lock step"
+            raise ConfigError(f"sync.ps.balance: 'dynamic' needs sync.strategy 'ps' with sync.ps.mode 'async' or 'ssp' ({why});"
+                              f" use balance 'static'")
         cls._plan(config, build())
+
+    @classmethod
+    def claimer(cls, config: Config, services: Any) -> Optional[Callable[[int, int], Optional[int]]]:
+        """``sync.ps.balance: dynamic``: ``claim(epoch, pieces)`` asks shard 0 for the next piece of ``epoch``."""
+        if config.sync.ps.balance != "dynamic" or not services:
+            return None
+        dealer = services["shards"][0]
+
+        def claim(epoch: int, pieces: int) -> Optional[int]:
+            import ray
+
+            return ray.get(dealer.claim.remote(epoch, pieces))
+
+        return claim
 
     @classmethod
     def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> dict[str, Any]:
@@ -149,6 +177,10 @@ class ParamServer(Strategy):
     def lockstep(self) -> bool:  # type: ignore[override]
         return self.config.sync.ps.mode == "sync"
 
+    @property
+    def elastic(self) -> bool:  # type: ignore[override]
+        return self.config.sync.ps.balance == "dynamic" and self.config.sync.ps.mode != "sync"
+
     def wrap(self, model: nn.Module) -> nn.Module:
         self._model = model
         self._shards = self.services["shards"]
@@ -164,6 +196,8 @@ class ParamServer(Strategy):
         self._step = 0
         self._metrics = {"ps_bytes_pushed": 0, "ps_bytes_pulled": 0, "ps_wait_s": 0.0, "ps_emb_rows_pushed": 0, "ps_emb_bytes_pushed": 0}
         self._max_gap = 0
+        self._received = 0  # batches the shards received from every worker (progress = this // world)
+        self._release: list[tuple[int, Any]] = []  # (shard, ObjectRef of its release) while held at the ssp bound
         if not self.embeddings_only:
             self._pull_dense()
         return model
@@ -239,7 +273,7 @@ class ParamServer(Strategy):
                     self._metrics["ps_emb_bytes_pushed"] += local.nbytes + vals.nbytes
         return out
 
-    def _push(self, lr: float) -> None:
+    def _push(self, lr: float, batches: int = 1, advance: bool = True) -> None:
         sparse = self._sparse_grads()
         refs = []
         for i, shard in enumerate(self._shards):
@@ -249,8 +283,16 @@ class ParamServer(Strategy):
                 dense = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads]).numpy()
                 self._metrics["ps_bytes_pushed"] += dense.nbytes
             self._metrics["ps_bytes_pushed"] += sum(a.nbytes + b.nbytes for a, b in sparse[i].values())
-            refs.append(shard.push.remote(self.worker.rank, self._step, lr, dense, sparse[i]))
+            refs.append(shard.push.remote(self.worker.rank, self._step, lr, dense, sparse[i], batches, not self.elastic, advance))
         replies = self._get(refs)
+        if advance:
+            self._step += 1
+            held = [i for i, r in enumerate(replies) if r["held"]]
+            self._release = [(i, self._shards[i].release.remote(self.worker.rank, self._step)) for i in held]
+        self._take(replies)
+
+    def _take(self, replies: list[dict[str, Any]]) -> None:
+        """Fresh dense parameters and counters from push / release replies (``held`` ones carry none)."""
         import ray
 
         refd = [i for i, r in enumerate(replies) if isinstance(r["dense"], ray.ObjectRef)]
@@ -259,10 +301,67 @@ class ParamServer(Strategy):
         for i, reply in enumerate(replies):
             self._set_dense(i, reply["dense"])
             self._max_gap = max(self._max_gap, reply["max_gap"])
-        self._step += 1
+            self._received = max(self._received, reply["batches"])
 
-    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
-        self._push(optimizer.param_groups[0]["lr"])
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], batches: int = 1) -> None:
+        self._await_release()  # a push never goes past the staleness bound
+        self._push(optimizer.param_groups[0]["lr"], batches)
+        if self.config.sync.ps.max_batches_per_push == 1:
+            self._await_release()  # no batch on stale parameters: wait here, as with balance 'static'
+
+    # ------------------------------------------------------------------ elastic (balance: dynamic)
+
+    def held(self, batches: int) -> bool:
+        """True = compute another batch before the next push. While this worker's last push waits for its
+        ssp release, the batches computed on the parameters it has add up, ``sync.ps.max_batches_per_push``
+        - 1 at most (then it waits for the release); once released, one more batch is computed on the fresh
+        parameters, and that push goes out."""
+        if not self._release:
+            return False
+        import ray
+
+        refs = [ref for _, ref in self._release]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(ready) < len(refs) and batches < self.config.sync.ps.max_batches_per_push - 1:
+            return True
+        self._await_release()
+        return True
+
+    def _await_release(self) -> None:
+        """Wait for the pending ssp release (if any) and take its fresh parameters."""
+        if not self._release:
+            return
+        replies = self._get([ref for _, ref in self._release])
+        full: list[dict[str, Any]] = [{"dense": None, "max_gap": 0, "batches": 0} for _ in self._shards]
+        for (i, _), reply in zip(self._release, replies):
+            full[i] = reply
+        self._release = []
+        self._take(full)
+
+    def progress(self) -> int:
+        """The run's step: batches the shards received from every worker, over the world size."""
+        return self._received // self.worker.world_size
+
+    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> int:
+        """Before an epoch-end evaluation / checkpoint (every worker calls it): push the ``batches`` computed
+        while held (applied without counting a step), stop holding the others back while waiting for every
+        worker, refresh the parameters. ``last``: no more pushes follow. Returns :meth:`progress`."""
+        if batches:
+            self._push(optimizer.param_groups[0]["lr"], batches, advance=False)
+        self._get([s.finish.remote(self.worker.rank) for s in self._shards])  # a worker held at the bound goes on
+        together = self.worker.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if together:
+            dist.barrier()
+        self._received = max(r["batches"] for r in self._get([s.ready.remote() for s in self._shards]))
+        self._pull_dense()
+        if last:
+            self._release = []  # nobody pushes any more: a pending release would never come
+        else:
+            if self.worker.rank == 0:
+                self._get([s.resume.remote() for s in self._shards])
+            if together:
+                dist.barrier()  # nobody pushes before every worker holds the others back again
+        return self.progress()
 
     def step_metrics(self) -> dict[str, float]:
         out = {**self._metrics, "ps_max_gap": self._max_gap}

@@ -19,6 +19,16 @@ Modes (``sync.ps.mode``):
   nobody computes more than ``staleness`` steps ahead of the slowest.
 
 Each shard records the largest such gap it ever released (``max_gap``).
+
+Work-conserving ssp (``sync.ps.balance: dynamic``): a push with ``hold=False``
+is applied and answered at once; when the worker is past the bound the reply
+says ``held`` and the worker waits on :meth:`ShardServer.release` before its next
+push, computing on the reply's parameters meanwhile. A worker that has stopped
+(:meth:`ShardServer.finish`, until :meth:`ShardServer.resume`) no longer holds anyone back. ``advance=False``
+pushes (the batches a worker computed while held, pushed before an epoch-end
+checkpoint) are applied without counting a step. Shard 0 also deals the pieces of
+each epoch (:meth:`ShardServer.claim`). Every shard counts the batches applied
+(``batches``): the run's progress in steps is ``batches // world``.
 :class:`ShardServer` is plain Python (unit-tested with asyncio); the strategy
 runs it as an async Ray actor.
 """
@@ -150,6 +160,9 @@ class ShardServer:
             emb_lr = self.lr * self.emb_lr_ratio
             self.sparse_opt = torch.optim.Adagrad(tables, lr=emb_lr) if train["embedding_optimizer"] == "adagrad" else torch.optim.SGD(tables, lr=emb_lr)
         self.clocks = [0] * world_size  # steps each worker has completed (pushed)
+        self.batches = 0  # local batches received from every worker (a push may carry several)
+        self.done = [False] * world_size  # workers that stopped pushing (no longer hold others back)
+        self.claims: dict[int, int] = {}  # epoch -> next piece to deal (balance: dynamic, shard 0)
         self.pending: dict[int, tuple[Optional[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
         self.generation = 0  # bumped by restore(): waiting pushes of an older worker group give up
         self.max_gap = 0
@@ -181,6 +194,7 @@ class ShardServer:
             "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None,
             "sparse_opt": self.sparse_opt.state_dict() if self.sparse_opt else None,
             "clocks": list(self.clocks),
+            "batches": self.batches,
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -194,6 +208,9 @@ class ShardServer:
         if self.sparse_opt is not None and state["sparse_opt"] is not None:
             self.sparse_opt.load_state_dict(state["sparse_opt"])
         self.clocks = [int(min(state["clocks"]))] * self.world  # a checkpoint is taken with every worker at one step
+        self.batches = int(state.get("batches", self.clocks[0] * self.world))
+        self.done = [False] * self.world
+        self.claims.clear()  # a resumed run deals its epoch anew
         self.pending.clear()
         self.generation += 1
 
@@ -207,7 +224,15 @@ class ShardServer:
     # ------------------------------------------------------------------ worker calls
 
     def ready(self) -> dict[str, Any]:
-        return {"index": self.index, "restored_from": self.restored_from, "clocks": list(self.clocks)}
+        return {"index": self.index, "restored_from": self.restored_from, "clocks": list(self.clocks), "batches": self.batches}
+
+    def claim(self, epoch: int, pieces: int) -> Optional[int]:
+        """The next undealt piece (an index below ``pieces``) of ``epoch``, or ``None`` once all are dealt."""
+        i = self.claims.get(epoch, 0)
+        if i >= pieces:
+            return None
+        self.claims[epoch] = i + 1
+        return i
 
     def pull_dense(self) -> Optional[np.ndarray]:
         """The shard's dense pieces as one flat float32 buffer (``None`` when it has none)."""
@@ -224,11 +249,18 @@ class ShardServer:
         lr: float,
         dense: Optional[np.ndarray],
         sparse: dict[str, tuple[np.ndarray, np.ndarray]],
+        batches: int = 1,
+        hold: bool = True,
+        advance: bool = True,
     ) -> dict[str, Any]:
-        """Apply (or, in sync mode, collect) worker ``worker``'s gradients of step ``step``.
+        """Apply (or, in sync mode, collect) worker ``worker``'s gradients of step ``step`` (the sum of
+        ``batches`` batch-mean gradients).
 
         Returns ``{"dense": fresh dense parameters, "gap": steps this worker is ahead of the
-        slowest when released, "max_gap": the largest gap this shard released, "step": clock}``.
+        slowest when released, "max_gap": the largest gap this shard released, "step": clock,
+        "batches": batches received in all, "held": bool}``. ssp with ``hold=False`` answers at once:
+        past the bound the reply is ``held`` (the next push waits for :meth:`release`). ``advance=False``
+        (async / ssp): applied without counting a step, never held.
         """
         cond = self._condition()
         async with cond:
@@ -238,6 +270,7 @@ class ShardServer:
                     f" (shard restored from {self.restored_from}); resuming from the newest checkpoint replays the lost steps"
                 )
             gen = self.generation
+            self.batches += batches
             if self.mode == "sync":
                 self.pending[worker] = (dense, sparse)
                 if len(self.pending) == self.world:
@@ -246,22 +279,59 @@ class ShardServer:
                 else:
                     await self._wait(cond, lambda: self.generation != gen or self.clocks[worker] > step, worker, step)
             else:
-                self._apply(lr, dense, sparse, 1.0 / self.world)
-                self.clocks[worker] = step + 1
-                cond.notify_all()
-                if self.mode == "ssp":
-                    await self._wait(
-                        cond, lambda: self.generation != gen or self.clocks[worker] - min(self.clocks) <= self.staleness, worker, step
-                    )
+                self._apply(lr, dense, sparse, 1.0 / self.world)  # a push of k batches weighs k batches
+                if advance:
+                    self.clocks[worker] = step + 1
+                    cond.notify_all()
+                    if self.mode == "ssp" and hold:
+                        await self._wait(cond, lambda: self.generation != gen or self._gap(worker) <= self.staleness, worker, step)
             if self.generation != gen:
                 raise PSStateError(f"PS shard {self.index} was restored from a checkpoint while worker {worker} waited at step {step}")
-            gap = self.clocks[worker] - min(self.clocks)
-            self.max_gap = max(self.max_gap, gap)
-            # sync: one snapshot per round, the same object for every worker; otherwise this push's own
-            dense = self._round_reply if self.mode == "sync" else self._publish_dense()
-            return {"dense": dense, "gap": gap, "max_gap": self.max_gap, "step": self.clocks[worker]}
+            if self.mode == "ssp" and advance and self._gap(worker) > self.staleness:
+                # the freshest parameters still go back: batches computed while held read them (fresher than
+                # the parameters of the last release), but the next push waits for :meth:`release`
+                return {"dense": self._publish_dense(), "gap": self._gap(worker), "max_gap": self.max_gap,
+                        "step": self.clocks[worker], "batches": self.batches, "held": True}
+            return self._reply(worker, record=advance)
+
+    async def release(self, worker: int, step: int) -> dict[str, Any]:
+        """ssp: wait until worker ``worker`` (clock ``step``, its push was ``held``) is within the bound again;
+        the reply is :meth:`push`'s."""
+        cond = self._condition()
+        async with cond:
+            gen = self.generation
+            await self._wait(cond, lambda: self.generation != gen or self.clocks[worker] != step or self._gap(worker) <= self.staleness,
+                             worker, step)
+            if self.generation != gen or self.clocks[worker] != step:
+                raise PSStateError(f"PS shard {self.index} was restored from a checkpoint while worker {worker} waited at step {step}")
+            return self._reply(worker)
+
+    async def finish(self, worker: int) -> None:
+        """Worker ``worker`` pushes no more for now (it waits for the others at an epoch end, or the run is
+        over for it): it no longer holds the others at the ssp bound, until :meth:`resume`."""
+        async with self._condition():
+            self.done[worker] = True
+            self._condition().notify_all()
+
+    def resume(self) -> None:
+        """Every worker pushes again (after an epoch end that every worker reached)."""
+        self.done = [False] * self.world
 
     # ------------------------------------------------------------------ internals
+
+    def _gap(self, worker: int) -> int:
+        """Steps ``worker`` is ahead of the slowest worker still pushing (0 when every other one stopped)."""
+        active = [c for w, c in enumerate(self.clocks) if not self.done[w] or w == worker]
+        return self.clocks[worker] - min(active)
+
+    def _reply(self, worker: int, record: bool = True) -> dict[str, Any]:
+        """``record``: this reply releases the worker to compute (an ``advance=False`` push's does not)."""
+        gap = self._gap(worker)
+        if record:
+            self.max_gap = max(self.max_gap, gap)
+        # sync: one snapshot per round, the same object for every worker; otherwise this push's own
+        dense = self._round_reply if self.mode == "sync" else self._publish_dense()
+        return {"dense": dense, "gap": gap, "max_gap": self.max_gap, "step": self.clocks[worker], "batches": self.batches, "held": False}
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:  # created inside the actor's event loop

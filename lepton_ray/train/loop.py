@@ -204,8 +204,9 @@ def train_loop(spec: LoopSpec) -> None:
 
     # ---- data: this worker's share, streamed in a seeded, resumable order (global batch = all workers' batches)
     y_dtype = torch.int64 if task == "classification" else torch.float32
+    claim = STRATEGIES[cfg.sync.strategy].claimer(cfg, spec.services)  # an elastic strategy deals the data itself
     stream = WorkerStream(spec.train, cfg.data, rank=rank, world_size=world, local_batch=t.batch_size // world,
-                          seed=t.seed, label_dtype=y_dtype, device=device)
+                          seed=t.seed, label_dtype=y_dtype, device=device, claim=claim)
     steps = total_steps(cfg, stream)
     if spec.eval is not None:
         ex_np, ey_np = load_arrays(spec.eval, cfg.data.storage_options)
@@ -271,7 +272,7 @@ def train_loop(spec: LoopSpec) -> None:
             result = {f"{M.EVAL_PREFIX}loss": loss_sum / n, f"{M.EVAL_PREFIX}mse": loss_sum / n}
         return result
 
-    def save() -> str:
+    def save(epoch_done: bool) -> str:
         losses.flush()  # every rank: a collective; the records before the checkpoint's record
         rngs = [None] * world
         if world > 1:
@@ -286,12 +287,13 @@ def train_loop(spec: LoopSpec) -> None:
                 state["scaler"] = scaler.state_dict()
             if strategy_state:
                 state["strategy"] = strategy_state
-            nxt_epoch, nxt_start = (epoch + 1, 0) if pos + 1 >= stream.steps(epoch) else (epoch, pos + 1)
+            # the dynamic deal restarts an interrupted epoch (its pieces went to whichever worker was free)
+            nxt_epoch, nxt_start = (epoch + 1, 0) if epoch_done else (epoch, 0 if elastic else pos + 1)
             meta = {
                 "step": step, "epoch": nxt_epoch, "step_in_epoch": nxt_start, "config": redact_config(spec.config),
                 # the data cursor: every worker has consumed step_in_epoch local batches of this epoch's deal
                 "data": {"world_size": world, "rows_consumed_per_worker": nxt_start * stream.local_batch,
-                         "fingerprint": spec.train.fingerprint()},
+                         "fingerprint": spec.train.fingerprint(), "deal": "dynamic" if elastic else "fixed"},
                 "model_io": {"input_dim": spec.train.feature_dim, "num_outputs": spec.num_outputs,
                              "features": list(spec.train.features), "label": spec.train.label, "task": task},
                 "metrics": dict(last_eval),
@@ -306,13 +308,62 @@ def train_loop(spec: LoopSpec) -> None:
     # rank 0's own loss when the strategy is not lock-step: a per-step collective would re-synchronise asynchronous workers
     losses = _LossLog(buffer, world, collective=strategy.lockstep)
     last_eval: dict[str, float] = {}
-    window_loss, window_steps, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
-    window_wait = 0.0
+    window = {"loss": torch.zeros((), device=device), "batches": 0, "step": step, "t0": time.perf_counter(), "wait": 0.0}
     micro = t.grad_accum_steps
     pos = start - 1
+    unstepped = 0  # batches whose gradients are accumulated but not yet stepped (elastic: while held)
     first_step_logged = False
+
+    def record() -> None:
+        """Rank 0's record of the steps since the previous one (train loss per batch, global samples/s)."""
+        elapsed = time.perf_counter() - window["t0"]
+        waited = stream.stats["wait_s"] - window["wait"]
+        losses.add(window["loss"], window["batches"], {
+            M.STEP: step, M.EPOCH: epoch, M.LR: scheduler.get_last_lr()[0],
+            M.SAMPLES_PER_S: (step - window["step"]) * t.batch_size / elapsed,
+            M.DATA_WAIT_FRAC: waited / elapsed, "time": time.time(), **strategy.step_metrics()})
+        window["loss"].zero_()
+        window.update(batches=0, step=step, t0=time.perf_counter(), wait=stream.stats["wait_s"])
+
+    def evaluate_and_log() -> None:
+        nonlocal last_eval
+        last_eval = evaluate()
+        losses.flush()  # metrics.jsonl stays in step order
+        buffer.add({M.STEP: step, M.EPOCH: epoch, **last_eval, "time": time.time()})
+        if spec.report_to_ray:
+            # a scheduler may stop the run on this report: its records are on disk first
+            buffer.flush(wait=True)
+            ray.train.report({**last_eval, M.STEP: step, M.EPOCH: epoch})
+
+    def crossed(every: Optional[int], before: int, after: int) -> bool:
+        return bool(every) and after // every > before // every
+
+    def elastic_epoch_end(last: bool, epoch_done: bool) -> None:
+        """Elastic strategies: evaluation and checkpoints happen only here, when due, with every worker.
+        Whether they are due follows the epochs' nominal step counts, the same on every worker."""
+        nonlocal step, unstepped
+        end, begin = sum(stream.steps(e) for e in range(epoch + 1)), sum(stream.steps(e) for e in range(epoch))
+        do_eval = last or t.eval_every_steps is None or crossed(t.eval_every_steps, begin, end)
+        do_save = last or crossed(cfg.checkpoint.every_n_steps, begin, end)
+        if not (do_eval or do_save):
+            return
+        step = max(step, strategy.drain(optimizer, unstepped, last=last))
+        if unstepped:
+            optimizer.zero_grad(set_to_none=True)
+            unstepped = 0
+        if window["batches"]:
+            record()
+        if do_eval:
+            evaluate_and_log()
+        if do_save:
+            save(epoch_done)
+
+    def more() -> bool:
+        return epoch < t.epochs if (elastic and t.max_steps is None) else step < steps
+
+    elastic = strategy.elastic
     net.train()
-    while step < steps:
+    while more():
         for pos, (xb, yb) in enumerate(stream.epoch(epoch, start), start=start):
             # one optimizer step = grad_accum_steps micro-batches; only the last one communicates
             for i, (xm, ym) in enumerate(zip(xb.chunk(micro), yb.chunk(micro))):
@@ -320,40 +371,45 @@ def train_loop(spec: LoopSpec) -> None:
                     with _autocast(t.precision, device):
                         loss = loss_fn(task, net(xm), ym) / micro
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                window_loss += loss.detach()
-            strategy.step(optimizer, scaler)
+                window["loss"] += loss.detach()
+            window["batches"] += 1
+            unstepped += 1
+            if elastic and strategy.held(unstepped):
+                continue  # held at the staleness bound: this batch's gradients go into the next step
+            strategy.step(optimizer, scaler, unstepped)
+            unstepped = 0
             optimizer.zero_grad(set_to_none=True)
+            before = step
+            if elastic:  # the run's step counts every worker's batches
+                step = max(step, strategy.progress())
+                scheduler.last_epoch = step - 1
+            else:
+                step += 1
             scheduler.step()
-            step += 1
-            window_steps += 1
-            if window_steps == 1 and rank == 0 and not first_step_logged:
+            if rank == 0 and not first_step_logged:
                 buffer.add({"event": "first_step", M.STEP: step, "time": time.time()}, now=True)
                 first_step_logged = True
 
-            if step % t.log_every_steps == 0 or step == steps:
-                elapsed = time.perf_counter() - window_t0
-                waited = stream.stats["wait_s"] - window_wait
-                losses.add(window_loss, window_steps, {
-                    M.STEP: step, M.EPOCH: epoch, M.LR: scheduler.get_last_lr()[0], M.SAMPLES_PER_S: window_steps * t.batch_size / elapsed,
-                    M.DATA_WAIT_FRAC: waited / elapsed, "time": time.time(), **strategy.step_metrics()})
-                window_loss.zero_()
-                window_steps, window_t0, window_wait = 0, time.perf_counter(), stream.stats["wait_s"]
+            if (crossed(t.log_every_steps, before, step) or step == steps) and step > window["step"]:
+                record()
+            if elastic:
+                if t.max_steps is not None and step >= steps:
+                    break
+                continue
             end_of_epoch = pos + 1 == stream.steps(epoch)
             if (t.eval_every_steps and step % t.eval_every_steps == 0) or (t.eval_every_steps is None and end_of_epoch) or step == steps:
-                last_eval = evaluate()
-                losses.flush()  # metrics.jsonl stays in step order
-                buffer.add({M.STEP: step, M.EPOCH: epoch, **last_eval, "time": time.time()})
-                if spec.report_to_ray:
-                    # a scheduler may stop the run on this report: its records are on disk first
-                    buffer.flush(wait=True)
-                    ray.train.report({**last_eval, M.STEP: step, M.EPOCH: epoch})
+                evaluate_and_log()
             if (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0) or step == steps:
-                save()
+                save(end_of_epoch)
             if step >= steps:
                 break
         else:
+            if elastic:
+                elastic_epoch_end(last=t.max_steps is None and epoch + 1 >= t.epochs, epoch_done=True)
             epoch, start = epoch + 1, 0
             continue
+        if elastic:  # max_steps reached inside an epoch
+            elastic_epoch_end(last=True, epoch_done=False)
         break
 
     losses.flush()

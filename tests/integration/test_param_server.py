@@ -173,3 +173,37 @@ def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits
     assert result.metrics["steps"] == sum(steps_in_epoch(info, world_size=2, local_batch=32, epoch=e, seed=cfg.train.seed)
                                           for e in range(DIGITS_EPOCHS))
     assert result.metrics["eval_accuracy"] >= 0.93
+
+
+def test_dynamic_balance_keeps_the_fast_worker_busy_within_the_bound(tmp_path, digits_data):
+    """``balance: dynamic`` with a straggler (rank 1 sleeps 20 ms per batch), ssp staleness 2: the fast
+    worker takes more than its half of every epoch (it keeps computing while held at the bound), the
+    recorded gap never exceeds 2, checkpoints are committed at epoch ends only, and digits reaches 0.93."""
+    cfg = load_config(_digits_config(
+        tmp_path, digits_data, checkpoint={"every_n_steps": 40},
+        model={"factory": "ps_testing_models:slow_mlp", "kwargs": {"slow_rank": 1, "delay_s": 0.02, "hidden": [64]}},
+        sync={"ps": {"mode": "ssp", "staleness": 2, "balance": "dynamic"}},
+    ))
+    result = Trainer(cfg, progress=False).fit()
+    assert result.metrics["eval_accuracy"] >= 0.93
+    steps = _steps(result)
+    assert max(r["ps_max_gap"] for r in steps) <= 2
+    assert [r["step"] for r in steps] == sorted({r["step"] for r in steps})  # the run's step only moves forward
+
+    rows = Trainer(cfg, progress=False).train_info.num_rows
+    end = next(r for r in result.records if r.get("event") == "end")
+    fast = end["data_stats"]["rows"]  # rank 0's rows over the run
+    assert fast > 0.6 * rows * DIGITS_EPOCHS  # an equal deal would give it half
+    # the run's step counts both workers' batches: at least the fast worker's share of them
+    assert result.metrics["steps"] >= fast // 32 // 2 and result.metrics["steps"] <= rows * DIGITS_EPOCHS // 64
+
+    nominal = rows // 64  # steps of one epoch, as the deal counts them
+    due = [e for e in range(DIGITS_EPOCHS) if e == DIGITS_EPOCHS - 1 or nominal * (e + 1) // 40 > nominal * e // 40]
+    saved = [r for r in result.records if r.get("event") == "checkpoint"]
+    assert len(saved) == len(due) < DIGITS_EPOCHS  # at the ends of the epochs in which a multiple of 40 falls
+    assert [r["step"] for r in saved] == sorted({r["step"] for r in saved})
+    from lepton_ray.train.checkpoint import CheckpointStore
+
+    latest = CheckpointStore(str(Path(result.checkpoint).parent)).latest()
+    assert latest.meta["epoch"] == DIGITS_EPOCHS and latest.meta["step_in_epoch"] == 0
+    assert latest.meta["data"]["deal"] == "dynamic"

@@ -113,6 +113,57 @@ def test_async_never_waits_and_records_the_gap():
     asyncio.run(scenario())
 
 
+def test_ssp_without_hold_answers_at_once_and_release_waits_for_the_bound():
+    """balance: dynamic: a push past the bound is applied and answered ``held`` at once (with the freshest
+    parameters, to compute on while held); ``release`` answers when the straggler is within the bound again."""
+    async def scenario():
+        shard = _shard("ssp", staleness=1)
+        g = np.ones(6, np.float32)
+        r = await asyncio.wait_for(shard.push(0, 0, 0.1, g, {}, hold=False), 1)
+        assert not r["held"] and r["gap"] == 1 and r["dense"] is not None
+        r = await asyncio.wait_for(shard.push(0, 1, 0.1, g, {}, batches=3, hold=False), 1)  # now 2 ahead
+        assert r["held"] and r["batches"] == 4 and shard.clocks == [2, 0] and r["max_gap"] == 1
+        assert np.array_equal(r["dense"], shard.pull_dense())  # both pushes applied
+        released = asyncio.ensure_future(shard.release(0, 2))
+        await asyncio.sleep(0.2)
+        assert not released.done()
+        await shard.push(1, 0, 0.1, g, {})
+        r = await asyncio.wait_for(released, 2)
+        assert not r["held"] and r["gap"] == 1 and r["max_gap"] == 1 and r["batches"] == 5
+        assert np.array_equal(r["dense"], shard.pull_dense())
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_worker_no_longer_holds_the_others_and_extra_pushes_do_not_count_a_step():
+    async def scenario():
+        shard = _shard("ssp", staleness=0)
+        g = np.ones(6, np.float32)
+        r = await shard.push(0, 0, 0.1, g, {}, hold=False)
+        assert r["held"]
+        released = asyncio.ensure_future(shard.release(0, 1))
+        # the straggler's batches computed while it was held: applied, no step counted, never held
+        r = await asyncio.wait_for(shard.push(1, 0, 0.1, g, {}, batches=2, hold=False, advance=False), 1)
+        assert not r["held"] and shard.clocks == [1, 0] and r["batches"] == 3
+        await asyncio.sleep(0.1)
+        assert not released.done()
+        await shard.finish(1)
+        r = await asyncio.wait_for(released, 2)
+        assert r["gap"] == 0 and r["max_gap"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_claims_deal_every_piece_once_per_epoch_and_restore_deals_anew():
+    shard = _shard("ssp")
+    assert [shard.claim(0, 3) for _ in range(4)] == [0, 1, 2, None]
+    assert shard.claim(1, 3) == 0  # every epoch has its own deal
+    saved = shard.state()
+    assert saved["batches"] == 0
+    asyncio.run(shard.restore(saved))
+    assert shard.claim(0, 3) == 0
+
+
 def test_a_restored_shard_refuses_pushes_from_the_future():
     async def scenario():
         shard = _shard("async")
@@ -169,6 +220,22 @@ def test_grad_clip_with_ps_is_refused(blobs):
     with raises("train.grad_clip_norm: not supported with sync.strategy 'ps' (gradients are combined on the parameter"
                 " servers, no worker sees the global gradient), got 1"):
         Trainer(cfg, progress=False)
+
+
+@pytest.mark.parametrize(("strategy", "mode", "why"), [
+    ("ps", "sync", "sync.ps.mode 'sync' steps in lock step"),
+    ("hybrid", "ssp", "sync.strategy 'hybrid' all-reduces every step"),
+])
+def test_dynamic_balance_needs_ps_with_async_or_ssp(blobs, strategy, mode, why):
+    cfg = _cfg(blobs, strategy=strategy, ps={"mode": mode, "balance": "dynamic"})
+    cfg["model"] = {"name": "recommender", "hidden": [8], "kwargs": {"num_categorical": 1, "num_embeddings": 10, "embedding_dim": 2}}
+    with raises(f"sync.ps.balance: 'dynamic' needs sync.strategy 'ps' with sync.ps.mode 'async' or 'ssp' ({why}); use balance 'static'"):
+        Trainer(cfg, progress=False)
+
+
+def test_balance_must_be_static_or_dynamic():
+    with raises("sync.ps.balance: 'even' is not one of static, dynamic"):
+        load_config({"data": {"train": "x"}, "sync": {"strategy": "ps", "ps": {"balance": "even"}}})
 
 
 # --------------------------------------------------------------------------- recommender, click data, AUC

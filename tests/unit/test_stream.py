@@ -168,3 +168,63 @@ def test_the_next_epoch_is_read_ahead_and_identical_to_a_fresh_read(tmp_path):
     assert first == ids_of(fresh, 0) and second == ids_of(fresh, 1, 0)
     ahead.close()
     assert ahead._next is None
+
+
+# --------------------------------------------------------------------------- the dynamic deal (sync.ps.balance: dynamic)
+
+
+class Dealer:
+    """What shard 0 does for the dynamic deal: the next undealt piece of each epoch (thread-safe)."""
+
+    def __init__(self):
+        self.next: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, epoch: int, pieces: int):
+        with self.lock:
+            i = self.next.get(epoch, 0)
+            if i >= pieces:
+                return None
+            self.next[epoch] = i + 1
+            return i
+
+
+def test_dynamic_deal_gives_each_row_to_at_most_one_worker_and_a_fast_worker_more(tmp_path):
+    """Two workers share one dealer; worker 1 takes 10 ms per batch. Every row is trained on at most once,
+    only rows after a worker's last full batch are dropped (< 1 batch each), and the fast worker takes more."""
+    n = write_ids(tmp_path / "d")
+    cfg = DataConfig(train=str(tmp_path / "d"))
+    info = describe("data.train", str(tmp_path / "d"), cfg)
+    dealer = Dealer()
+    ss = [WorkerStream(info, cfg, rank=r, world_size=2, local_batch=32, seed=3, claim=dealer) for r in range(2)]
+    got: list[list[int]] = [[], []]
+
+    def run(rank, delay):
+        for xb, yb in ss[rank].epoch(0):
+            assert xb.shape == (32, 3) and torch.equal(xb[:, 0].long() % 10, yb)
+            got[rank] += xb[:, 0].long().tolist()
+            threading.Event().wait(delay)
+
+    threads = [threading.Thread(target=run, args=(r, d)) for r, d in ((0, 0.0), (1, 0.01))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    seen = got[0] + got[1]
+    assert len(seen) == len(set(seen))
+    dropped = [s.stats["rows_dropped"] for s in ss]
+    assert all(d < 32 for d in dropped) and len(seen) + sum(dropped) == n
+    assert len(got[0]) > len(got[1])
+    assert ss[0].stats["pieces_claimed"] + ss[1].stats["pieces_claimed"] == 64  # 4x finer than the fixed deal's 16
+    assert ss[0].steps(0) == n // 32 // 2
+
+
+def test_dynamic_deal_order_is_seeded_and_resumes_only_at_epoch_start(tmp_path):
+    write_ids(tmp_path / "d")
+    cfg = DataConfig(train=str(tmp_path / "d"))
+    info = describe("data.train", str(tmp_path / "d"), cfg)
+    one = [ids_of(WorkerStream(info, cfg, rank=0, world_size=1, local_batch=32, seed=3, claim=Dealer()), 0) for _ in range(2)]
+    assert one[0] == one[1] and sorted(i for b in one[0] for i in b) != [i for b in one[0] for i in b]
+    stream = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=32, seed=3, claim=Dealer())
+    with pytest.raises(ValueError, match="the dynamic deal starts epochs at step 0, got start_step=2"):
+        next(stream.epoch(0, 2))
