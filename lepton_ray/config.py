@@ -388,9 +388,10 @@ class PSConfig(_Section):
     keeps computing and adds those batches to its next push (work-conserving); the run ends when the
     data is used up; evaluation and checkpoints happen at epoch ends."""
     max_batches_per_push: int = 2
-    """balance dynamic: the most batches a worker adds up into one push while held at the ssp bound (their
-    gradients are summed: each batch weighs what it weighs in sync; past it the worker waits for its
-    release). 2 keeps a worker twice as fast as the slowest busy; larger sums are larger, staler steps."""
+    """balance dynamic: the most batches in one push of a worker held at the ssp bound: up to N - 1
+    computed while it waits, then one on the released parameters; their gradients are summed (each batch
+    weighs what it weighs in sync). 2 keeps a worker twice as fast as the slowest busy; larger sums are
+    larger, staler steps."""
 
     def validate(self) -> None:
         self._require(self.num_shards >= 1, "num_shards", "must be >= 1")

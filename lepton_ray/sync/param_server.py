@@ -292,7 +292,7 @@ class ParamServer(Strategy):
         self._take(replies)
 
     def _take(self, replies: list[dict[str, Any]]) -> None:
-        """Fresh dense parameters and counters from push / release replies (``held`` ones carry none)."""
+        """Fresh dense parameters and counters from push / release replies."""
         import ray
 
         refd = [i for i, r in enumerate(replies) if isinstance(r["dense"], ray.ObjectRef)]
