@@ -207,3 +207,27 @@ def test_dynamic_balance_keeps_the_fast_worker_busy_within_the_bound(tmp_path, d
     latest = CheckpointStore(str(Path(result.checkpoint).parent)).latest()
     assert latest.meta["epoch"] == DIGITS_EPOCHS and latest.meta["step_in_epoch"] == 0
     assert latest.meta["data"]["deal"] == "dynamic"
+
+
+def test_killed_shard_with_dynamic_balance_resumes_at_an_epoch_end(tmp_path, digits_data):
+    """The same kill with ``balance: dynamic`` (ssp): the worker group resumes from the newest checkpoint,
+    which was committed at an epoch end, and the run reaches the digits accuracy bar."""
+    marker = tmp_path / "killed"
+    cfg = load_config(_digits_config(
+        tmp_path, digits_data, checkpoint={"every_n_steps": 30, "keep_last": 10}, scaling={"max_failures": 1},
+        model={"factory": "ps_testing_models:kill_shard_once_mlp",
+               "kwargs": {"kill_at": 70, "marker": str(marker), "run_name": "t", "hidden": [64]}},
+        sync={"ps": {"mode": "ssp", "staleness": 2, "balance": "dynamic"}},
+    ))
+    result = Trainer(cfg, progress=False).fit()
+    assert marker.exists()
+    starts = [r["step"] for r in result.records if r.get("event") == "start"]
+    saved = [r["step"] for r in result.records if r.get("event") == "checkpoint"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] in saved
+    assert result.resumed_from.endswith(f"step_{starts[1]:08d}")
+    from lepton_ray.train.checkpoint import CheckpointStore
+
+    store = CheckpointStore(str(Path(result.checkpoint).parent))
+    resumed = store.get(starts[1])
+    assert resumed.meta["step_in_epoch"] == 0 and resumed.meta["epoch"] >= 1  # an epoch end
+    assert result.metrics["eval_accuracy"] >= 0.93
