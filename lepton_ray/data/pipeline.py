@@ -258,11 +258,15 @@ def _units(info: TableInfo, world_size: int, finer: int = 1) -> list[Unit]:
     return units
 
 
+def _epoch_order(units: list[Unit], epoch: int, seed: int, shuffle: bool) -> list[Unit]:
+    """``units`` permuted with ``(seed, epoch)`` (file order without ``shuffle``)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+    return [units[i] for i in order]
+
+
 def epoch_units(info: TableInfo, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[Unit]:
     """The units worker ``rank`` reads in ``epoch``, in order."""
-    units = _units(info, world_size)
-    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-    return [units[i] for i in order[rank::world_size]]
+    return _epoch_order(_units(info, world_size), epoch, seed, shuffle)[rank::world_size]
 
 
 DYNAMIC_FINER = 4
@@ -272,9 +276,7 @@ decide how unevenly the workers finish it."""
 
 def dynamic_units(info: TableInfo, *, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[Unit]:
     """Every piece of ``epoch`` in the order the dynamic deal hands them out."""
-    units = _units(info, world_size, DYNAMIC_FINER)
-    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-    return [units[i] for i in order]
+    return _epoch_order(_units(info, world_size, DYNAMIC_FINER), epoch, seed, shuffle)
 
 
 def steps_in_epoch(info: TableInfo, *, world_size: int, local_batch: int, epoch: int, seed: int, shuffle: bool = True) -> int:

@@ -287,10 +287,11 @@ class ShardServer:
                         await self._wait(cond, lambda: self.generation != gen or self._gap(worker) <= self.staleness, worker, step)
             if self.generation != gen:
                 raise PSStateError(f"PS shard {self.index} was restored from a checkpoint while worker {worker} waited at step {step}")
-            if self.mode == "ssp" and advance and self._gap(worker) > self.staleness:
+            gap = self._gap(worker)
+            if self.mode == "ssp" and advance and gap > self.staleness:
                 # the freshest parameters still go back: batches computed while held read them (fresher than
                 # the parameters of the last release), but the next push waits for :meth:`release`
-                return {"dense": self._publish_dense(), "gap": self._gap(worker), "max_gap": self.max_gap,
+                return {"dense": self._publish_dense(), "gap": gap, "max_gap": self.max_gap,
                         "step": self.clocks[worker], "batches": self.batches, "held": True}
             return self._reply(worker, record=advance)
 

@@ -342,7 +342,8 @@ def train_loop(spec: LoopSpec) -> None:
         """Elastic strategies: evaluation and checkpoints happen only here, when due, with every worker.
         Whether they are due follows the epochs' nominal step counts, the same on every worker."""
         nonlocal step, unstepped
-        end, begin = sum(stream.steps(e) for e in range(epoch + 1)), sum(stream.steps(e) for e in range(epoch))
+        begin = sum(stream.steps(e) for e in range(epoch))
+        end = begin + stream.steps(epoch)
         do_eval = last or t.eval_every_steps is None or crossed(t.eval_every_steps, begin, end)
         do_save = last or crossed(cfg.checkpoint.every_n_steps, begin, end)
         if not (do_eval or do_save):
