@@ -6,7 +6,7 @@ field is type-checked and range-checked at construction, so a typo fails before
 Ray starts, with a message that names the key path, the bad value and what is
 valid::
 
-    >>> load_config({"sync": {"strategy": "allreduc"}})
+    >>> load_config({"data": {"train": "train.parquet"}, "sync": {"strategy": "allreduc"}})
     Traceback (most recent call last):
     ...
     lepton_ray.config.ConfigError: sync.strategy: 'allreduc' is not one of allreduce, ps, hybrid
@@ -357,6 +357,11 @@ class AllReduceConfig(_Section):
     bucket_mb: float = 25.0
     """DDP gradient bucket size in MiB."""
     find_unused_parameters: bool = False
+    cpu_transport: Literal["auto", "shm", "gloo"] = "auto"
+    """How CPU workers average gradients. ``shm``: through a shared-memory mapping (every worker on one
+    host; ~3x faster than loopback TCP for a 12.6 MB bucket); ``gloo``: over TCP, DDP's default;
+    ``auto``: shm when every worker can map it, else gloo (the run's start record says which).
+    GPU workers always use NCCL."""
 
     def validate(self) -> None:
         self._require(self.bucket_mb > 0, "bucket_mb", "must be > 0")

@@ -148,6 +148,11 @@ class Strategy(ABC):
         more steps follow."""
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        """Worker, after :meth:`wrap`: how this strategy communicates (e.g. ``allreduce_transport``),
+        merged into the run's start record in ``metrics.jsonl``."""
+        return {}
+
     def step_metrics(self) -> dict[str, float]:
         """Communication metrics since the previous call, merged into rank 0's per-step record."""
         return {}

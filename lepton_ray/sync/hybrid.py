@@ -21,8 +21,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lepton_ray.config import Config, ConfigError
+from lepton_ray.sync.allreduce import build_ddp
 from lepton_ray.sync.base import optimizer_step
 from lepton_ray.sync.param_server import ParamServer, embedding_modules
+from lepton_ray.sync.shm import SharedMemoryAllReduce
 
 __all__ = ["Hybrid"]
 
@@ -51,14 +53,22 @@ class Hybrid(ParamServer):
     def wrap(self, model: nn.Module) -> nn.Module:
         super().wrap(model)
         self._ddp: Optional[DistributedDataParallel] = None
+        self._shm: Optional[SharedMemoryAllReduce] = None
+        self._describe: dict[str, str] = {}
         if dist.is_available() and dist.is_initialized() and self.worker.world_size > 1:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(self._tables))
-            device_ids = [self.worker.device.index] if self.worker.device.type == "cuda" else None
-            opts = self.config.sync.allreduce
-            self._ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=opts.bucket_mb,
-                                                find_unused_parameters=opts.find_unused_parameters)
+            dense = [p for n, p in model.named_parameters() if n not in self._tables]
+            self._ddp, self._shm, self._describe = build_ddp(model, self.worker, self.config.sync.allreduce, dense)
             return self._ddp
         return model
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._describe)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._shm is not None:
+            self._shm.close()
 
     def no_sync(self) -> ContextManager[Any]:
         return self._ddp.no_sync() if self._ddp is not None else super().no_sync()

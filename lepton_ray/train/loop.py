@@ -251,7 +251,7 @@ def train_loop(spec: LoopSpec) -> None:
     buffer = M.RecordBuffer(spec.sink if rank == 0 else None)
     if rank == 0:
         buffer.add({"event": "start", M.STEP: step, "total_steps": steps, "resumed_from": latest.uri if latest else None,
-                    "notes": notes, "entered": entered, "time": time.time()}, now=True)
+                    "notes": notes, "entered": entered, "time": time.time(), **strategy.describe()}, now=True)
 
     def evaluate() -> dict[str, float]:
         if spec.eval is None:

@@ -219,7 +219,7 @@ def test_unknown_key_without_a_close_match():
 def test_unknown_key_in_nested_section():
     with raises(
         "sync.allreduce.bucket: unknown key (did you mean 'bucket_mb'?); "
-        "valid keys in 'sync.allreduce' are: bucket_mb, find_unused_parameters"
+        "valid keys in 'sync.allreduce' are: bucket_mb, find_unused_parameters, cpu_transport"
     ):
         load_config(with_base(sync={"allreduce": {"bucket": 4}}))
 
@@ -300,6 +300,7 @@ def test_invalid_enum():
         ({"train": {"schedule": "linear"}}, "train.schedule: 'linear' is not one of cosine, constant"),
         ({"train": {"precision": "fp8"}}, "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
         ({"model": {"task": 3}}, "model.task: 3 is not one of classification, regression"),
+        ({"sync": {"allreduce": {"cpu_transport": "tcp"}}}, "sync.allreduce.cpu_transport: 'tcp' is not one of auto, shm, gloo"),
     ],
 )
 def test_invalid_enums(sections, message):

@@ -1,0 +1,137 @@
+"""The shared-memory gradient all-reduce (lepton_ray.sync.shm) among real processes over a real gloo group:
+exact means, bitwise-equal replicas, DDP's result unchanged, clear errors, nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import glob
+import re
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lepton_ray.sync.shm import SharedMemoryAllReduce, SharedMemoryUnavailable, bucket_capacity
+
+SIZES = [1000, 7, 1000, 513, 1, 1000]  # calls in a row: both halves, several times, sizes up to the capacity
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _inputs(call: int, rank: int) -> torch.Tensor:
+    return torch.randn(SIZES[call], generator=torch.Generator().manual_seed(100 * call + rank))
+
+
+def _average_worker(rank: int, world: int, store: str, out: str, directory: str) -> None:
+    _init(rank, world, store)
+    shm = SharedMemoryAllReduce(rank, world, capacity=1000, directory=directory)
+    got = []
+    for call in range(len(SIZES)):
+        if rank == call % world:
+            time.sleep(0.05)  # a late rank every call: the others must not read its slot before it is written
+        got.append(shm.average_(_inputs(call, rank)))
+    torch.save(got, f"{out}/rank{rank}.pt")
+    shm.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_average_is_the_exact_mean_on_every_rank(tmp_path, world):
+    mp.spawn(_average_worker, args=(world, str(tmp_path / "store"), str(tmp_path), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for call in range(len(SIZES)):
+        parts = [_inputs(call, r) / world for r in range(world)]
+        expected = parts[0] + parts[1]
+        for p in parts[2:]:
+            expected = expected + p  # the documented order: rank 0 + rank 1 + rank 2 ...
+        for r in range(world):
+            assert torch.equal(results[r][call], expected), (call, r)
+        assert not torch.equal(expected, parts[0] * world)  # the ranks' inputs differ: the check is not vacuous
+    assert glob.glob(str(tmp_path / "lepton_allreduce_*")) == []  # rank 0 unlinked the mapping
+
+
+def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int) -> None:
+    """The same model trained twice from the same start on the same batches: DDP's gloo hook vs the shm hook."""
+    _init(rank, world, store)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    gloo = DistributedDataParallel(model(), bucket_cap_mb=0.001)  # ~260 floats a bucket: several buckets a step
+    mine = DistributedDataParallel(model(), bucket_cap_mb=0.001, gradient_as_bucket_view=True)
+    shm = SharedMemoryAllReduce(rank, world, capacity=capacity, directory=out)
+    mine.register_comm_hook(shm, SharedMemoryAllReduce.hook)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (gloo, mine)]
+    for step in range(6):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        for m, opt in zip((gloo, mine), opts):
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    torch.save({"gloo": gloo.module.state_dict(), "shm": mine.module.state_dict(), "fallbacks": shm.fallbacks}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("capacity,fallbacks", [(bucket_capacity(list(nn.Linear(8, 32).parameters()) + list(nn.Linear(32, 4).parameters()), 0.001), False),
+                                                (100, True)], ids=["all-shm", "big-buckets-via-gloo"])
+def test_ddp_with_the_shm_hook_trains_exactly_like_gloo(tmp_path, capacity, fallbacks):
+    """2 ranks: a/2 + b/2 either way, so the parameters are bitwise equal; buckets over the capacity go through gloo."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), capacity), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).state_dict()
+    for s in states:
+        assert all(torch.equal(s["gloo"][k], s["shm"][k]) for k in start)
+        assert all(torch.equal(s["shm"][k], states[0]["shm"][k]) for k in start)  # replicas equal
+        assert (s["fallbacks"] > 0) is fallbacks
+    assert max((states[0]["shm"][k] - start[k]).abs().max().item() for k in start) > 1e-2  # training moved them
+
+
+def _error_worker(rank: int, world: int, store: str, out: str, directories: list[str]) -> None:
+    _init(rank, world, store)
+    try:
+        SharedMemoryAllReduce(rank, world, capacity=1000, directory=directories[rank])
+        message = "no error"
+    except SharedMemoryUnavailable as exc:
+        message = str(exc)
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_cannot_share_the_mapping_all_get_the_same_clear_error(tmp_path):
+    """Rank 1 looks in another directory, as on another host: every rank raises, naming rank 1 and the file."""
+    (tmp_path / "host0").mkdir()
+    (tmp_path / "host1").mkdir()
+    dirs = [str(tmp_path / "host0"), str(tmp_path / "host1")]
+    mp.spawn(_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path), dirs), nprocs=2, join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    path = re.escape(dirs[1]) + r"/lepton_allreduce_[0-9a-f]{32}"
+    assert re.fullmatch(rf"rank 1 cannot open rank 0's {path} \(ranks on different hosts\?\): "
+                        rf"\[Errno 2\] No such file or directory: '{path}'", messages[0]), messages[0]
+    assert list((tmp_path / "host0").iterdir()) == []  # rank 0 removed its file anyway
+
+
+def test_rank_0_without_space_for_the_mapping_is_a_clear_error_on_every_rank(tmp_path):
+    missing = str(tmp_path / "no-such-dir")
+    mp.spawn(_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path), [missing, missing]), nprocs=2, join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    path = re.escape(missing) + r"/lepton_allreduce_[0-9a-f]{32}"
+    assert re.fullmatch(rf"rank 0 could not reserve 16,064 bytes in {re.escape(missing)}: "
+                        rf"\[Errno 2\] No such file or directory: '{path}'", messages[0]), messages[0]
+
+
+def test_one_rank_is_refused():
+    with pytest.raises(ValueError, match=r"^a shared-memory all-reduce needs at least 2 ranks, got world_size=1$"):
+        SharedMemoryAllReduce(0, 1, capacity=10)
