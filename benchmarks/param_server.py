@@ -13,7 +13,9 @@ and also from the median step time (more robust on a shared machine).
    the full 128 MB dense embedding gradient every step). Bar: hybrid (or ps) /
    allreduce >= 5.
 2. Dense MLP 512-2048-1024-10 (3.16 M parameters): ``ps`` (mode sync, 2 shards)
-   vs ``allreduce``. Bar: >= 0.7.
+   vs ``allreduce``. Bar: >= 0.7. ``allreduce`` runs with its defaults: its 2 workers
+   on this one host average gradients through shared memory; the same ratio against
+   ``cpu_transport: gloo`` (DDP's loopback TCP, the default before) is printed too.
 3. Stragglers on digits (MLP 64, every worker "computes" ``--step-ms`` per batch,
    a slowed worker twice that, 4 epochs): ``ps`` mode ``ssp`` (staleness 4), with
    ``sync.ps.balance`` static and dynamic, vs mode ``sync``, for (a) rank 1 at half
@@ -114,7 +116,10 @@ def part_dense(tmp: Path, steps: int, warmup: int, batch: int) -> list[tuple]:
     }
     ar = steady(fit({**base, "sync": {"strategy": "allreduce"}}, tmp, "dense-allreduce"), warmup, batch)
     ps = steady(fit({**base, "sync": {"strategy": "ps", "ps": {"num_shards": 2, "mode": "sync"}}}, tmp, "dense-ps"), warmup, batch)
-    return [("dense 3.2M: ps sync / allreduce", ps, ar, 0.7)]
+    # for information: allreduce with DDP's own gloo transport instead of the default shared memory (2 workers, 1 host)
+    gloo = steady(fit({**base, "sync": {"strategy": "allreduce", "allreduce": {"cpu_transport": "gloo"}}}, tmp, "dense-allreduce-gloo"),
+                  warmup, batch)
+    return [("dense 3.2M: ps sync / allreduce", ps, ar, 0.7), ("  (info) ps sync / allreduce over gloo", ps, gloo, None)]
 
 
 def part_straggler(tmp: Path, step_ms: float, epochs: int) -> list[tuple]:
@@ -187,9 +192,10 @@ def main() -> int:
         name, (a, a_med), (b, b_med), bar = row[:4]
         extra_ok = row[4] if len(row) > 4 else True
         ratio, ratio_med = a / b, a_med / b_med
-        ok = ratio >= bar and extra_ok
+        ok = bar is None or (ratio >= bar and extra_ok)
         note = "" if extra_ok else " (accuracy differs by > 1 point)"
-        print(f"{name:<36}{a:>11.1f}{b:>11.1f}{ratio:>8.2f}{ratio_med:>10.2f}{'>= ' + str(bar):>8}  {'PASS' if ok else 'FAIL'}{note}")
+        verdict = "info" if bar is None else ("PASS" if ok else "FAIL")
+        print(f"{name:<36}{a:>11.1f}{b:>11.1f}{ratio:>8.2f}{ratio_med:>10.2f}{'' if bar is None else '>= ' + str(bar):>8}  {verdict}{note}")
     print(f"total wall time {time.monotonic() - wall0:.1f}s; 1-min load average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -5,7 +5,8 @@ byte of every gradient bucket goes through the kernel's loopback sockets. On thi
 machine a 12.6 MB all-reduce (the 3.16 M-parameter MLP of ``benchmarks/train_overhead.py``) takes
 9.5 ms over gloo and 3.1 ms through a shared mapping, and a DDP step of that model 39 ms instead of 33.
 
-Protocol for one bucket of ``n`` float32 gradients (W ranks, one mapped file of 2 x W x capacity floats):
+Protocol for one bucket of ``n`` float32 gradients (W ranks, one mapped file of 2 x W x ``capacity`` floats;
+a bucket larger than ``capacity`` goes through in chunks of ``capacity``, one barrier each):
 
 1. each rank writes ``bucket / W`` (DDP's own averaging) into its slot of the current half;
 2. barrier: a one-float gloo all-reduce on a process group of its own;
@@ -15,7 +16,7 @@ Protocol for one bucket of ``n`` float32 gradients (W ranks, one mapped file of 
 
 The two halves alternate from call to call: a rank that runs ahead writes the other half, and it can
 come back to this one only after the next barrier, which no rank passes before it has read this one.
-Buckets that are not float32 on CPU, or larger than the mapping, go through gloo (DDP's default hook).
+Buckets that are not float32 on CPU go through gloo (DDP's default hook).
 
 The mapping is a file in ``/dev/shm`` with a random name that rank 0 creates (space reserved with
 ``posix_fallocate``, so a full tmpfs is an error at start-up, not a SIGBUS mid-run) and writes into it;
@@ -36,9 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["SharedMemoryAllReduce", "SharedMemoryUnavailable", "bucket_capacity"]
+__all__ = ["SharedMemoryAllReduce", "SharedMemoryUnavailable", "bucket_capacity", "MAX_CHUNK"]
 
 _HEADER = 64  # bytes before the slots: the token (keeps the float32 slots 64-byte aligned)
+MAX_CHUNK = 4 * 2**20
+"""Floats (16 MiB) per slot at most: the mapping stays at 2 x W x 16 MiB however large a bucket is
+(a 1M x 32 embedding table is one 128 MB bucket: 8 chunks, 8 barriers of ~0.13 ms)."""
 
 
 class SharedMemoryUnavailable(RuntimeError):
@@ -46,9 +50,9 @@ class SharedMemoryUnavailable(RuntimeError):
 
 
 def bucket_capacity(params: list[nn.Parameter], bucket_mb: float) -> int:
-    """Elements of the largest float32 bucket DDP can build from ``params`` with ``bucket_cap_mb=bucket_mb``.
-
-    DDP closes a bucket once it holds at least the cap, so a bucket is below cap + one parameter.
+    """Slot size for ``params`` under ``bucket_cap_mb=bucket_mb``: the largest float32 bucket DDP can build
+    (it closes a bucket once it holds at least the cap, so a bucket is below cap + one parameter),
+    at most :data:`MAX_CHUNK`.
 
     >>> bucket_capacity([nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(5))], 25.0)
     15
@@ -56,7 +60,7 @@ def bucket_capacity(params: list[nn.Parameter], bucket_mb: float) -> int:
     562144
     """
     numels = [p.numel() for p in params if p.requires_grad] or [1]
-    return min(sum(numels), int(bucket_mb * 2**20) // 4 + max(numels))
+    return min(sum(numels), int(bucket_mb * 2**20) // 4 + max(numels), MAX_CHUNK)
 
 
 class SharedMemoryAllReduce:
@@ -124,7 +128,7 @@ class SharedMemoryAllReduce:
 
     def allreduce_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         grads = bucket.buffer()
-        if grads.dtype != torch.float32 or grads.device.type != "cpu" or grads.numel() > self.capacity:
+        if grads.dtype != torch.float32 or grads.device.type != "cpu":
             # the same decision on every rank: DDP's buckets are identical across ranks
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -137,14 +141,16 @@ class SharedMemoryAllReduce:
 
     def average_(self, grads: torch.Tensor) -> torch.Tensor:
         """Replace ``grads`` (flat float32 CPU, same size on every rank) by the mean over the ranks, in place."""
-        n = grads.numel()
-        slots = self._halves[self._parity, :, :n]
-        self._parity ^= 1
-        torch.div(grads, self.world, out=slots[self.rank])
-        dist.all_reduce(self._flag, group=self.group)  # every rank's slot is written
-        torch.add(slots[0], slots[1], out=grads)
-        for r in range(2, self.world):
-            grads.add_(slots[r])
+        flat = grads.view(-1)
+        for lo in range(0, flat.numel(), self.capacity):
+            part = flat[lo : lo + self.capacity]
+            slots = self._halves[self._parity, :, : part.numel()]
+            self._parity ^= 1
+            torch.div(part, self.world, out=slots[self.rank])
+            dist.all_reduce(self._flag, group=self.group)  # every rank's slot is written
+            torch.add(slots[0], slots[1], out=part)
+            for r in range(2, self.world):
+                part.add_(slots[r])
         return grads
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lepton_ray.sync.shm import SharedMemoryAllReduce, SharedMemoryUnavailable, bucket_capacity
 
-SIZES = [1000, 7, 1000, 513, 1, 1000]  # calls in a row: both halves, several times, sizes up to the capacity
+SIZES = [1000, 7, 1000, 513, 1, 2500, 1000]  # calls in a row: both halves, several times; 2500 goes in 3 chunks
 
 
 def _init(rank: int, world: int, store: str) -> None:
@@ -57,13 +57,13 @@ def test_average_is_the_exact_mean_on_every_rank(tmp_path, world):
     assert glob.glob(str(tmp_path / "lepton_allreduce_*")) == []  # rank 0 unlinked the mapping
 
 
-def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int) -> None:
+def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int, dtype: torch.dtype) -> None:
     """The same model trained twice from the same start on the same batches: DDP's gloo hook vs the shm hook."""
     _init(rank, world, store)
 
     def model() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype)
 
     gloo = DistributedDataParallel(model(), bucket_cap_mb=0.001)  # ~260 floats a bucket: several buckets a step
     mine = DistributedDataParallel(model(), bucket_cap_mb=0.001, gradient_as_bucket_view=True)
@@ -72,7 +72,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int) -> N
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (gloo, mine)]
     for step in range(6):
         g = torch.Generator().manual_seed(10 * step + rank)
-        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        x, y = torch.randn(16, 8, generator=g).to(dtype), torch.randint(0, 4, (16,), generator=g)
         for m, opt in zip((gloo, mine), opts):
             F.cross_entropy(m(x), y).backward()
             opt.step()
@@ -81,18 +81,21 @@ def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int) -> N
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("capacity,fallbacks", [(bucket_capacity(list(nn.Linear(8, 32).parameters()) + list(nn.Linear(32, 4).parameters()), 0.001), False),
-                                                (100, True)], ids=["all-shm", "big-buckets-via-gloo"])
-def test_ddp_with_the_shm_hook_trains_exactly_like_gloo(tmp_path, capacity, fallbacks):
-    """2 ranks: a/2 + b/2 either way, so the parameters are bitwise equal; buckets over the capacity go through gloo."""
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), capacity), nprocs=2, join=True)
+@pytest.mark.parametrize("capacity,dtype", [
+    (bucket_capacity(list(nn.Linear(8, 32).parameters()) + list(nn.Linear(32, 4).parameters()), 0.001), torch.float32),
+    (100, torch.float32),  # every bucket (~260 floats) in chunks
+    (1000, torch.float64),  # not float32: DDP's gloo hook
+], ids=["whole-buckets", "chunked", "float64-via-gloo"])
+def test_ddp_with_the_shm_hook_trains_exactly_like_gloo(tmp_path, capacity, dtype):
+    """2 ranks: a/2 + b/2 either way, so the parameters are bitwise equal."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), capacity, dtype), nprocs=2, join=True)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
-    start = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).state_dict()
+    start = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype).state_dict()
     for s in states:
         assert all(torch.equal(s["gloo"][k], s["shm"][k]) for k in start)
         assert all(torch.equal(s["shm"][k], states[0]["shm"][k]) for k in start)  # replicas equal
-        assert (s["fallbacks"] > 0) is fallbacks
+        assert (s["fallbacks"] > 0) is (dtype != torch.float32)
     assert max((states[0]["shm"][k] - start[k]).abs().max().item() for k in start) > 1e-2  # training moved them
 
 
