@@ -362,9 +362,13 @@ class AllReduceConfig(_Section):
     host; ~3x faster than loopback TCP for a 12.6 MB bucket); ``gloo``: over TCP, DDP's default;
     ``auto``: shm when every worker can map it, else gloo (the run's start record says which).
     GPU workers always use NCCL."""
+    shm_dir: str = "/dev/shm"
+    """Where the ``shm`` transport puts its mapping (a tmpfs: 2 x workers x at most 16 MiB, removed at start-up
+    once every worker has it mapped)."""
 
     def validate(self) -> None:
         self._require(self.bucket_mb > 0, "bucket_mb", "must be > 0")
+        self._require(bool(self.shm_dir), "shm_dir", "must be a directory path")
 
 
 @dataclass(kw_only=True, slots=True)

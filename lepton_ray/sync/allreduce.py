@@ -40,10 +40,10 @@ def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduc
     if worker.device.type != "cpu" or opts.cpu_transport == "gloo":
         return ddp, None, {"allreduce_transport": dist.get_backend()}
     try:
-        shm = SharedMemoryAllReduce(worker.rank, worker.world_size, bucket_capacity(reduced, opts.bucket_mb))
+        shm = SharedMemoryAllReduce(worker.rank, worker.world_size, bucket_capacity(reduced, opts.bucket_mb), opts.shm_dir)
     except SharedMemoryUnavailable as exc:
         if opts.cpu_transport == "shm":
-            raise RuntimeError(f"sync.allreduce.cpu_transport 'shm' needs every worker on one host, sharing /dev/shm: {exc}. "
+            raise RuntimeError(f"sync.allreduce.cpu_transport 'shm' needs every worker on one host, sharing {opts.shm_dir}: {exc}. "
                                f"Use 'auto' to fall back to gloo, or 'gloo'") from None
         if worker.rank == 0:
             log.warning("lepton_ray: gradients go over gloo, shared memory is unavailable: %s", exc)
@@ -59,6 +59,7 @@ class AllReduce(Strategy):
         self._model = model
         self._ddp: Optional[DistributedDataParallel] = None
         self._shm: Optional[SharedMemoryAllReduce] = None
+        self._describe: dict[str, str] = {}
         if not (dist.is_available() and dist.is_initialized()) or self.worker.world_size == 1:
             return model
         self._ddp, self._shm, self._describe = build_ddp(
@@ -70,7 +71,7 @@ class AllReduce(Strategy):
         return self._model
 
     def describe(self) -> dict[str, Any]:
-        return dict(getattr(self, "_describe", {}))
+        return dict(self._describe)
 
     def no_sync(self) -> ContextManager[Any]:
         return self._ddp.no_sync() if self._ddp is not None else super().no_sync()

@@ -3,7 +3,8 @@
 On CPU, DDP's default all-reduce runs over gloo, i.e. TCP: between two processes on one host every
 byte of every gradient bucket goes through the kernel's loopback sockets. On this project's 2-core
 machine a 12.6 MB all-reduce (the 3.16 M-parameter MLP of ``benchmarks/train_overhead.py``) takes
-9.5 ms over gloo and 3.1 ms through a shared mapping, and a DDP step of that model 39 ms instead of 33.
+9.5 ms over gloo and 3.1 ms through a shared mapping; a DDP step of that model took 33-39 ms instead of
+39-42 ms (two measurements, a noisy machine).
 
 Protocol for one bucket of ``n`` float32 gradients (W ranks, one mapped file of 2 x W x ``capacity`` floats;
 a bucket larger than ``capacity`` goes through in chunks of ``capacity``, one barrier each):

@@ -60,18 +60,12 @@ def test_allreduce_equals_single_process(tmp_path, blobs, accum, clip):
     assert _max_diff(ddp, single) <= 1e-5
     # the default cpu_transport (auto) averaged the gradients through shared memory: both workers share this host
     assert next(r for r in result.records if r.get("event") == "start")["allreduce_transport"] == "shm"
-
-
-def test_shared_memory_and_gloo_transports_train_bitwise_alike(tmp_path, blobs):
-    """``cpu_transport: shm`` and ``gloo`` end with the same parameters bit for bit (2 workers: a/2 + b/2 either
-    way), so the equivalence above holds for both; each run's start record names its transport."""
-    params = {}
-    for transport in ("shm", "gloo"):
-        cfg = small_config(tmp_path, blobs, sync={"allreduce": {"cpu_transport": transport}}, run={"name": transport})
-        result = Trainer(cfg, progress=False).fit()
-        assert next(r for r in result.records if r.get("event") == "start")["allreduce_transport"] == transport
-        params[transport] = final_params(result)
-    assert all(torch.equal(params["shm"][k], params["gloo"][k]) for k in params["gloo"])
+    if accum == 1:
+        # DDP's own gloo transport ends bit for bit where shared memory does (2 workers: a/2 + b/2 either way)
+        gloo_cfg = small_config(tmp_path, blobs, sync={"allreduce": {"cpu_transport": "gloo"}}, run={"name": "gloo"})
+        gloo = Trainer(gloo_cfg, progress=False).fit()
+        assert next(r for r in gloo.records if r.get("event") == "start")["allreduce_transport"] == "gloo"
+        assert all(torch.equal(ddp[k], v) for k, v in final_params(gloo).items())
 
 
 def _crash_config(tmp_path, blobs, marker: Path, **extra) -> dict:

@@ -219,7 +219,7 @@ def test_unknown_key_without_a_close_match():
 def test_unknown_key_in_nested_section():
     with raises(
         "sync.allreduce.bucket: unknown key (did you mean 'bucket_mb'?); "
-        "valid keys in 'sync.allreduce' are: bucket_mb, find_unused_parameters, cpu_transport"
+        "valid keys in 'sync.allreduce' are: bucket_mb, find_unused_parameters, cpu_transport, shm_dir"
     ):
         load_config(with_base(sync={"allreduce": {"bucket": 4}}))
 

@@ -138,3 +138,42 @@ def test_rank_0_without_space_for_the_mapping_is_a_clear_error_on_every_rank(tmp
 def test_one_rank_is_refused():
     with pytest.raises(ValueError, match=r"^a shared-memory all-reduce needs at least 2 ranks, got world_size=1$"):
         SharedMemoryAllReduce(0, 1, capacity=10)
+
+
+def _build_worker(rank: int, world: int, store: str, out: str, shm_dir: str) -> None:
+    from lepton_ray.config import AllReduceConfig
+    from lepton_ray.sync import WorkerInfo
+    from lepton_ray.sync.allreduce import build_ddp
+
+    _init(rank, world, store)
+    results = {}
+    for transport in ("auto", "shm", "gloo"):
+        model = nn.Linear(4, 2)
+        try:
+            _, shm, described = build_ddp(model, WorkerInfo(rank=rank, world_size=world, device=torch.device("cpu")),
+                                          AllReduceConfig(cpu_transport=transport, shm_dir=shm_dir), list(model.parameters()))
+            results[transport] = {"described": described, "shm": shm is not None}
+        except RuntimeError as exc:
+            results[transport] = {"error": str(exc)}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("usable", [True, False], ids=["usable-dir", "missing-dir"])
+def test_build_ddp_picks_the_transport_and_says_why(tmp_path, usable):
+    """With a usable directory auto and shm map it; where rank 0 cannot create the mapping, auto falls back to
+    gloo and names the reason, shm refuses to start with the reason and the alternatives; gloo never tries."""
+    shm_dir = str(tmp_path) if usable else str(tmp_path / "missing")
+    mp.spawn(_build_worker, args=(2, str(tmp_path / "store"), str(tmp_path), shm_dir), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert results[0] == results[1]
+    got = results[0]
+    assert got["gloo"] == {"described": {"allreduce_transport": "gloo"}, "shm": False}
+    if usable:
+        assert got["auto"] == got["shm"] == {"described": {"allreduce_transport": "shm"}, "shm": True}
+        return
+    reason = rf"rank 0 could not reserve [\d,]+ bytes in {re.escape(shm_dir)}: \[Errno 2\] No such file or directory: '[^']+'"
+    assert got["auto"]["described"]["allreduce_transport"] == "gloo" and not got["auto"]["shm"]
+    assert re.fullmatch(f"shared memory unavailable: {reason}", got["auto"]["described"]["allreduce_note"]), got
+    assert re.fullmatch(rf"sync.allreduce.cpu_transport 'shm' needs every worker on one host, sharing {re.escape(shm_dir)}: "
+                        rf"{reason}. Use 'auto' to fall back to gloo, or 'gloo'", got["shm"]["error"]), got
