@@ -27,7 +27,8 @@ streams the same rows from the Parquet file, as it always does.
    Bar: lepton / bare <= 1.10 (lepton_ray adds at most 10 %).
 
 Ray is started once (``ray.init(num_cpus=4)``), so both sides pay the same
-cluster start (i.e. none). Every measurement is repeated ``--repeats`` times,
+cluster start (i.e. none). Before every run the script waits until the previous
+run's processes are gone (``settle``), so no side starts during another's teardown. Every measurement is repeated ``--repeats`` times,
 the sides alternating (and the order flipping every repeat), and the median is
 reported. An untimed bare TorchTrainer run first warms the driver's lazy imports.
 The bare TorchTrainer's steady-state throughput is printed too (for information:
@@ -195,6 +196,33 @@ def train_steps(rank: int, world: int, data: str, steps: int, global_batch: int,
     return times
 
 
+def _cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of the machine's CPU time spent busy over ``interval`` seconds (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    (t0, i0) = sample()
+    time.sleep(interval)
+    (t1, i1) = sample()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def settle(limit_s: float = 20.0) -> float:
+    """Wait until the previous run's processes are gone (every Ray CPU free, the machine < 15 % busy over 1 s),
+    at most ``limit_s``; returns the seconds waited. Without it, a side that starts right after a Ray Train
+    run shares the cores with that run's teardown, and which side does depends on the order."""
+    import ray
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        free = ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0)
+        if free and _cpu_busy() < 0.15:
+            break
+    return time.monotonic() - t0
+
+
 def steady_rate(points: list[tuple[int, float]], warmup: int, global_batch: int) -> float:
     """samples/s between the first point at step >= warmup and the last point."""
     pts = sorted(p for p in points if p[0] >= warmup)
@@ -348,11 +376,13 @@ def main() -> int:
 
         lep: list[dict[str, Any]] = []
         lep_gloo: list[dict[str, Any]] = []
+        settled: list[float] = []
         bare: list[tuple[float, float | None]] = []
         plain: list[tuple[float, float]] = []
         for rep in range(args.repeats):
             order = ["lepton", "lepton_gloo", "bare", "plain"]
             for side in (order if rep % 2 == 0 else order[::-1]):
+                settled.append(settle())
                 if side == "lepton":
                     lep.append(run_lepton(data, args.steps, args.batch_size, args.warmup, tmp, rep))
                     r = lep[-1]
@@ -401,6 +431,8 @@ def main() -> int:
           f" ratio {lep_med / plain_med:.3f}")
     print(f"  runs: lepton {[round(r['rate'], 1) for r in lep]}, lepton gloo {[round(r['rate'], 1) for r in lep_gloo]}, plain {[round(p[0], 1) for p in plain]} samples/s;"
           f" first step lepton {[round(r['ttfs'], 2) for r in lep]} s, bare {[round(b[0], 2) for b in bare]} s")
+    print(f"  before each run the machine settled (previous run's processes gone, < 15 % busy) for {statistics.fmean(settled):.1f}s"
+          f" on average, {max(settled):.1f}s at most (limit 20 s)")
     print(f"total wall time {time.monotonic() - wall0:.1f}s; 1-min load average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}"
           " (this machine has {} cores: a start value well above 0 means other processes shared them)".format(os.cpu_count()))
     return 1 if args.strict and not (tp_ok and st_ok) else 0
