@@ -28,9 +28,9 @@ streams the same rows from the Parquet file, as it always does.
 
 Ray is started once (``ray.init(num_cpus=4)``), so both sides pay the same
 cluster start (i.e. none). Before every run the script waits until the previous
-run's processes are gone (``settle``), so no side starts during another's teardown. Every measurement is repeated ``--repeats`` times,
-the sides alternating (and the order flipping every repeat), and the median is
-reported. An untimed bare TorchTrainer run first warms the driver's lazy imports.
+run's processes are gone (``settle``), so no side starts during another's
+teardown. Every measurement is repeated ``--repeats`` times, the sides
+alternating (and the order flipping every repeat), and the median is reported. An untimed bare TorchTrainer run first warms the driver's lazy imports.
 The bare TorchTrainer's steady-state throughput is printed too (for information:
 it separates what Ray Train costs from what lepton_ray adds).
 
@@ -38,7 +38,7 @@ it separates what Ray Train costs from what lepton_ray adds).
 
 On this 2-core machine a single run's samples/s varies by +-5 % from run to run (plain
 DDP alone ranged 6225..6880 in one invocation), so the defaults are 300 steps and 5
-alternating repeats (~11 minutes); fewer repeats give a ratio that is mostly noise.
+alternating repeats (12-13 minutes measured); fewer repeats give a ratio that is mostly noise.
 
 Exit status 0 whether or not the bars are met (the table says PASS/FAIL);
 ``--strict`` makes a missed bar exit 1.
@@ -379,8 +379,8 @@ def main() -> int:
         settled: list[float] = []
         bare: list[tuple[float, float | None]] = []
         plain: list[tuple[float, float]] = []
+        order = ["lepton", "lepton_gloo", "bare", "plain"]
         for rep in range(args.repeats):
-            order = ["lepton", "lepton_gloo", "bare", "plain"]
             for side in (order if rep % 2 == 0 else order[::-1]):
                 settled.append(settle())
                 if side == "lepton":
