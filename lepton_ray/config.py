@@ -196,10 +196,23 @@ class ModelConfig(_Section):
     name: str = "mlp"
     """A built-in model (see ``lepton_ray.models.MODELS``); ignored when ``factory`` is set."""
     factory: Optional[str] = None
-    """A user model as ``"package.module:function"``; called as
-    ``function(input_dim=..., num_outputs=..., **kwargs)`` and returning an ``nn.Module``."""
+    """A user model as ``"package.module:function"``; called as ``function(schema=..., **kwargs)`` with the
+    data's :class:`~lepton_ray.data.schema.Schema` (inputs and targets: names, dtypes, shapes, classes) and
+    returning an ``nn.Module`` whose ``forward`` takes the one input tensor, or a dict of them when there
+    are several. (A function without a ``schema`` parameter is called as ``function(input_dim=...,
+    num_outputs=..., **kwargs)``, for one flat input.)"""
     task: Literal["classification", "regression"] = "classification"
-    """classification: cross-entropy loss, accuracy; regression: MSE loss."""
+    """classification: cross-entropy loss, accuracy; regression: MSE loss (the defaults of ``loss`` and ``metrics``)."""
+    loss: Optional[str] = None
+    """``cross_entropy`` (logits ``[B, C, ...]`` or ``[B, ..., C]`` against class ids ``[B, ...]``, skipping
+    ``ignore_index``), ``mse``, ``bce`` (logits against 0/1 targets of the same shape), ``model`` (``forward``
+    gets the whole batch, targets too, and returns the loss or a dict with ``loss`` plus metrics to log), or
+    ``"package.module:function"`` called as ``function(output, target)``; omitted = by ``task``."""
+    metrics: Optional[list[str]] = None
+    """Eval metrics besides ``eval_loss``: ``accuracy``, ``auc`` (binary), ``mse``, ``bits_per_byte`` (the
+    cross-entropy per byte token in bits); omitted = ``accuracy`` (+ ``auc`` for 2 classes) or ``mse`` by task."""
+    ignore_index: int = -100
+    """Target value ``cross_entropy`` and ``accuracy`` skip (padding)."""
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     """Hidden layer widths of the built-in ``mlp``."""
     dropout: float = 0.0
@@ -209,7 +222,13 @@ class ModelConfig(_Section):
 
     def validate(self) -> None:
         from lepton_ray.models import MODELS
+        from lepton_ray.train.losses import LOSSES, METRICS
 
+        if self.loss is not None and ":" not in self.loss:
+            self._require(self.loss in (*LOSSES, "model"), "loss", f"must be one of {', '.join([*LOSSES, 'model'])} or 'package.module:function'")
+        for m in self.metrics or []:
+            if m not in METRICS:
+                raise ConfigError(f"model.metrics: {m!r} is not one of {', '.join(METRICS)}")
         if self.factory is None:
             self._require(self.name in MODELS, "name", f"must be one of {', '.join(sorted(MODELS))} (or set model.factory)")
         else:
@@ -230,12 +249,23 @@ class DataConfig(_Section):
     eval: Optional[str] = None
     """Parquet data held out for evaluation; omitted = no evaluation."""
     label: str = "label"
-    """The label column."""
+    """The label column: the one target when ``targets`` is omitted."""
     features: Optional[list[str]] = None
-    """Feature columns (numeric scalars or one fixed-size list column); omitted = every column but the label."""
+    """Feature columns (numeric scalars or fixed-size lists), concatenated into one float32 input ``x``;
+    omitted = every column but the label. Ignored when ``inputs`` is set."""
+    inputs: Optional[dict[str, Any]] = None
+    """The model's inputs by name: ``{name: column}`` or ``{name: {column, shape, dtype}}``. Each keeps its
+    column's dtype (int64 ids stay int64, uint8 stays uint8) and per-row shape: a fixed-size list of n values
+    is ``[B, n]``, or ``[B, *shape]`` with ``shape``; an Arrow fixed-shape tensor keeps its shape. ``dtype``
+    converts on the worker (one of float32, float64, float16, bfloat16, int64, int32, uint8, bool).
+    The model gets the one input tensor, or a dict of them when there are several. Omitted = ``features``."""
+    targets: Optional[dict[str, Any]] = None
+    """The loss's targets by name, in the same form as ``inputs``; omitted = ``{label: label}``."""
     builder: Optional[str] = None
     """Writes ``train``/``eval`` when ``train`` does not exist yet: a built-in name (``digits``)
-    or ``"package.module:function"`` called as ``function(train=URI, eval=URI, storage_options=...)``."""
+    or ``"package.module:function"`` called as ``function(train=URI, eval=URI, storage_options=..., **builder_kwargs)``."""
+    builder_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the builder (e.g. ``root`` and ``block`` of the ``text`` builder)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for the data URIs (endpoint, credentials); default: the standard AWS environment."""
     shuffle: bool = True
@@ -264,6 +294,32 @@ class DataConfig(_Section):
         if self.features is not None:
             self._require(len(self.features) > 0, "features", "must name at least one column (or be omitted)")
             self._require(self.label not in self.features, "features", f"must not contain the label column '{self.label}'")
+        for section in ("inputs", "targets"):
+            specs = getattr(self, section)
+            if specs is None:
+                continue
+            self._require(len(specs) > 0, section, "must name at least one column (or be omitted)")
+            for name, spec in specs.items():
+                _check_column_spec(f"data.{section}.{name}", spec)
+
+
+def _check_column_spec(path: str, spec: Any) -> None:
+    from lepton_ray.data.schema import CAST_DTYPES
+
+    if isinstance(spec, str):
+        return
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a column name or a mapping with column, shape, dtype; got {_show(spec)}")
+    unknown = [k for k in spec if k not in ("column", "shape", "dtype")]
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown key; valid keys are: column, shape, dtype")
+    if "column" in spec and not isinstance(spec["column"], str):
+        raise ConfigError(f"{path}.column: expected a column name, got {_show(spec['column'])}")
+    shape = spec.get("shape")
+    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ConfigError(f"{path}.shape: expected a list of positive ints such as [1, 8, 8], got {_show(shape)}")
+    if spec.get("dtype") is not None and spec["dtype"] not in CAST_DTYPES:
+        raise ConfigError(f"{path}.dtype: {_show(spec['dtype'])} is not one of {', '.join(CAST_DTYPES)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -298,6 +354,8 @@ class TrainConfig(_Section):
     """bf16: autocast on CPU or GPU; fp16: autocast + GradScaler, GPU only."""
     seed: int = 0
     """Seeds model init, data order and every RNG."""
+    eval_batch_size: int = 1024
+    """Rows per forward pass when evaluating (per worker)."""
     eval_every_steps: Optional[int] = None
     """Evaluate every N steps; omitted = at the end of every epoch (and always at the end)."""
     log_every_steps: int = 1
@@ -319,6 +377,7 @@ class TrainConfig(_Section):
         if self.eval_every_steps is not None:
             self._require(self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1")
         self._require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+        self._require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)

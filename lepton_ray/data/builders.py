@@ -63,8 +63,9 @@ def _clicks(train: str, eval: Optional[str], storage_options: Optional[dict] = N
 BUILDERS: dict[str, Callable[..., None]] = {"digits": digits, "clicks": _clicks}
 
 
-def build_data(builder: str, train: str, eval: Optional[str], storage_options: dict[str, Any]) -> None:
-    """Run a built-in or user builder to write ``train`` (and ``eval``)."""
+def build_data(builder: str, train: str, eval: Optional[str], storage_options: dict[str, Any],
+               kwargs: Optional[dict[str, Any]] = None) -> None:
+    """Run a built-in or user builder to write ``train`` (and ``eval``); ``kwargs``: ``data.builder_kwargs``."""
     if builder in BUILDERS:
         fn = BUILDERS[builder]
     else:
@@ -75,4 +76,7 @@ def build_data(builder: str, train: str, eval: Optional[str], storage_options: d
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"data.builder: cannot import '{builder}': {exc}") from None
-    fn(train=train, eval=eval, storage_options=storage_options)
+    try:
+        fn(train=train, eval=eval, storage_options=storage_options, **(kwargs or {}))
+    except TypeError as exc:  # an unknown data.builder_kwargs key
+        raise ConfigError(f"data.builder_kwargs: builder '{builder}' rejected them: {exc}") from None

@@ -1,41 +1,79 @@
-"""Model registry: built-in models by name, user models by import path."""
+"""Model registry: built-in models by name, user models by import path.
+
+Every model function is called as ``fn(schema=..., **kwargs)`` with the data's
+:class:`~lepton_ray.data.schema.Schema` and returns an ``nn.Module``. A user function
+without a ``schema`` parameter gets ``input_dim`` / ``num_outputs`` instead (one flat input).
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import inspect
+import math
+from typing import Any, Callable
 
 from torch import nn
 
 from lepton_ray.config import ConfigError, ModelConfig
-from lepton_ray.models.mlp import mlp
-from lepton_ray.models.recommender import recommender
+from lepton_ray.data.schema import Schema
 
-__all__ = ["MODELS", "build_model"]
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "recommender": recommender}
+__all__ = ["MODELS", "build_model", "flat_io"]
 
 
-def build_model(cfg: ModelConfig, input_dim: int, num_outputs: int) -> nn.Module:
-    """Build the configured model for ``input_dim`` features and ``num_outputs`` outputs.
+def _registry() -> dict[str, str]:
+    return {"mlp": "lepton_ray.models.mlp:mlp", "cnn": "lepton_ray.models.cnn:cnn", "gpt": "lepton_ray.models.gpt:gpt",
+            "recommender": "lepton_ray.models.recommender:recommender"}
 
-    >>> build_model(ModelConfig(hidden=[8]), 4, 3)[0]
+
+MODELS: dict[str, str] = _registry()
+"""Built-in model name -> ``module:function`` (imported when built)."""
+
+
+def flat_io(schema: Schema) -> tuple[int, int]:
+    """``(input_dim, num_outputs)`` of a model over one flattened input: the input's values per row, and
+    the target's classes (classification) or values per row (regression; 1 without a target).
+
+    >>> from lepton_ray.data.schema import Column
+    >>> flat_io(Schema(inputs=(Column("x", ("x",), "float32", (64,)),), targets=(Column("y", ("y",), "int64", (), 10),)))
+    (64, 10)
+    """
+    dim = sum(math.prod(c.shape) for c in schema.inputs)
+    t = schema.target
+    outputs = 1 if t is None else (t.num_classes or math.prod(t.shape))
+    return dim, outputs
+
+
+def _import(spec: str, option: str) -> Callable[..., Any]:
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{option}: cannot import '{spec}': {exc}") from None
+
+
+def build_model(cfg: ModelConfig, schema: Schema) -> nn.Module:
+    """Build the configured model for ``schema``.
+
+    >>> from lepton_ray.data.schema import Column
+    >>> s = Schema(inputs=(Column("x", ("x",), "float32", (4,)),), targets=(Column("y", ("y",), "int64", (), 3),))
+    >>> build_model(ModelConfig(hidden=[8]), s)[0]
     Linear(in_features=4, out_features=8, bias=True)
     """
     if cfg.factory is None:
-        kwargs = {"hidden": list(cfg.hidden), "dropout": cfg.dropout} if cfg.name == "mlp" else {}
-        if cfg.name == "recommender":
-            kwargs = {"hidden": list(cfg.hidden)}
+        fn = _import(MODELS[cfg.name], "model.name")
+        kwargs = {"hidden": list(cfg.hidden)} if cfg.name in ("mlp", "recommender", "cnn") else {}
+        if cfg.name == "mlp":
+            kwargs["dropout"] = cfg.dropout
         try:
-            return MODELS[cfg.name](input_dim=input_dim, num_outputs=num_outputs, **{**kwargs, **cfg.kwargs})
-        except (TypeError, ValueError) as exc:  # a bad model.kwargs value: name it before any worker starts
+            return fn(schema=schema, **{**kwargs, **cfg.kwargs})
+        except (TypeError, ValueError) as exc:  # a bad model.kwargs value or an unsuitable schema: before any worker starts
             raise ConfigError(f"model: cannot build '{cfg.name}': {exc}") from None
-    module, _, name = cfg.factory.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model.factory: cannot import '{cfg.factory}': {exc}") from None
-    model = fn(input_dim=input_dim, num_outputs=num_outputs, **cfg.kwargs)
+    fn = _import(cfg.factory, "model.factory")
+    if "schema" in inspect.signature(fn).parameters:
+        model = fn(schema=schema, **cfg.kwargs)
+    else:
+        input_dim, num_outputs = flat_io(schema)
+        model = fn(input_dim=input_dim, num_outputs=num_outputs, **cfg.kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory: '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
