@@ -52,6 +52,7 @@ import torch
 from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data.cache import ShardCache
 from lepton_ray.data.prepare import read_manifest
+from lepton_ray.data.schema import Schema, decode
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "list_parquet", "load_arrays",
@@ -77,9 +78,8 @@ class TableInfo:
     uri: str
     files: tuple[str, ...]
     num_rows: int
-    features: tuple[str, ...]
-    label: str
-    feature_dim: int
+    schema: Schema
+    """The batch's inputs and targets: names, dtypes, per-row shapes."""
     shards: tuple[Shard, ...] = field(default=())
     prepared: bool = False  # has a committed _manifest.json
 
@@ -127,17 +127,6 @@ def data_exists(uri: str, storage_options: dict) -> bool:
     return bool(fs.exists(path))
 
 
-def _feature_width(key: str, uri: str, field: pa.Field) -> int:
-    t = field.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-        return 1
-    if pa.types.is_fixed_size_list(t) and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
-        return t.list_size
-    raise ConfigError(
-        f"{key}: feature column '{field.name}' in '{uri}' has type {t}; features must be numeric scalars or fixed-size numeric lists"
-    )
-
-
 def describe(key: str, uri: str, cfg: DataConfig) -> TableInfo:
     """List the shards behind ``uri`` and check the label and feature columns against their schema."""
     fs, path = filesystem(uri, cfg.storage_options)
@@ -174,58 +163,23 @@ def describe(key: str, uri: str, cfg: DataConfig) -> TableInfo:
             raise ConfigError(f"{key}: '{name}' does not match {uri}/_manifest.json (row groups differ); prepare the data again")
         shards.append(Shard(path=name, num_rows=meta.num_rows, row_groups=row_groups, bytes=int(f["size"]), sha256=sha))
     assert schema is not None  # _list_parquet never returns an empty list
-    names = schema.names
-    if cfg.label not in names:
-        raise ConfigError(f"data.label: column '{cfg.label}' is not in {key} '{uri}' (columns: {', '.join(names)})")
-    features = tuple(cfg.features) if cfg.features is not None else tuple(n for n in names if n != cfg.label)
-    missing = [c for c in features if c not in names]
-    if missing:
-        raise ConfigError(f"data.features: column '{missing[0]}' is not in {key} '{uri}' (columns: {', '.join(names)})")
-    if not features:
-        raise ConfigError(f"data.features: {key} '{uri}' has no column besides the label '{cfg.label}'")
-    dim = sum(_feature_width(key, uri, schema.field(c)) for c in features)
+    typed = Schema.from_arrow(schema, inputs=cfg.inputs, targets=cfg.targets, features=cfg.features, label=cfg.label, key=key, uri=uri)
     num_rows = sum(s.num_rows for s in shards)
     if num_rows == 0:
         raise ConfigError(f"{key}: '{uri}' has no rows")
-    return TableInfo(key=key, uri=uri, files=tuple(s.path for s in shards), num_rows=num_rows, features=features,
-                     label=cfg.label, feature_dim=dim, shards=tuple(shards), prepared=manifest is not None)
+    return TableInfo(key=key, uri=uri, files=tuple(s.path for s in shards), num_rows=num_rows, schema=typed,
+                     shards=tuple(shards), prepared=manifest is not None)
 
 
 def _schema_text(schema: pa.Schema) -> str:
     return ", ".join(f"{f.name}: {f.type}" for f in schema)
 
 
-def _column_matrix(col: pa.ChunkedArray) -> np.ndarray:
-    """One feature column as float32 [rows, width]."""
-    if pa.types.is_fixed_size_list(col.type):
-        width = col.type.list_size
-        flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([], col.type.value_type)
-        return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
-    return col.to_numpy().astype(np.float32, copy=False).reshape(-1, 1)
-
-
-def _check_nulls(info: TableInfo, table: pa.Table) -> None:
-    for c in (*info.features, info.label):
-        nulls = table.column(c).null_count
-        if nulls:  # a null list row would vanish in flatten() and shift every later row against its label
-            what = "label" if c == info.label else "feature"
-            raise ConfigError(f"{info.key}: {what} column '{c}' in '{info.uri}' has {nulls} null value(s); fill or drop them first")
-
-
-def _to_arrays(info: TableInfo, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    _check_nulls(info, table)
-    cols = [_column_matrix(table.column(c)) for c in info.features]
-    x = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
-    y = table.column(info.label).to_numpy()
-    # writable (arrow's zero-copy views are read-only, and torch.from_numpy needs writable memory): copies only when needed
-    return np.require(x, np.float32, ["C", "W"]), y.copy()
-
-
-def load_arrays(info: TableInfo, storage_options: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole split as ``(features float32 [N, D], labels [N])``, files in listed order."""
+def load_arrays(info: TableInfo, storage_options: dict) -> dict[str, np.ndarray]:
+    """Read a whole split as one array per input and target (``[N, *shape]``), files in listed order."""
     fs, _ = filesystem(info.uri, storage_options)
-    table = pq.ParquetDataset(list(info.files), filesystem=arrow_filesystem(fs)).read(columns=[*info.features, info.label])
-    return _to_arrays(info, table)
+    table = pq.ParquetDataset(list(info.files), filesystem=arrow_filesystem(fs)).read(columns=info.schema.parquet_columns())
+    return decode(info.schema, table, key=info.key, uri=info.uri)
 
 
 # --------------------------------------------------------------------------- the epoch plan (pure functions)
@@ -329,11 +283,13 @@ class WorkerStream:
     """
 
     def __init__(self, info: TableInfo, cfg: DataConfig, *, rank: int, world_size: int, local_batch: int, seed: int,
-                 label_dtype: torch.dtype = torch.int64, device: torch.device = torch.device("cpu"),
+                 device: torch.device = torch.device("cpu"),
                  claim: Optional[Callable[[int, int], Optional[int]]] = None):
         self.info, self.cfg, self.claim = info, cfg, claim
         self.rank, self.world_size, self.local_batch, self.seed = rank, world_size, local_batch, seed
-        self.label_dtype, self.device = label_dtype, device
+        self.device = device
+        # numpy has no bfloat16: those columns are decoded as float32 and cast per batch
+        self._casts = {c.name: getattr(torch, c.dtype) for c in info.schema.columns if c.dtype == "bfloat16"}
         self.fs, _ = filesystem(info.uri, cfg.storage_options)
         self.afs = arrow_filesystem(self.fs)
         self.remote = "://" in info.uri and not info.uri.startswith("file://")
@@ -342,7 +298,7 @@ class WorkerStream:
         if claim is not None:
             self.stats.update(pieces_claimed=0, rows_dropped=0)
         self._steps: dict[int, int] = {}
-        self._decoded: "OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._decoded: "OrderedDict[tuple[int, int], dict[str, np.ndarray]]" = OrderedDict()
         self._decoded_bytes = 0
         self._decoded_lock = threading.Lock()
         self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
@@ -389,8 +345,8 @@ class WorkerStream:
         fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
         return pq.ParquetFile(fh)
 
-    def _row_group(self, shard: int, row_group: int, files: dict[int, pq.ParquetFile]) -> tuple[np.ndarray, np.ndarray]:
-        """One row group, decoded to ``(x float32 [n, D], y [n])``; kept in memory across epochs while the
+    def _row_group(self, shard: int, row_group: int, files: dict[int, pq.ParquetFile]) -> dict[str, np.ndarray]:
+        """One row group, decoded to one array per input and target (``[n, *shape]``); kept in memory across epochs while the
         decoded row groups fit in ``data.memory_cache_bytes`` (least recently used evicted first)."""
         key = (shard, row_group)
         with self._decoded_lock:
@@ -401,36 +357,33 @@ class WorkerStream:
             files[shard] = self._open(self.info.shards[shard])
         pf = files[shard]
         table = self._with_retries(self.info.shards[shard].path, lambda: pf.read_row_group(
-            row_group, columns=[*self.info.features, self.info.label]))
+            row_group, columns=self.info.schema.parquet_columns()))
         if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:
             self.stats["remote_row_group_reads"] += 1
-        arrays = _to_arrays(self.info, table)
+        arrays = decode(self.info.schema, table, key=self.info.key, uri=self.info.shards[shard].path)
         self.stats["row_groups_decoded"] += 1
         with self._decoded_lock:
             self._decoded[key] = arrays
-            self._decoded_bytes += arrays[0].nbytes + arrays[1].nbytes
+            self._decoded_bytes += sum(a.nbytes for a in arrays.values())
             while self._decoded and self._decoded_bytes > self.cfg.memory_cache_bytes:
-                _, (ox, oy) = self._decoded.popitem(last=False)
-                self._decoded_bytes -= ox.nbytes + oy.nbytes
+                _, old = self._decoded.popitem(last=False)
+                self._decoded_bytes -= sum(a.nbytes for a in old.values())
         return arrays
 
-    def _read_window(self, window: list[Unit], files: dict[int, pq.ParquetFile]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(x, y, rows)``: the window's row groups (one array, concatenated if several) and the indices
-        of the window's rows in it, in unit order. A row group cut into several units is decoded once."""
+    def _read_window(self, window: list[Unit], files: dict[int, pq.ParquetFile]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(columns, rows)``: the window's row groups (one tensor per column, concatenated if several) and
+        the indices of the window's rows in them, in unit order. A row group cut into several units is decoded once."""
         offsets: dict[tuple[int, int], int] = {}
-        arrays: list[tuple[np.ndarray, np.ndarray]] = []
+        arrays: list[dict[str, np.ndarray]] = []
         rows, held = [], 0
         for u in window:
             key = (u.shard, u.row_group)
             if key not in offsets:
                 arrays.append(self._row_group(u.shard, u.row_group, files))
-                offsets[key], held = held, held + len(arrays[-1][1])
+                offsets[key], held = held, held + len(next(iter(arrays[-1].values())))
             rows.append(np.arange(u.start, u.stop) + offsets[key])
-        if len(arrays) == 1:
-            x, y = arrays[0]
-        else:
-            x, y = np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays])
-        return x, y, np.concatenate(rows)
+        cols = {k: torch.from_numpy(arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays])) for k in arrays[0]}
+        return cols, torch.from_numpy(np.concatenate(rows))
 
     def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
         try:
@@ -445,11 +398,11 @@ class WorkerStream:
                     if offset >= end_row:
                         break
                     continue
-                x, y, rows = self._read_window(window, files)
+                cols, rows = self._read_window(window, files)
                 if self.cfg.shuffle:  # the local shuffle buffer: a seeded permutation of the window's rows
-                    rows = rows[np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(n)]
-                # the rows still to be consumed; the consumer gathers each batch from x by these indices
-                _put(out, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rows[lo:hi])), stop)
+                    rows = rows[torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(n))]
+                # the rows still to be consumed; the consumer gathers each batch from the columns by these indices
+                _put(out, (cols, rows[lo:hi]), stop)
                 if stop.is_set() or offset >= end_row:
                     break
             if self.cache is not None:
@@ -470,20 +423,20 @@ class WorkerStream:
                 if i is None:
                     break
                 self.stats["pieces_claimed"] += 1
-                x, y, rows = self._read_window([units[i]], files)
+                cols, rows = self._read_window([units[i]], files)
                 if self.cfg.shuffle:
-                    rows = rows[np.random.default_rng([self.seed, epoch, i]).permutation(len(rows))]
-                _put(out, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(rows)), stop)
+                    rows = rows[torch.from_numpy(np.random.default_rng([self.seed, epoch, i]).permutation(len(rows)))]
+                _put(out, (cols, rows), stop)
             _put(out, None, stop)
         except BaseException as exc:  # hand the error to the training loop
             _put(out, exc, stop)
 
-    def _dealt_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _dealt_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         out: "queue.Queue[Any]" = queue.Queue(maxsize=1)
         room, stop = threading.Semaphore(1), threading.Event()
         producer = threading.Thread(target=self._produce_dealt, args=(epoch, out, room, stop), daemon=True)
         producer.start()
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending: list[dict[str, torch.Tensor]] = []
         held = 0
         try:
             while True:
@@ -496,27 +449,28 @@ class WorkerStream:
                 if item is None:
                     self.stats["rows_dropped"] += held
                     return
-                x, y, rows = item
-                pending.append((x.index_select(0, rows), y.index_select(0, rows)))
+                cols, rows = item
+                pending.append({k: v.index_select(0, rows) for k, v in cols.items()})
                 held += len(rows)
                 while held >= self.local_batch:
-                    xa, ya = (pending[0] if len(pending) == 1 else (torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])))
+                    merged = pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
                     b = self.local_batch
-                    pending = [(xa[b:], ya[b:])] if len(ya) > b else []
+                    pending = [{k: v[b:] for k, v in merged.items()}] if held > b else []
                     held -= b
                     self.stats["rows"] += b
-                    yield self._to_device(xa[:b], ya[:b].to(self.label_dtype))
+                    yield self._to_device({k: v[:b] for k, v in merged.items()})
         finally:
             stop.set()
             producer.join(timeout=10)
 
-    def _to_device(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":
-            xb = xb.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy runs asynchronously
-            yb = yb.pin_memory().to(self.device, non_blocking=True)
-        elif self.device.type != "cpu":
-            xb, yb = xb.to(self.device), yb.to(self.device)
-        return xb, yb
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for k, dtype in self._casts.items():
+            batch[k] = batch[k].to(dtype)
+        if self.device.type == "cuda":  # pinned: the copy runs asynchronously
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.device.type != "cpu":
+            return {k: v.to(self.device) for k, v in batch.items()}
+        return batch
 
     # ---- consuming (training loop)
 
@@ -536,8 +490,8 @@ class WorkerStream:
             stop.set()
             producer.join(timeout=10)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(x, y)`` for steps ``start_step .. steps(epoch)-1`` of ``epoch``.
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the batch (one tensor per input and target) for steps ``start_step .. steps(epoch)-1`` of ``epoch``.
 
         Once every row of this epoch has been read, the next epoch's first windows are read in the
         background, so the loop does not wait for data at the epoch boundary.
@@ -557,11 +511,11 @@ class WorkerStream:
         else:
             self.close()
             out, stop, producer = self._start(epoch, start_step)
-        segments: "deque[list[Any]]" = deque()  # [x, y, rows, next position in rows]
+        segments: "deque[list[Any]]" = deque()  # [columns, rows, next position in rows]
         step, received, wanted = start_step, 0, (steps - start_step) * b
         try:
             while step < steps:
-                xs, ys, need = [], [], b
+                parts, need = [], b
                 while need:
                     if not segments:
                         t0 = time.perf_counter()
@@ -572,23 +526,22 @@ class WorkerStream:
                         if item is None:
                             raise RuntimeError(f"{self.info.key}: the data ended before step {steps} of epoch {epoch}")
                         segments.append([*item, 0])
-                        received += len(item[2])
+                        received += len(item[1])
                         if received >= wanted and self.steps(epoch + 1) > 0:
                             self.close()
                             self._next = (epoch + 1, self._start(epoch + 1, 0))
                     seg = segments[0]
-                    x, y, rows, pos = seg
+                    cols, rows, pos = seg
                     idx = rows[pos:pos + need]
-                    xs.append(x.index_select(0, idx))  # one batch-sized gather per step, like indexing an in-memory tensor
-                    ys.append(y.index_select(0, idx))
+                    # one batch-sized gather per step, like indexing an in-memory tensor
+                    parts.append({k: v.index_select(0, idx) for k, v in cols.items()})
                     need -= len(idx)
-                    seg[3] += len(idx)
-                    if seg[3] == len(rows):
+                    seg[2] += len(idx)
+                    if seg[2] == len(rows):
                         segments.popleft()
-                xb = xs[0] if len(xs) == 1 else torch.cat(xs)
-                yb = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(self.label_dtype)
+                batch = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                 self.stats["rows"] += b
-                yield self._to_device(xb, yb)
+                yield self._to_device(batch)
                 step += 1
         finally:
             stop.set()

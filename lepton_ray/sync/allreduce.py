@@ -76,8 +76,8 @@ class AllReduce(Strategy):
     def no_sync(self) -> ContextManager[Any]:
         return self._ddp.no_sync() if self._ddp is not None else super().no_sync()
 
-    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], batches: int = 1) -> None:
-        optimizer_step(optimizer, list(self._model.parameters()), scaler, self.config.train.grad_clip_norm)
+    def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
+        optimizer_step(optimizer, list(self._model.parameters()), precision, self.config.train.grad_clip_norm)
 
     def shutdown(self) -> None:
         if self._shm is not None:

@@ -53,22 +53,9 @@ def fused_kwargs(params: list[torch.Tensor], *, scaled: bool = False) -> dict[st
     return {"fused": True} if ok and params else {}
 
 
-def optimizer_step(
-    optimizer: torch.optim.Optimizer,
-    params: list[nn.Parameter],
-    scaler: Optional[torch.amp.GradScaler],
-    clip_norm: Optional[float],
-) -> None:
-    """Unscale (fp16), clip the global grad norm, step. Shared by every strategy."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], precision: Any, clip_norm: Optional[float]) -> None:
+    """Unscale (fp16), clip the global grad norm, step: ``precision.step``, shared by every strategy."""
+    precision.step(optimizer, params, clip_norm)
 
 
 class Strategy(ABC):
@@ -80,10 +67,10 @@ class Strategy(ABC):
     """Workers advance in lock step, so the loop may run a collective every step (the loss all-reduce).
     False for asynchronous strategies, where a per-step collective would re-synchronise the workers."""
 
-    elastic: bool = False
-    """Workers take different numbers of batches (data dealt to whoever is free, see :meth:`claimer`);
-    the loop then asks :meth:`held` after each batch, counts steps by :meth:`progress`, and evaluates
-    and checkpoints only at epoch ends, after :meth:`drain`."""
+    stepwise: bool = True
+    """Every worker takes the same steps, so the loop may evaluate and checkpoint after any step. False when
+    workers take different numbers of batches (the elastic parameter server): then only at epoch ends,
+    where every worker meets, after :meth:`drain`."""
 
     def __init__(self, config: Config, worker: WorkerInfo, services: Any = None):
         self.config = config
@@ -129,24 +116,24 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], batches: int = 1) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         """Apply one optimizer step from the accumulated gradients (the sum of ``batches`` batch-mean
         gradients; more than 1 only for elastic strategies)."""
 
     def held(self, batches: int) -> bool:
-        """Elastic strategies, after each batch (``batches`` computed since the last step): True = compute
-        another batch and add it to the next step instead of stepping now."""
+        """After each batch (``batches`` computed since the last step): True = compute another batch and add
+        it to the next step instead of stepping now (a strategy that waits on others may defer its step)."""
         return False
 
-    def progress(self) -> int:
-        """Elastic strategies: the run's step (every worker's batches, over the world size)."""
-        raise NotImplementedError
+    def advance(self, step: int) -> int:
+        """The run's step after this worker's optimizer step ``step`` (lock-step: ``step + 1``)."""
+        return step + 1
 
-    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> int:
-        """Elastic strategies, every worker at the same epoch ends: apply the ``batches`` computed but not yet
-        stepped, wait for every worker, refresh the parameters; returns :meth:`progress`. ``last``: no
-        more steps follow."""
-        raise NotImplementedError
+    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> Optional[int]:
+        """Every worker, at the same epoch end, before an evaluation or checkpoint: apply the ``batches``
+        computed but not yet stepped, wait for every worker; returns the run's step (None: unchanged).
+        ``last``: no more steps follow."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Worker, after :meth:`wrap`: how this strategy communicates (e.g. ``allreduce_transport``),

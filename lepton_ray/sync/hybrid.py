@@ -73,7 +73,7 @@ class Hybrid(ParamServer):
     def no_sync(self) -> ContextManager[Any]:
         return self._ddp.no_sync() if self._ddp is not None else super().no_sync()
 
-    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], batches: int = 1) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         self._push(optimizer.param_groups[0]["lr"])  # embedding rows to the shards (clears their local grads)
         dense = [p for n, p in self._model.named_parameters() if n not in self._tables]
-        optimizer_step(optimizer, dense, scaler, None)
+        optimizer_step(optimizer, dense, precision, None)

@@ -178,8 +178,17 @@ class ParamServer(Strategy):
         return self.config.sync.ps.mode == "sync"
 
     @property
-    def elastic(self) -> bool:  # type: ignore[override]
+    def elastic(self) -> bool:
+        """``balance: dynamic`` (and not ``sync``): data dealt to whoever is free, workers take different numbers of batches."""
         return self.config.sync.ps.balance == "dynamic" and self.config.sync.ps.mode != "sync"
+
+    @property
+    def stepwise(self) -> bool:  # type: ignore[override]
+        return not self.elastic
+
+    def advance(self, step: int) -> int:
+        """Elastic: the run's step counts every worker's batches (:meth:`progress`)."""
+        return max(step, self.progress()) if self.elastic else step + 1
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self._model = model
@@ -303,7 +312,7 @@ class ParamServer(Strategy):
             self._max_gap = max(self._max_gap, reply["max_gap"])
             self._received = max(self._received, reply["batches"])
 
-    def step(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], batches: int = 1) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         self._await_release()  # a push never goes past the staleness bound
         self._push(optimizer.param_groups[0]["lr"], batches)
         if self.config.sync.ps.max_batches_per_push == 1:
@@ -316,7 +325,7 @@ class ParamServer(Strategy):
         ssp release, the batches computed on the parameters it has add up, ``sync.ps.max_batches_per_push``
         - 1 at most (then it waits for the release); once released, one more batch is computed on the fresh
         parameters, and that push goes out."""
-        if not self._release:
+        if not self.elastic or not self._release:
             return False
         import ray
 

@@ -15,16 +15,18 @@ import hashlib
 import io
 import json
 import pickle
+import random
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from lepton_ray.storage import filesystem, is_local, join
 
-__all__ = ["CheckpointError", "CheckpointStore", "Checkpoint", "MANIFEST"]
+__all__ = ["CheckpointError", "CheckpointStore", "Checkpoint", "MANIFEST", "rng_state", "set_rng_state"]
 
 MANIFEST = "MANIFEST.json"
 FORMAT = "lepton_ray.checkpoint/1"
@@ -170,3 +172,27 @@ class CheckpointStore:
             m = _STEP_DIR.search(entry.rstrip("/"))
             if m and int(m.group(1)) < newest and int(m.group(1)) not in keep:
                 self.fs.rm(entry, recursive=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from (torch, Python, numpy, CUDA), as checkpointable tensors and lists."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -19,13 +19,15 @@ import torch
 
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
-from lepton_ray.data.pipeline import TableInfo, data_exists, describe
-from lepton_ray.data.pipeline import steps_in_epoch
+from lepton_ray.data.pipeline import TableInfo, data_exists, describe, steps_in_epoch
+from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, join, redact_config
 from lepton_ray.sync import STRATEGIES
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
+from lepton_ray.train.context import WorkerContext
+from lepton_ray.train.losses import ShapeError, make_loss, model_inputs
 from lepton_ray.train.loop import LoopSpec, train_loop
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
@@ -131,13 +133,11 @@ class Trainer:
         cfg = self.config
         d = cfg.data
         if d.builder and not data_exists(d.train, d.storage_options):
-            build_data(d.builder, d.train, d.eval, d.storage_options)
+            build_data(d.builder, d.train, d.eval, d.storage_options, d.builder_kwargs)
         self.train_info = describe("data.train", d.train, d)
         self.eval_info = describe("data.eval", d.eval, d) if d.eval else None
-        if self.eval_info is not None and self.eval_info.feature_dim != self.train_info.feature_dim:
-            raise ConfigError(
-                f"data.eval: '{d.eval}' has {self.eval_info.feature_dim} feature values per row, data.train has {self.train_info.feature_dim}"
-            )
+        if self.eval_info is not None:
+            resolve_columns(self.train_info.schema, self.eval_info.schema, "data.eval", d.eval)
         if cfg.train.batch_size > self.train_info.num_rows:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
         w = cfg.scaling.num_workers
@@ -148,7 +148,8 @@ class Trainer:
                 f" in epoch 0 ({self.train_info.num_rows} rows in {len(self.train_info.shards)} file(s) dealt to {w} workers);"
                 " use a smaller batch or prepare the data with more row groups"
             )
-        self.num_outputs = self._num_outputs()
+        self._with_classes()
+        self._check_model()
         STRATEGIES[cfg.sync.strategy].check(cfg, self._model)
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
 
@@ -157,24 +158,54 @@ class Trainer:
     def _model(self) -> "torch.nn.Module":
         """The model exactly as every worker initialises it (same seed), for strategy checks and services."""
         torch.manual_seed(self.config.train.seed)
-        return build_model(self.config.model, self.train_info.feature_dim, self.num_outputs)
+        return build_model(self.config.model, self.train_info.schema)
 
-    def _labels(self, info: TableInfo) -> np.ndarray:
+    def _values(self, info: TableInfo, column: Column) -> np.ndarray:
+        """Every value of one target column of a split, flattened."""
         fs, _ = filesystem(info.uri, self.config.data.storage_options)
-        afs = arrow_filesystem(fs)
-        return np.concatenate([pq.read_table(f, columns=[info.label], filesystem=afs).column(0).to_numpy() for f in info.files])
+        table = pq.ParquetDataset(list(info.files), filesystem=arrow_filesystem(fs)).read(columns=list(column.columns))
+        return decode(Schema((), (column,)), table, key=info.key, uri=info.uri)[column.name].reshape(-1)
 
-    def _num_outputs(self) -> int:
-        if self.config.model.task == "regression":
-            return 1
-        infos = [i for i in (self.train_info, self.eval_info) if i is not None]
-        labels = np.concatenate([self._labels(i) for i in infos])
-        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise ConfigError(
-                f"data.label: column '{self.config.data.label}' must hold class ids 0..K-1 for classification"
-                f" (found dtype {labels.dtype}, min {labels.min()}); for real-valued targets set model.task: regression"
-            )
-        return int(labels.max()) + 1
+    def _with_classes(self) -> None:
+        """Classification: each integer target's class count (max + 1 over both splits), checked to be ids 0..K-1."""
+        m = self.config.model
+        if (m.loss or ("cross_entropy" if m.task == "classification" else "mse")) != "cross_entropy":
+            return
+        counts = {}
+        for c in self.train_info.schema.targets:
+            values = np.concatenate([self._values(i, c) for i in (self.train_info, self.eval_info) if i is not None])
+            values = values[values != m.ignore_index]
+            if not np.issubdtype(values.dtype, np.integer) or (values.size and values.min() < 0):
+                raise ConfigError(
+                    f"data.targets.{c.name}: column '{c.columns[0]}' must hold class ids 0..K-1 for cross_entropy"
+                    f" (found dtype {values.dtype}, min {values.min() if values.size else 'none'}); for real-valued targets set"
+                    f" model.task: regression (or model.loss: mse)")
+            counts[c.name] = int(values.max()) + 1 if values.size else 1
+        self.train_info = replace(self.train_info, schema=self.train_info.schema.with_classes(counts))
+        if self.eval_info is not None:
+            self.eval_info = replace(self.eval_info, schema=self.eval_info.schema.with_classes(counts))
+
+    def _check_model(self) -> None:
+        """One forward pass and loss on two rows of data.train, on the driver: a model whose output does not
+        fit its loss fails here, before any worker starts, with both shapes."""
+        info, m = self.train_info, self.config.model
+        fs, _ = filesystem(info.uri, self.config.data.storage_options)
+        first = pq.ParquetFile(info.shards[0].path, filesystem=arrow_filesystem(fs)).read_row_group(0, columns=info.schema.parquet_columns())
+        batch = {k: torch.from_numpy(v[:2]) for k, v in decode(info.schema, first.slice(0, 2), key=info.key, uri=info.uri).items()}
+        try:
+            loss = make_loss(m, info.schema)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        model = self._model()
+        try:
+            with torch.no_grad():
+                out = model(model_inputs(batch, tuple(c.name for c in info.schema.inputs), loss.name))
+                loss(out, batch)
+        except ShapeError as exc:
+            raise ConfigError(f"model: {exc}") from None
+        except Exception as exc:  # the user's model or loss fails on real rows: say so now, not in every worker
+            shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in batch.items())
+            raise ConfigError(f"model: a forward pass on 2 rows of data.train ({shapes}) failed: {type(exc).__name__}: {exc}") from None
 
     def _store(self, name: str) -> CheckpointStore:
         c = self.config.checkpoint
@@ -218,7 +249,7 @@ class Trainer:
             ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
             strategy = STRATEGIES[cfg.sync.strategy]
             services = strategy.launch(cfg, self._model, self.checkpoint_uri, self.run_name)
-            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.num_outputs, self.checkpoint_uri, sink,
+            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink,
                             report_to_ray=self.report_to_ray, services=services)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
@@ -296,7 +327,8 @@ def _poll_interval(seconds: float) -> Iterator[None]:
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
-    train_loop(config["spec"])
+    spec: LoopSpec = config["spec"]
+    train_loop(spec, WorkerContext.from_ray(use_gpu=spec.config["scaling"]["use_gpu"], report=spec.report_to_ray))
 
 
 class _Watcher(threading.Thread):

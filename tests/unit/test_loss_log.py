@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from lepton_ray.train.loop import _LossLog
+from lepton_ray.train.metrics import LossLog as _LossLog
 
 
 class _ListBuffer:

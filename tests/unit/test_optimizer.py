@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lepton_ray.config import load_config
-from lepton_ray.train.loop import make_optimizer
+from lepton_ray.train.optim import make_optimizer
 
 
 def cfg(scaling=None, **train):
