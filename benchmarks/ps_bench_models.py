@@ -38,4 +38,4 @@ class Straggler(nn.Module):
 
 def straggler_mlp(input_dim: int, num_outputs: int, step_s: float = 0.03, pattern: str = "rank1", phase: int = 2,
                   hidden=(64,)) -> nn.Module:
-    return Straggler(mlp(input_dim, num_outputs, hidden=list(hidden)), step_s, pattern, phase)
+    return Straggler(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), step_s, pattern, phase)

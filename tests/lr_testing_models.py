@@ -35,7 +35,7 @@ class CrashOnce(nn.Module):
 
 
 def crash_once_mlp(input_dim: int, num_outputs: int, crash_at: int, marker: str, hidden=(32,)) -> nn.Module:
-    return CrashOnce(mlp(input_dim, num_outputs, hidden=list(hidden)), crash_at, marker)
+    return CrashOnce(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), crash_at, marker)
 
 
 class RecordIds(nn.Module):
@@ -59,4 +59,4 @@ class RecordIds(nn.Module):
 
 
 def record_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn.Module:
-    return RecordIds(mlp(input_dim - 1, num_outputs, hidden=[16]), log_dir)
+    return RecordIds(mlp(input_dim=input_dim - 1, num_outputs=num_outputs, hidden=[16]), log_dir)

@@ -29,7 +29,7 @@ class SlowRank(nn.Module):
 
 
 def slow_mlp(input_dim: int, num_outputs: int, slow_rank: int = 1, delay_s: float = 0.05, hidden=(32,)) -> nn.Module:
-    return SlowRank(mlp(input_dim, num_outputs, hidden=list(hidden)), slow_rank, delay_s)
+    return SlowRank(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), slow_rank, delay_s)
 
 
 class KillShardOnce(nn.Module):
@@ -64,4 +64,4 @@ class KillShardOnce(nn.Module):
 
 
 def kill_shard_once_mlp(input_dim: int, num_outputs: int, kill_at: int, marker: str, run_name: str, hidden=(64,)) -> nn.Module:
-    return KillShardOnce(mlp(input_dim, num_outputs, hidden=list(hidden)), kill_at, marker, run_name)
+    return KillShardOnce(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), kill_at, marker, run_name)

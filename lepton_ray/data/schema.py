@@ -121,10 +121,12 @@ class Schema:
         without ``targets`` the ``label`` column is the one target (``label: None``: no target).
         """
         names = schema.names
+        legacy_label = targets is None
         if targets is None:
             targets = {label: label} if label else {}
         target_cols = [_spec(n, s)[0] for n, s in targets.items()]
-        out_targets = tuple(_typed(name, spec, schema, "data.targets", key, uri) for name, spec in targets.items())
+        out_targets = tuple(_typed(name, spec, schema, "data.label" if legacy_label else "data.targets", key, uri)
+                            for name, spec in targets.items())
         if inputs is not None:
             out_inputs = tuple(_typed(name, spec, schema, "data.inputs", key, uri) for name, spec in inputs.items())
         else:
@@ -133,7 +135,8 @@ class Schema:
                 if c not in names:
                     raise ConfigError(f"data.features: column '{c}' is not in {key} '{uri}' (columns: {', '.join(names)})")
             if not cols:
-                raise ConfigError(f"data.features: {key} '{uri}' has no column besides the target(s) {', '.join(target_cols)}")
+                besides = f"the label '{label}'" if legacy_label else f"the targets ({', '.join(target_cols)})"
+                raise ConfigError(f"data.features: {key} '{uri}' has no column besides {besides}")
             width = sum(_legacy_width(schema.field(c), key, uri) for c in cols)
             out_inputs = (Column(LEGACY_INPUT, cols, "float32", (width,)),)
         return cls(inputs=out_inputs, targets=out_targets)
@@ -162,13 +165,14 @@ def _arrow_shape(t: pa.DataType) -> tuple[tuple[int, ...], pa.DataType]:
 
 def _typed(name: str, spec: Any, schema: pa.Schema, option: str, key: str, uri: str) -> Column:
     column, want_shape, cast = _spec(name, spec)
+    where = option if option == "data.label" else f"{option}.{name}"
     if column not in schema.names:
-        raise ConfigError(f"{option}.{name}: column '{column}' is not in {key} '{uri}' (columns: {', '.join(schema.names)})")
+        raise ConfigError(f"{where}: column '{column}' is not in {key} '{uri}' (columns: {', '.join(schema.names)})")
     t = schema.field(column).type
     shape, scalar = _arrow_shape(t)
     if scalar not in _DTYPES:
         hint = " (a variable-length list: write it as a fixed-size list, pa.list_(type, n))" if pa.types.is_list(scalar) or pa.types.is_large_list(scalar) else ""
-        raise ConfigError(f"{option}.{name}: column '{column}' in {key} '{uri}' has type {t}{hint}; valid: numeric or bool scalars, "
+        raise ConfigError(f"{where}: column '{column}' in {key} '{uri}' has type {t}{hint}; valid: numeric or bool scalars, "
                           f"fixed-size lists of them, or Arrow fixed-shape tensors")
     if want_shape is not None:
         if math.prod(want_shape) != math.prod(shape):

@@ -1,17 +1,27 @@
-"""The Ray Serve application: ``POST /predict`` with dynamic batching, validation, health, metrics, auth.
+"""The Ray Serve application: KServe v1 ``/predict`` and the Open Inference Protocol (v2), one batching path.
 
 Endpoints (one ingress deployment, raw Starlette requests: no per-request FastAPI layer):
 
-* ``POST /predict`` — ``{"instances": [[...], ...]}`` or ``{"instances": [{"px0": ...}, ...]}``
-  → ``{"predictions": [{"label": 3, "probabilities": [...]}, ...]}`` (regression: numbers).
-  Concurrent requests are batched into one model call (``@serve.batch``; ``max_batch_size``
-  requests, waiting at most ``batch_wait_ms`` for more). Client mistakes are a 400 with
-  ``{"error": "<what was wrong>"}``; never a 500.
+* ``POST /predict`` — ``{"instances": [...]}``, one instance per row, shaped by the model's input
+  schema (:mod:`lepton_ray.serve.validate`) → ``{"predictions": [...]}``: ``{"label", "probabilities"}``
+  per row for a classifier, ``{"next_token", "probabilities"}`` for a language model, a number
+  (or nested lists) for a regressor. A language model also takes ``"max_new_tokens": n`` and
+  answers ``{"continuations": [[n token ids], ...]}`` (greedy).
+* Open Inference Protocol v2 (:mod:`lepton_ray.serve.v2`), the model named ``model_name``
+  (default: the bundle's name): ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
+  ``GET /v2/models/<name>`` (metadata), ``/v2/models/<name>/ready``, ``POST /v2/models/<name>/infer``.
+  An unknown model name is a 404.
+* Both protocols go through one ``@serve.batch`` call: concurrent requests are batched into one
+  model call (``max_batch_size`` requests, waiting at most ``batch_wait_ms`` for more); requests
+  whose rows differ in shape (token prompts of different lengths) or in what they ask for
+  (generation) share the call but not the forward pass.
+* Client mistakes are a 400 with ``{"error": "<what was wrong>"}`` (413 for a body that is too
+  large); never a 500.
 * ``GET /healthz`` — 200 once the model is loaded and warmed up (503 before); ``GET /livez`` — 200.
 * ``GET /metrics`` — Prometheus text format, this replica's counters: requests by path and
   code, latency histogram, batch-size histogram, errors by code.
-* With ``auth_token_env=NAME``, every endpoint but ``/healthz`` and ``/livez`` needs
-  ``Authorization: Bearer $NAME`` (401 otherwise).
+* With ``auth_token_env=NAME``, every endpoint but ``/healthz``, ``/livez`` and ``/v2/health/*``
+  needs ``Authorization: Bearer $NAME`` (401 otherwise).
 
 Start it with :func:`deploy` / ``lepton-ray serve BUNDLE``, or with Ray's own tools through
 the application builder :func:`app`::
@@ -21,10 +31,14 @@ the application builder :func:`app`::
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import math
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -32,9 +46,10 @@ from ray import serve
 
 from lepton_ray.config import ServeConfig
 
-__all__ = ["ModelServer", "app", "build_app", "deploy", "replica_urls"]
+__all__ = ["Job", "ModelServer", "app", "build_app", "deploy", "replica_urls"]
 
-HEALTH_PATHS = ("/healthz", "/livez")
+HEALTH_PATHS = ("/healthz", "/livez", "/v2/health/live", "/v2/health/ready")
+_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 
 
 def _json(status: int, body: Any, headers: Optional[dict[str, str]] = None):
@@ -44,15 +59,40 @@ def _json(status: int, body: Any, headers: Optional[dict[str, str]] = None):
                     headers=headers)
 
 
+@dataclass(frozen=True)
+class Job:
+    """Rows for one model call (a request, or one prompt length of it) and what to compute for them."""
+
+    inputs: dict[str, np.ndarray]
+    max_new_tokens: int = 0
+    scores: bool = True
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def key(self) -> tuple:
+        """Jobs with equal keys go through one forward pass together."""
+        return (self.max_new_tokens, self.scores, *((k, v.shape[1:]) for k, v in self.inputs.items()))
+
+
+def _path_label(path: str) -> str:
+    if path in ("/predict", "/healthz", "/livez", "/metrics"):
+        return path
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "/v2/infer"
+    return "/v2" if path == "/v2" or path.startswith("/v2/") else "other"
+
+
 class ModelServer:
     """The replica: loads the bundle, warms it up, validates and batches requests.
 
     The class is plain Python; :func:`build_app` wraps it in ``serve.deployment``.
     """
 
-    def __init__(self, bundle: str, *, max_batch_size: int = 32, batch_wait_ms: float = 2.0,
-                 max_instances: int = 1024, threads: int = 1, auth_token_env: Optional[str] = None,
-                 storage_options: Optional[dict] = None):
+    def __init__(self, bundle: str, *, model_name: Optional[str] = None, max_batch_size: int = 32,
+                 batch_wait_ms: float = 2.0, max_instances: int = 1024, threads: int = 1,
+                 auth_token_env: Optional[str] = None, storage_options: Optional[dict] = None):
         import prometheus_client as prom
 
         from lepton_ray.serve.bundle import load_bundle
@@ -67,17 +107,18 @@ class ModelServer:
             self.token = f"Bearer {token}".encode()
         self.max_instances = max_instances
         self.predictor = Predictor(load_bundle(bundle, storage_options), threads=threads)
-        b = self.predictor.bundle
-        self.features, self.dim = list(b.features), b.input_dim
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        self.model_name = model_name or self.predictor.bundle.name
+        self.inputs, self.outputs = self.predictor.inputs, self.predictor.outputs
+        self._infer_batch.set_max_batch_size(max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
 
         self.registry = prom.CollectorRegistry()
         self.m_requests = prom.Counter("lepton_ray_serve_requests", "HTTP requests by path and status code",
                                        ["path", "code"], registry=self.registry)
         self.m_errors = prom.Counter("lepton_ray_serve_errors", "Error responses by status code", ["code"],
                                      registry=self.registry)
-        self.m_latency = prom.Histogram("lepton_ray_serve_request_latency_seconds", "Time in the replica per /predict",
+        self.m_latency = prom.Histogram("lepton_ray_serve_request_latency_seconds",
+                                        "Time in the replica per inference request (/predict and v2 infer)",
                                         buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5),
                                         registry=self.registry)
         self.m_batch = prom.Histogram("lepton_ray_serve_batch_size", "Requests per model call",
@@ -87,23 +128,57 @@ class ModelServer:
                                      registry=self.registry)
         # warm-up: the first calls allocate (and, for `compile`, may specialise); do them now
         for rows in sorted({1, max_batch_size}):
-            self.predictor.predict(np.zeros((rows, self.dim), dtype=np.float32))
+            self.predictor.run(self.predictor.example(rows))
         self.ready = True
 
     # --------------------------------------------------------------- batching
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _predict_batch(self, xs: list[np.ndarray]) -> list[list[Any]]:
-        """One model call for every request in the batch; each gets its own rows back."""
-        self.m_batch.observe(len(xs))
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        self.m_rows.observe(len(x))
-        pred = self.predictor.predict(x)
-        out, start = [], 0
-        for part in xs:
-            out.append(self.predictor.to_json(pred, start, start + len(part)))
-            start += len(part)
-        return out
+    async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
+        """One call for every request in the batch: one forward pass per group of alike jobs; each gets its rows back.
+
+        A group whose forward pass fails is retried job by job, so one request the model cannot
+        process fails alone (its result is the exception), not the requests batched with it.
+        """
+        self.m_batch.observe(len(jobs))
+        results: list[Any] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.key(), []).append(i)
+        for idxs in groups.values():
+            group = [jobs[i] for i in idxs]
+            try:
+                outs = self._run(group)
+            except Exception:  # noqa: BLE001 - isolate the failing request
+                if len(group) == 1:
+                    raise
+                outs = []
+                for job in group:
+                    try:
+                        outs.extend(self._run([job]))
+                    except Exception as exc:  # noqa: BLE001
+                        outs.append(exc)
+            for i, out in zip(idxs, outs):
+                results[i] = out
+        return results
+
+    def _run(self, group: list[Job]) -> list[dict[str, np.ndarray]]:
+        first = group[0]
+        inputs = first.inputs if len(group) == 1 else {k: np.concatenate([j.inputs[k] for j in group]) for k in first.inputs}
+        self.m_rows.observe(len(next(iter(inputs.values()))))
+        out = self.predictor.run(inputs, first.max_new_tokens, first.scores)
+        parts, start = [], 0
+        for job in group:
+            parts.append({k: v[start:start + job.rows] for k, v in out.items()})
+            start += job.rows
+        return parts
+
+    async def _infer(self, jobs: list[Job]) -> list[dict[str, np.ndarray]]:
+        results = await asyncio.gather(*(self._infer_batch(j) for j in jobs))
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return list(results)
 
     # --------------------------------------------------------------- HTTP
 
@@ -115,22 +190,23 @@ class ModelServer:
         t0 = time.perf_counter()
         response = await self._route(request, path)
         code = str(response.status_code)
-        label = path if path in ("/predict", "/healthz", "/livez", "/metrics") else "other"
+        label = _path_label(path)
         self.m_requests.labels(label, code).inc()
         if response.status_code >= 400:
             self.m_errors.labels(code).inc()
-        if label == "/predict":
+        if label in ("/predict", "/v2/infer"):
             self.m_latency.observe(time.perf_counter() - t0)
         return response
 
     async def _route(self, request, path: str) -> Any:
-        from lepton_ray.serve.validate import BadRequest, parse_instances
+        from lepton_ray.serve.validate import BadRequest
 
         method = request.method
-        if path == "/livez":
-            return _json(200, {"status": "alive"})
-        if path == "/healthz":
-            return _json(200, {"status": "ready"}) if self.ready else _json(503, {"status": "loading"})
+        if path in ("/livez", "/v2/health/live"):
+            return _json(200, {"status": "alive"} if path == "/livez" else {"live": True})
+        if path in ("/healthz", "/v2/health/ready"):
+            ok = {"status": "ready"} if path == "/healthz" else {"ready": True}
+            return _json(200, ok) if self.ready else _json(503, {"status": "loading"} if path == "/healthz" else {"ready": False})
         if self.token is not None:
             got = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(got, self.token):
@@ -141,23 +217,75 @@ class ModelServer:
             from starlette.responses import Response
 
             return Response(prom.generate_latest(self.registry), media_type=prom.CONTENT_TYPE_LATEST)
-        if path != "/predict":
-            return _json(404, {"error": f"no endpoint {path}; use POST /predict, GET /healthz, /livez, /metrics"})
-        if method != "POST":
-            return _json(405, {"error": f"/predict takes POST, not {method}"}, {"Allow": "POST"})
         try:
-            body = await request.body()
-            if len(body) > self.max_body:
-                raise BadRequest(f"request body of {len(body)} bytes is larger than {self.max_body} bytes", 413)
-            x = parse_instances(body, features=self.features, dim=self.dim, max_instances=self.max_instances)
+            if path == "/predict":
+                if method != "POST":
+                    return _json(405, {"error": f"/predict takes POST, not {method}"}, {"Allow": "POST"})
+                return await self._predict(request)
+            if path == "/v2" or path.startswith("/v2/"):
+                return await self._v2(request, path, method)
         except BadRequest as exc:
             return _json(exc.status, {"error": str(exc)})
-        return _json(200, {"predictions": await self._predict_batch(x)})
+        return _json(404, {"error": f"no endpoint {path}; use POST /predict, POST /v2/models/{self.model_name}/infer, "
+                                    f"GET /healthz, /livez, /metrics, /v2"})
+
+    async def _body(self, request) -> bytes:
+        from lepton_ray.serve.validate import BadRequest
+
+        body = await request.body()
+        if len(body) > self.max_body:
+            raise BadRequest(f"request body of {len(body)} bytes is larger than {self.max_body} bytes", 413)
+        return body
+
+    async def _predict(self, request) -> Any:
+        from lepton_ray.serve.validate import parse_instances
+
+        req = parse_instances(await self._body(request), self.inputs, max_instances=self.max_instances,
+                              generates=self.predictor.can_generate)
+        jobs = [Job(p.inputs, req.max_new_tokens, scores=not req.max_new_tokens) for p in req.parts]
+        out = req.merge(await self._infer(jobs))
+        if req.max_new_tokens:
+            return _json(200, {"continuations": out["continuation"].tolist()})
+        return _json(200, {"predictions": self.predictor.to_json(out)})
+
+    async def _v2(self, request, path: str, method: str) -> Any:
+        from starlette.responses import Response
+
+        from lepton_ray.serve import v2
+
+        if path.rstrip("/") == "/v2":
+            return _json(200, v2.server_metadata()) if method == "GET" else _json(405, {"error": "/v2 takes GET"}, {"Allow": "GET"})
+        m = _V2_MODEL.match(path)
+        if m is None:
+            return _json(404, {"error": f"no endpoint {path}; the v2 endpoints are /v2, /v2/health/live, /v2/health/ready, "
+                                        f"/v2/models/{self.model_name}[/ready|/infer]"})
+        name, version, action = m.group(1), m.group(2), m.group(3) or ""
+        if name != self.model_name:
+            return _json(404, {"error": f"unknown model '{name}'; this server serves '{self.model_name}'"})
+        if version is not None and version != v2.VERSION:
+            return _json(404, {"error": f"model '{name}' has no version '{version}' (versions: {v2.VERSION})"})
+        want = "POST" if action == "/infer" else "GET"
+        if method != want:
+            return _json(405, {"error": f"{path} takes {want}, not {method}"}, {"Allow": want})
+        if action == "/ready":
+            return _json(200, {"name": name, "ready": True}) if self.ready else _json(503, {"name": name, "ready": False})
+        if not action:
+            return _json(200, v2.model_metadata(self.model_name, self.inputs, self.outputs))
+        req = v2.parse_infer(await self._body(request), self.inputs, self.outputs, max_instances=self.max_instances,
+                             generates=self.predictor.can_generate,
+                             header_length=request.headers.get("inference-header-content-length"))
+        names = {n for n, _ in req.outputs}
+        job = Job(req.inputs, req.max_new_tokens, scores=not req.max_new_tokens or bool(names - {"continuation"}))
+        (out,) = await self._infer([job])
+        body, headers = v2.encode_response(self.model_name, req, out)
+        return Response(body, status_code=200, headers=headers)
 
     @property
     def max_body(self) -> int:
-        """Largest accepted body: ``max_instances`` rows of ``dim`` generously printed numbers."""
-        return 1024 + self.max_instances * self.dim * 32 + self.max_instances * len(",".join(self.features)) * 2
+        """Largest accepted body: ``max_instances`` rows of generously printed values (4 contexts for a token prompt)."""
+        values = sum(4 * s.max_len if s.max_len else math.prod(s.shape) for s in self.inputs)
+        names = sum(len(",".join(s.features)) + len(s.name) for s in self.inputs)
+        return 1024 + self.max_instances * (values * 32 + names * 2)
 
     def check_health(self) -> None:
         """Ray Serve's own health check: unhealthy until load and warm-up are done."""
@@ -166,8 +294,16 @@ class ModelServer:
 
 
 def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray",
-              storage_options: Optional[dict] = None):
-    """The Ray Serve application (``serve.run``-able) for ``bundle`` with ``config``'s settings."""
+              model_name: Optional[str] = None, storage_options: Optional[dict] = None):
+    """The Ray Serve application (``serve.run``-able) for ``bundle`` with ``config``'s settings.
+
+    ``name``: the Serve application; ``model_name``: the model's name in the v2 protocol
+    (``/v2/models/<model_name>``; default: the bundle's name, i.e. the training run's).
+    """
+    from lepton_ray.serve.bundle import check_name
+
+    if model_name is not None:
+        check_name(model_name, "--name")
 
     cfg = config or ServeConfig()
     actor_options: dict[str, Any] = {"num_cpus": cfg.threads_per_replica}
@@ -187,13 +323,14 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
         logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"},
         **scaling,
     )
-    return deployment.bind(bundle, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
+    return deployment.bind(bundle, model_name=model_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                            max_instances=cfg.max_instances, threads=cfg.threads_per_replica,
                            auth_token_env=cfg.auth_token_env, storage_options=storage_options)
 
 
 def app(args: dict[str, str]):
-    """Application builder for ``serve run`` / ``serve deploy``: ``bundle=URI`` plus any ``serve`` config key.
+    """Application builder for ``serve run`` / ``serve deploy``: ``bundle=URI``, optionally ``model_name=NAME``,
+    plus any ``serve`` config key.
 
     >>> app({"bundle": "bundles/digits", "max_batch_size": "16"})  # doctest: +SKIP
     """
@@ -201,6 +338,7 @@ def app(args: dict[str, str]):
 
     args = dict(args)
     bundle = args.pop("bundle", None)
+    model_name = args.pop("model_name", None)
     if not bundle:
         raise ValueError("lepton_ray.serve.app:app needs bundle=URI (a serving bundle or a checkpoint)")
     values = {k: (yaml.safe_load(v) if isinstance(v, str) else v) for k, v in args.items()}
@@ -208,14 +346,15 @@ def app(args: dict[str, str]):
         values["auth_token_env"] = str(args["auth_token_env"])
     from lepton_ray.config import _build
 
-    return build_app(bundle, _build(ServeConfig, values, "serve"))  # unknown keys: a ConfigError with a hint
+    return build_app(bundle, _build(ServeConfig, values, "serve"), model_name=model_name)  # unknown keys: a ConfigError with a hint
 
 
 def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray", route_prefix: str = "/",
-           storage_options: Optional[dict] = None, timeout_s: float = 300.0) -> str:
+           model_name: Optional[str] = None, storage_options: Optional[dict] = None, timeout_s: float = 300.0) -> str:
     """Start Serve on 127.0.0.1 (``config.port``), deploy ``bundle`` and wait until ``/healthz`` is 200.
 
     Returns the base URL. Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one).
+    ``model_name``: the v2 protocol's name for the model (default: the bundle's name).
 
     >>> url = deploy("bundles/digits", ServeConfig(port=8000))  # doctest: +SKIP
     >>> requests.post(url + "/predict", json={"instances": [[0.0] * 64]}).json()  # doctest: +SKIP
@@ -228,7 +367,7 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
 
     ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    serve.run(build_app(bundle, cfg, name=name, storage_options=storage_options), name=name,
+    serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options), name=name,
               route_prefix=route_prefix, blocking=False)
     url = f"http://127.0.0.1:{cfg.port}{route_prefix.rstrip('/')}"
     deadline = time.monotonic() + timeout_s

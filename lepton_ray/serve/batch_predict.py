@@ -1,9 +1,12 @@
 """Batch prediction: a bundle's model over a Parquet data set with Ray Data, predictions written as Parquet.
 
-Each output row is ``id`` (the input's id column, unchanged) plus the prediction:
-``label`` and ``probabilities`` (list of float) for a classifier, ``value`` for a
-regressor. Reading and writing go through :mod:`lepton_ray.storage`, so any URI
-works (``s3://`` with the standard AWS environment or ``storage_options``).
+The input needs the bundle's input columns (its schema: the same columns, dtypes and shapes as
+in training; decoded with :func:`~lepton_ray.data.schema.decode`) and an id column. Each output row
+is ``id`` (the input's id column, unchanged) plus the prediction: ``label`` and ``probabilities``
+(list of float) for a classifier, ``next_token`` and ``probabilities`` for a language model,
+``value`` for a regressor (``output`` otherwise); multi-dimensional values are written flat, as
+fixed-size lists. Reading and writing go through :mod:`lepton_ray.storage`, so any URI works
+(``s3://`` with the standard AWS environment or ``storage_options``).
 
 >>> predict("bundles/digits", "s3://data/digits/", "s3://data/predictions/")  # doctest: +SKIP
 {'rows': 1797, 'output': 's3://data/predictions/'}
@@ -18,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
+from lepton_ray.data.schema import Schema, decode
 from lepton_ray.data.pipeline import list_parquet
 from lepton_ray.storage import arrow_filesystem, filesystem
 
@@ -35,28 +39,34 @@ class _BatchModel:
         self.id_column = id_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from lepton_ray.data.pipeline import _column_matrix
-
-        b = self.predictor.bundle
-        x = np.concatenate([_column_matrix(pa.chunked_array(batch.column(c))) for c in b.features], axis=1)
-        pred = self.predictor.predict(x)
+        p = self.predictor
+        inputs = decode(Schema(inputs=p.bundle.schema.inputs, targets=()), batch)
+        out = p.run(inputs)
         cols: dict[str, Any] = {self.id_column: batch.column(self.id_column)}
-        if "label" in pred:
-            cols["label"] = pa.array(pred["label"])
-            probs = pred["probabilities"].astype(np.float32)
-            cols["probabilities"] = pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), probs.shape[1])
+        if p.head in ("classifier", "language_model"):
+            probs = out["probabilities"]
+            cols["label" if p.head == "classifier" else "next_token"] = (
+                pa.array(out["label"]) if p.head == "classifier" else pa.array(probs.argmax(axis=1)))
+            cols["probabilities"] = _column(probs)
         else:
-            value = pred["value"].astype(np.float32)
-            cols["value"] = (pa.array(value) if value.ndim == 1
-                             else pa.FixedSizeListArray.from_arrays(pa.array(value.ravel()), value.shape[1]))
+            name = "value" if p.head == "regression" else "output"
+            cols[name] = _column(out[name])
         return pa.table(cols)
+
+
+def _column(values: np.ndarray) -> pa.Array:
+    """float32 ``[N]`` as a column, ``[N, ...]`` as fixed-size lists of the row's values (flattened)."""
+    values = values.astype(np.float32)
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(len(values), -1).ravel()), values[0].size)
 
 
 def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batch_size: int = 1024,
             concurrency: int = 1, threads: int = 1, storage_options: Optional[dict] = None) -> dict[str, Any]:
     """Predict every row of the Parquet data at ``input``; write Parquet files under ``output``.
 
-    The input needs the bundle's feature columns and ``id_column``. Returns the row count and the output URI.
+    The input needs the bundle's input columns and ``id_column``. Returns the row count and the output URI.
     """
     import ray
 
@@ -67,10 +77,10 @@ def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batc
     fs_out, path_out = filesystem(output, storage_options)
     files = list_parquet("--input", input, storage_options)
     schema = pq.read_schema(files[0], filesystem=arrow_filesystem(fs_in))
-    need = [id_column, *meta.features]
+    need = list(dict.fromkeys([id_column, *Schema(inputs=meta.schema.inputs, targets=()).parquet_columns()]))
     missing = [c for c in need if c not in schema.names]
     if missing:
-        what = "--id-column" if missing[0] == id_column else "feature"
+        what = "--id-column" if missing[0] == id_column else "input"
         raise ConfigError(f"--input: {what} column '{missing[0]}' is not in '{input}' (columns: {', '.join(schema.names)})")
     from lepton_ray.train.trainer import ensure_ray
 

@@ -32,12 +32,15 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from lepton_ray.serve.app import deploy, replica_urls
+    from lepton_ray.serve.bundle import check_name, load_bundle
 
     cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
                                "threads_per_replica", "auth_token_env"))
-    url = deploy(args.bundle, cfg)
-    print(f"serving {args.bundle} at {url}/predict  (health: {url}/healthz, metrics: {url}/metrics); Ctrl-C stops",
-          flush=True)
+    # the bundle is read (and --name checked) here first: a bad one is a one-line error before Ray starts
+    name = check_name(args.name, "--name") if args.name else load_bundle(args.bundle).name
+    url = deploy(args.bundle, cfg, model_name=args.name)
+    print(f"serving {args.bundle} at {url}/predict and {url}/v2/models/{name}/infer  (health: {url}/healthz, "
+          f"metrics: {url}/metrics); Ctrl-C stops", flush=True)
     for direct in replica_urls():
         print(f"  replica (direct ingress, no proxy hop): {direct}/predict", flush=True)
     try:
@@ -76,11 +79,12 @@ def _clean(handler: Any) -> Any:
 
 def add_commands(sub: Any) -> None:
     """Add the serving subcommands to the ``lepton-ray`` parser; each sets ``handler``."""
-    o = sub.add_parser("optimize", help="time fp32/bf16/int8/compile forms of a checkpoint, keep the fastest accurate one")
+    o = sub.add_parser("optimize", help="time fp32/bf16/int8/compile forms of a checkpoint, keep the fastest one as good as fp32")
     o.add_argument("checkpoint", help="checkpoint URI (.../step_NNNNNNNN, or a checkpoint root for its newest)")
-    o.add_argument("--eval", required=True, help="held-out Parquet data with the feature and label columns")
+    o.add_argument("--eval", required=True, help="held-out Parquet data with the model's input and target columns")
     o.add_argument("--output", "-o", default=None, help="where to write the serving bundle (local path or URI)")
-    o.add_argument("--max-accuracy-drop", type=float, default=None, help="accuracy points allowed below fp32 (default 0.5)")
+    o.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="quality allowed below fp32: accuracy points, or percent more bits/byte, mse or loss (default 0.5)")
     o.add_argument("--candidates", nargs="+", default=None, help="forms to try (default: fp32 bf16 int8 compile)")
     o.add_argument("--bench-batch-size", type=int, default=None, help="batch size the forms are timed at (default 32)")
     o.add_argument("--threads", dest="threads_per_replica", type=int, default=None, help="torch threads (default 1)")
@@ -89,6 +93,8 @@ def add_commands(sub: Any) -> None:
 
     s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP on 127.0.0.1 with Ray Serve")
     s.add_argument("bundle", help="serving bundle or checkpoint URI")
+    s.add_argument("--name", default=None, help="the model's name in the v2 protocol, /v2/models/NAME "
+                   "(default: the bundle's name, i.e. the training run's)")
     s.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000)")
     s.add_argument("--replicas", type=int, default=None, help="Serve replicas (default 1)")
     s.add_argument("--max-batch-size", type=int, default=None, help="requests per model call (default 32)")

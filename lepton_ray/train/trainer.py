@@ -196,7 +196,7 @@ class Trainer:
             loss = make_loss(m, info.schema)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        model = self._model()
+        model = self._model().eval()  # eval mode: no dropout draws, no training-only side effects of a user model
         try:
             with torch.no_grad():
                 out = model(model_inputs(batch, tuple(c.name for c in info.schema.inputs), loss.name))

@@ -102,7 +102,7 @@ def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, buck
     total = sum(s.bytes for s in info.shards)
 
     stream = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=64, seed=0)
-    epoch0 = [xb[:, 0].tolist() for xb, _ in stream.epoch(0)]
+    epoch0 = [xb[:, 0].tolist() for xb in (b["x"] for b in stream.epoch(0))]
     assert stream.stats["remote_bytes"] == total and stream.cache.stats["misses"] == 4
 
     # the objects are gone from the bucket: epoch 1 can only come from the cache
@@ -112,7 +112,7 @@ def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, buck
         key = s.path.split("/", 1)[1]
         saved[key] = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         s3.delete_object(Bucket=bucket, Key=key)
-    epoch1 = [xb[:, 0].tolist() for xb, _ in stream.epoch(1)]
+    epoch1 = [xb[:, 0].tolist() for xb in (b["x"] for b in stream.epoch(1))]
     assert stream.stats["remote_bytes"] == total  # not one more byte from S3
     assert stream.cache.stats["hits"] >= 4
     assert sorted(sum(epoch1, [])) == sorted(sum(epoch0, []))
@@ -125,7 +125,7 @@ def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, buck
     data[100] ^= 0xFF
     victim.write_bytes(bytes(data))
     again = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=64, seed=0)
-    assert [xb[:, 0].tolist() for xb, _ in again.epoch(0)] == epoch0
+    assert [xb[:, 0].tolist() for xb in (b["x"] for b in again.epoch(0))] == epoch0
     assert again.cache.stats["refetched"] == 1 and again.stats["remote_bytes"] == victim.stat().st_size
 
 

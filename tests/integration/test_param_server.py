@@ -52,10 +52,10 @@ def test_ps_equals_single_process(tmp_path, blobs, mode, momentum):
     got = final_params(result)
 
     trainer = Trainer(cfg, progress=False)
-    global_batches = [(torch.cat([x0, x1]), torch.cat([y0, y1]))
-                      for (x0, y0), (x1, y1) in zip(*(_local_batches(trainer, cfg, rank, 2, 16, 20) for rank in range(2)))]
+    global_batches = [(torch.cat([b0["x"], b1["x"]]), torch.cat([b0["label"], b1["label"]]))
+                      for b0, b1 in zip(*(_local_batches(trainer, cfg, rank, 2, 16, 20) for rank in range(2)))]
     torch.manual_seed(7)
-    model = build_model(cfg.model, trainer.train_info.feature_dim, trainer.num_outputs)
+    model = build_model(cfg.model, trainer.train_info.schema)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
     for xb, yb in global_batches:

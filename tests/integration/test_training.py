@@ -40,12 +40,12 @@ def test_allreduce_equals_single_process(tmp_path, blobs, accum, clip):
     streams = [WorkerStream(trainer.train_info, cfg.data, rank=r, world_size=2, local_batch=16, seed=7) for r in range(2)]
     batches = []
     for epoch in range(20):
-        for (x0, y0), (x1, y1) in zip(streams[0].epoch(epoch), streams[1].epoch(epoch)):
-            batches.append((torch.cat([x0, x1]), torch.cat([y0, y1])))
+        for b0, b1 in zip(streams[0].epoch(epoch), streams[1].epoch(epoch)):
+            batches.append((torch.cat([b0["x"], b1["x"]]), torch.cat([b0["label"], b1["label"]])))
         if len(batches) >= 20:
             break
     torch.manual_seed(7)
-    model = build_model(cfg.model, trainer.train_info.feature_dim, trainer.num_outputs)
+    model = build_model(cfg.model, trainer.train_info.schema)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for xb, yb in batches[:20]:

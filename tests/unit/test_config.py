@@ -23,7 +23,7 @@ BASE = {"data": {"train": "data/train.parquet"}}
 
 TRAIN_KEYS = (
     "epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, "
-    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_every_steps, log_every_steps"
+    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps"
 )
 SECTIONS = "model, data, train, scaling, sync, checkpoint, run, sweep, serve"
 
@@ -335,7 +335,7 @@ def test_known_but_unavailable_strategy(monkeypatch):
         ({"scaling": {"poll_interval_s": 0}}, "scaling.poll_interval_s: must be between 0.05 and 60 seconds, got 0.0"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1), got 1.0"),
         ({"model": {"hidden": [8, 0]}}, "model.hidden: every width must be > 0, got [8, 0]"),
-        ({"model": {"name": "resnet"}}, "model.name: must be one of mlp, recommender (or set model.factory), got 'resnet'"),
+        ({"model": {"name": "resnet"}}, "model.name: must be one of cnn, gpt, mlp, recommender (or set model.factory), got 'resnet'"),
         ({"model": {"factory": "nocolon"}}, "model.factory: must look like 'package.module:function', got 'nocolon'"),
         ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last: must be >= 1, got 0"),
         ({"checkpoint": {"every_n_steps": -1}}, "checkpoint.every_n_steps: must be >= 0, got -1"),

@@ -15,6 +15,13 @@ from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data import BUILDERS, build_data
 from lepton_ray.data.builders import digits, write_table
 from lepton_ray.data.pipeline import Shard, TableInfo, data_exists, describe, load_arrays
+from lepton_ray.data.schema import Column, Schema
+
+
+def xy(info, options=None):
+    """The legacy (features, label) pair of a split: the float32 input ``x`` and the target ``label``."""
+    arrays = load_arrays(info, options or {})
+    return arrays["x"], arrays[info.schema.targets[0].name]
 
 
 def raises(message: str):
@@ -38,7 +45,8 @@ def test_describe_single_file(tmp_path):
     f = write(tmp_path / "t.parquet", {"a": [1.0, 2.0, 3.0], "b": [1, 2, 3], "label": [0, 1, 0]})
     info = describe("data.train", str(f), cfg(str(f)))
     assert info == TableInfo(
-        key="data.train", uri=str(f), files=(str(f),), num_rows=3, features=("a", "b"), label="label", feature_dim=2,
+        key="data.train", uri=str(f), files=(str(f),), num_rows=3,
+        schema=Schema(inputs=(Column("x", ("a", "b"), "float32", (2,)),), targets=(Column("label", ("label",), "int64", ()),)),
         shards=(Shard(path=str(f), num_rows=3, row_groups=(3,), bytes=f.stat().st_size, sha256=None),), prepared=False,
     )
 
@@ -55,8 +63,8 @@ def test_describe_directory_lists_sorted_parquet_files_and_skips_hidden_ones(tmp
     info = describe("data.train", str(d), cfg(str(d)))
     assert info.files == (str(d / "part-0.parquet"), str(d / "part-1.parquet"), str(d / "sub" / "part-2.parquet"))
     assert info.num_rows == 6
-    assert info.features == ("a",)
-    x, y = load_arrays(info, {})
+    assert info.schema.inputs[0].columns == ("a",)
+    x, y = xy(info)
     assert x[:, 0].tolist() == [3.0, 1.0, 2.0, 4.0, 5.0, 6.0]  # files in listed order
     assert y.tolist() == [1, 0, 1, 0, 0, 1]
 
@@ -89,7 +97,7 @@ def test_describe_missing_label_column(tmp_path):
     f = write(tmp_path / "t.parquet", {"a": [1.0], "b": [2.0], "y": [0]})
     with raises(f"data.label: column 'label' is not in data.train '{f}' (columns: a, b, y)"):
         describe("data.train", str(f), cfg(str(f)))
-    assert describe("data.train", str(f), cfg(str(f), label="y")).features == ("a", "b")
+    assert describe("data.train", str(f), cfg(str(f), label="y")).schema.inputs[0].columns == ("a", "b")
 
 
 def test_describe_missing_feature_column(tmp_path):
@@ -101,9 +109,9 @@ def test_describe_missing_feature_column(tmp_path):
 def test_describe_selected_features_keep_their_order(tmp_path):
     f = write(tmp_path / "t.parquet", {"a": [1.0, 2.0], "b": [3.0, 4.0], "c": [5, 6], "label": [0, 1]})
     info = describe("data.train", str(f), cfg(str(f), features=["c", "a"]))
-    assert info.features == ("c", "a")
-    assert info.feature_dim == 2
-    x, _ = load_arrays(info, {})
+    assert info.schema.inputs[0].columns == ("c", "a")
+    assert info.schema.inputs[0].shape == (2,)
+    x, _ = xy(info)
     assert x.tolist() == [[5.0, 1.0], [6.0, 2.0]]
 
 
@@ -142,18 +150,18 @@ def test_describe_non_numeric_feature(tmp_path):
     f = write(tmp_path / "t.parquet", {"a": [1.0, 2.0], "name": ["x", "y"], "label": [0, 1]})
     with raises(
         f"data.train: feature column 'name' in '{f}' has type string; "
-        "features must be numeric scalars or fixed-size numeric lists"
+        "features must be numeric scalars or fixed-size numeric lists (for tensors, name the column in data.inputs instead)"
     ):
         describe("data.train", str(f), cfg(str(f)))
     # choosing only numeric features is fine
-    assert describe("data.train", str(f), cfg(str(f), features=["a"])).feature_dim == 1
+    assert describe("data.train", str(f), cfg(str(f), features=["a"])).schema.inputs[0].shape == (1,)
 
 
 def test_describe_variable_length_list_feature_is_rejected(tmp_path):
     f = write(tmp_path / "t.parquet", {"v": pa.array([[1.0], [2.0, 3.0]], pa.list_(pa.float64())), "label": [0, 1]})
     with raises(
         f"data.train: feature column 'v' in '{f}' has type list<element: double>; "
-        "features must be numeric scalars or fixed-size numeric lists"
+        "features must be numeric scalars or fixed-size numeric lists (for tensors, name the column in data.inputs instead)"
     ):
         describe("data.train", str(f), cfg(str(f)))
 
@@ -163,9 +171,9 @@ def test_fixed_size_list_features(tmp_path):
     ints = pa.array([[1, 2], [3, 4], [5, 6]], pa.list_(pa.int32(), 2))
     f = write(tmp_path / "t.parquet", {"emb": emb, "s": [10.0, 20.0, 30.0], "pair": ints, "flag": [True, False, True], "label": [2, 1, 0]})
     info = describe("data.train", str(f), cfg(str(f)))
-    assert info.features == ("emb", "s", "pair", "flag")
-    assert info.feature_dim == 3 + 1 + 2 + 1
-    x, y = load_arrays(info, {})
+    assert info.schema.inputs[0].columns == ("emb", "s", "pair", "flag")
+    assert info.schema.inputs[0].shape == (3 + 1 + 2 + 1,)
+    x, y = xy(info)
     assert x.dtype == np.float32 and x.flags.c_contiguous
     assert x.tolist() == [
         [1.0, 2.0, 3.0, 10.0, 1.0, 2.0, 1.0],
@@ -185,8 +193,8 @@ def test_fixed_size_list_over_several_files_and_row_groups(tmp_path):
         t = pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(rows[lo:hi].ravel()), 2), "label": np.arange(lo, hi)})
         pq.write_table(t, d / f"p{i}.parquet", row_group_size=3)
     info = describe("data.train", str(d), cfg(str(d)))
-    assert (info.num_rows, info.feature_dim) == (20, 2)
-    x, y = load_arrays(info, {})
+    assert (info.num_rows, info.schema.inputs[0].shape) == (20, (2,))
+    x, y = xy(info)
     np.testing.assert_array_equal(x, rows)
     assert y.tolist() == list(range(20))
 
@@ -195,7 +203,7 @@ def test_null_in_fixed_size_list_feature_is_rejected(tmp_path):
     vals = pa.array([[1.0, 2.0], None, [5.0, 6.0]], pa.list_(pa.float32(), 2))
     f = write(tmp_path / "t.parquet", {"v": vals, "label": [0, 1, 2]})
     info = describe("data.train", str(f), cfg(str(f)))
-    with raises(f"data.train: feature column 'v' in '{f}' has 1 null value(s); fill or drop them first"):
+    with raises(f"data.train: column 'v' (x) in '{f}' has 1 null value(s); fill or drop them first"):
         load_arrays(info, {})
 
 
@@ -216,7 +224,8 @@ def test_digits_builder_writes_train_and_eval(tmp_path):
         assert x.dtype == np.float32 and x.min() >= 0.0 and x.max() <= 1.0
         assert set(table.column("label").to_numpy().tolist()) == set(range(10))
     info = describe("data.train", str(train), cfg(str(train)))
-    assert (info.num_rows, info.feature_dim, info.features[0], info.features[-1]) == (t.num_rows, 64, "px0", "px63")
+    x_col = info.schema.inputs[0]
+    assert (info.num_rows, x_col.shape, x_col.columns[0], x_col.columns[-1]) == (t.num_rows, (64,), "px0", "px63")
 
 
 def test_digits_builder_is_deterministic_and_splits_disjointly(tmp_path):
@@ -247,7 +256,7 @@ def test_digits_builder_without_eval_writes_everything_to_train(tmp_path):
 
 def test_builders_registry_and_errors():
     assert BUILDERS["digits"] is digits
-    with raises("data.builder: 'nope' is not one of digits, clicks nor 'package.module:function'"):
+    with raises("data.builder: 'nope' is not one of digits, digits_images, clicks, text nor 'package.module:function'"):
         build_data("nope", "t", None, {})
     with raises("data.builder: cannot import 'no_such_module_xyz:make': No module named 'no_such_module_xyz'"):
         build_data("no_such_module_xyz:make", "t", None, {})

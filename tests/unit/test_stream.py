@@ -34,7 +34,7 @@ def streams(root, world, local_batch=32, seed=3, **data):
 
 
 def ids_of(stream, epoch, start=0):
-    return [xb[:, 0].long().tolist() for xb, _ in stream.epoch(epoch, start)]
+    return [xb[:, 0].long().tolist() for xb in (b["x"] for b in stream.epoch(epoch, start))]
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -54,7 +54,8 @@ def test_one_epoch_uses_every_row_exactly_once(tmp_path, world):
 def test_labels_stay_with_their_rows(tmp_path):
     write_ids(tmp_path / "d")
     (s,) = streams(tmp_path / "d", 1)
-    for xb, yb in s.epoch(0):
+    for b in s.epoch(0):
+        xb, yb = b["x"], b["label"]
         assert torch.equal(xb[:, 0].long() % 10, yb)
         assert yb.dtype == torch.int64 and xb.dtype == torch.float32
 
@@ -153,8 +154,8 @@ def test_a_row_group_cut_into_units_is_decoded_once_per_window(tmp_path):
     (s,) = streams(tmp_path / "d", 1, memory_cache_bytes=0)  # one window (default buffer) holds every unit
     out: queue.Queue = queue.Queue()
     s._produce(0, 0, 1024, out, threading.Event())  # the reading thread's work for epoch 0, run here (no read-ahead)
-    x, y, rows = out.get()
-    assert out.get() is None and sorted(x[rows, 0].long().tolist()) == list(range(1024))
+    cols, rows = out.get()
+    assert out.get() is None and sorted(cols["x"][rows, 0].long().tolist()) == list(range(1024))
     assert s.stats["row_groups_decoded"] == 1
 
 
@@ -200,7 +201,8 @@ def test_dynamic_deal_gives_each_row_to_at_most_one_worker_and_a_fast_worker_mor
     got: list[list[int]] = [[], []]
 
     def run(rank, delay):
-        for xb, yb in ss[rank].epoch(0):
+        for b in ss[rank].epoch(0):
+            xb, yb = b["x"], b["label"]
             assert xb.shape == (32, 3) and torch.equal(xb[:, 0].long() % 10, yb)
             got[rank] += xb[:, 0].long().tolist()
             threading.Event().wait(delay)
