@@ -83,8 +83,8 @@ def part_recommender(tmp: Path, steps: int, warmup: int, batch: int) -> list[tup
     write_table(click_table(50_000, num_fields=8, vocab=125_000, num_dense=4), str(data))
     base = {
         "model": {"name": "recommender", "hidden": [64, 32],
-                  "kwargs": {"num_categorical": 8, "num_embeddings": 1_000_000, "embedding_dim": 32}},
-        "data": {"train": str(data), "label": "label"},
+                  "kwargs": {"num_embeddings": 1_000_000, "embedding_dim": 32}},
+        "data": {"train": str(data), "inputs": {"ids": "ids", "dense": "dense"}, "targets": {"label": "label"}},
         "train": {"max_steps": steps, "batch_size": batch, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
     }
     rates = {}

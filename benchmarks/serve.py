@@ -73,6 +73,7 @@ def make_bundles(root: Path, seconds_budget: float) -> dict:
     import torch
 
     from lepton_ray.config import ServeConfig, load_config
+    from lepton_ray.data.schema import Column, Schema
     from lepton_ray.models import build_model
     from lepton_ray.serve.optimize import optimize
     from lepton_ray.train.checkpoint import CheckpointStore
@@ -80,18 +81,19 @@ def make_bundles(root: Path, seconds_budget: float) -> dict:
     reports = {}
     for name, spec in MODELS.items():
         d, n = spec["input_dim"], 10
-        cfg = load_config({"data": {"train": "unused"}, "model": {"hidden": spec["hidden"]}})
+        cfg = load_config({"data": {"train": "unused"}, "model": {"hidden": spec["hidden"]}, "run": {"name": name}})
+        feats = [f"f{i}" for i in range(d)]
+        schema = Schema(inputs=(Column("x", tuple(feats), "float32", (d,)),), targets=(Column("label", ("label",), "int64", (), n),))
         torch.manual_seed(0)
-        net = build_model(cfg.model, d, n).eval()
+        net = build_model(cfg.model, schema).eval()
         rng = np.random.default_rng(0)
         x = rng.normal(0, 1, size=(2000, d)).astype(np.float32)
         with torch.inference_mode():
             y = net(torch.from_numpy(x)).argmax(1).numpy()
-        feats = [f"f{i}" for i in range(d)]
         pq.write_table(pa.table({**{f: x[:, i] for i, f in enumerate(feats)}, "label": y}), root / f"{name}-eval.parquet")
         CheckpointStore(str(root / f"{name}-ckpt")).save(1, {"model": net.state_dict()}, {
             "step": 1, "config": cfg.to_dict(),
-            "model_io": {"input_dim": d, "num_outputs": n, "features": feats, "label": "label", "task": "classification"}})
+            "model_io": {"schema": schema.to_dict(), "loss": "cross_entropy", "metrics": ["accuracy"], "task": "classification"}})
         print(f"\n[optimize] {name} model {d} -> {spec['hidden']} -> {n}")
         reports[name] = optimize(str(root / f"{name}-ckpt/step_00000001"), str(root / f"{name}-eval.parquet"),
                                  str(root / f"{name}-bundle"),

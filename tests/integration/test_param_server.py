@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lepton_ray import Trainer, load_config
 from lepton_ray.data.pipeline import WorkerStream, steps_in_epoch
 from lepton_ray.models import build_model
+from lepton_ray.models.recommender import hash_rows
 from run_configs import final_params, merge_sections, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -82,7 +83,8 @@ def digits_data(tmp_path_factory) -> dict:
 
     d = tmp_path_factory.mktemp("digits")
     digits(str(d / "train.parquet"), str(d / "eval.parquet"))
-    return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"), "label": "label"}
+    return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"),
+            "inputs": {"ids": "ids", "dense": "dense"}, "targets": {"label": "label"}}
 
 
 DIGITS_EPOCHS = 6
@@ -125,7 +127,8 @@ def click_data(tmp_path_factory) -> dict:
 
     d = tmp_path_factory.mktemp("clicks")
     clicks(str(d / "train.parquet"), str(d / "eval.parquet"), train_rows=20_000, eval_rows=4_000)
-    return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"), "label": "label"}
+    return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"),
+            "inputs": {"ids": "ids", "dense": "dense"}, "targets": {"label": "label"}}
 
 
 REC_ROWS, REC_DIM = 8000, 16
@@ -138,7 +141,7 @@ def test_recommender_learns_and_pushes_only_touched_rows(tmp_path, click_data, s
     cfg = load_config(_config(
         tmp_path, Path(click_data["train"]),
         model={"name": "recommender", "hidden": [32],
-               "kwargs": {"num_categorical": 8, "num_embeddings": REC_ROWS, "embedding_dim": REC_DIM}},
+               "kwargs": {"num_embeddings": REC_ROWS, "embedding_dim": REC_DIM}},
         data=click_data,
         train={"max_steps": 60, "batch_size": 256, "lr": 0.1, "seed": 0},
         sync={"strategy": strategy},
@@ -148,7 +151,7 @@ def test_recommender_learns_and_pushes_only_touched_rows(tmp_path, click_data, s
     assert result.metrics["eval_auc"] >= 0.75
 
     rank0 = _local_batches(Trainer(cfg, progress=False), cfg, 0, 2, 128, 60)
-    expected = [len(np.unique(xb[:, :8].numpy())) for xb, _ in rank0]
+    expected = [len(np.unique(hash_rows(b["ids"], REC_ROWS).numpy())) for b in rank0]  # the int64 ids' hashed rows
     steps = _steps(result)
     assert [r["ps_emb_rows_pushed"] for r in steps] == expected
     assert [r["ps_emb_bytes_pushed"] for r in steps] == [k * (8 + 4 * REC_DIM) for k in expected]
