@@ -84,7 +84,10 @@ def _train(args: argparse.Namespace) -> int:
     out = result.to_dict()
     shown = {k: v for k, v in out.items() if k.startswith("eval_") or k in ("train_loss", "steps", "samples_per_s")}
     print("result: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
-    if "eval_accuracy" in out:
+    if "eval_bits_per_byte" in out:
+        baseline = out.get("eval_unigram_bits_per_byte")
+        print(f"held-out bits per byte: {out['eval_bits_per_byte']:.4f}" + (f" (unigram baseline {baseline:.4f})" if baseline else ""))
+    elif "eval_accuracy" in out:
         print(f"held-out accuracy: {out['eval_accuracy']:.4f}")
     print(f"checkpoint: {out['checkpoint']}")
     print(f"run directory: {out['run_dir']}")

@@ -59,6 +59,10 @@ def _json(status: int, body: Any, headers: Optional[dict[str, str]] = None):
                     headers=headers)
 
 
+class ModelFailed(RuntimeError):
+    """The model raised on inputs that passed validation (a 500 that says so, never a traceback)."""
+
+
 @dataclass(frozen=True)
 class Job:
     """Rows for one model call (a request, or one prompt length of it) and what to compute for them."""
@@ -135,7 +139,11 @@ class ModelServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
-        """One call for every request in the batch: one forward pass per group of alike jobs; each gets its rows back.
+        """Every request that arrived within the batch window, in one call: :meth:`run_jobs`."""
+        return self.run_jobs(jobs)
+
+    def run_jobs(self, jobs: list[Job]) -> list[Any]:
+        """One forward pass per group of alike jobs (same per-row shapes and options); each job gets its rows back.
 
         A group whose forward pass fails is retried job by job, so one request the model cannot
         process fails alone (its result is the exception), not the requests batched with it.
@@ -148,16 +156,9 @@ class ModelServer:
         for idxs in groups.values():
             group = [jobs[i] for i in idxs]
             try:
-                outs = self._run(group)
-            except Exception:  # noqa: BLE001 - isolate the failing request
-                if len(group) == 1:
-                    raise
-                outs = []
-                for job in group:
-                    try:
-                        outs.extend(self._run([job]))
-                    except Exception as exc:  # noqa: BLE001
-                        outs.append(exc)
+                outs: list[Any] = self._run(group)
+            except Exception as exc:  # noqa: BLE001 - isolate the failing request: each job of the group alone
+                outs = [exc] if len(group) == 1 else [self._run_alone(job) for job in group]
             for i, out in zip(idxs, outs):
                 results[i] = out
         return results
@@ -173,11 +174,20 @@ class ModelServer:
             start += job.rows
         return parts
 
+    def _run_alone(self, job: Job) -> Any:
+        try:
+            return self._run([job])[0]
+        except Exception as exc:  # noqa: BLE001 - this job's own failure is its result
+            return exc
+
     async def _infer(self, jobs: list[Job]) -> list[dict[str, np.ndarray]]:
-        results = await asyncio.gather(*(self._infer_batch(j) for j in jobs))
+        if len(jobs) == 1:  # the common case: no task per part
+            results = [await self._infer_batch(jobs[0])]
+        else:
+            results = await asyncio.gather(*(self._infer_batch(j) for j in jobs))
         for r in results:
             if isinstance(r, Exception):
-                raise r
+                raise ModelFailed(f"the model failed on this request: {type(r).__name__}: {r}") from r
         return list(results)
 
     # --------------------------------------------------------------- HTTP
@@ -226,6 +236,8 @@ class ModelServer:
                 return await self._v2(request, path, method)
         except BadRequest as exc:
             return _json(exc.status, {"error": str(exc)})
+        except ModelFailed as exc:
+            return _json(500, {"error": str(exc)})
         return _json(404, {"error": f"no endpoint {path}; use POST /predict, POST /v2/models/{self.model_name}/infer, "
                                     f"GET /healthz, /livez, /metrics, /v2"})
 

@@ -85,7 +85,7 @@ def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batc
     from lepton_ray.train.trainer import ensure_ray
 
     ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
-    ds = ray.data.read_parquet(files, filesystem=arrow_filesystem(fs_in), columns=need)
+    ds = ray.data.read_parquet(files, filesystem=arrow_filesystem(fs_in)).select_columns(need)  # pushed down into the read
     out = ds.map_batches(_BatchModel, fn_constructor_args=(bundle, id_column, storage_options, threads),
                          batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency, num_cpus=threads)
     fs_out.makedirs(path_out, exist_ok=True)

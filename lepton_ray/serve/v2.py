@@ -44,7 +44,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lepton_ray.serve.validate import (BadRequest, OutputSpec, TensorSpec, convert, flatten, index_path, int_range, loads,
-                                       max_new_tokens_of, shape_of, show, what)
+                                       max_new_tokens_of, shape_of, show, too_deep, what)
 
 __all__ = ["DATATYPES", "InferRequest", "datatype", "encode_response", "model_metadata", "parse_infer", "server_metadata",
            "VERSION"]
@@ -163,6 +163,7 @@ def _data(t: dict, spec: TensorSpec, shape: list[int], where: str, may_have_bool
                    high=spec.high, may_have_bools=may_have_bools)
 
 
+@too_deep
 def parse_infer(body: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[OutputSpec], *, max_instances: int,
                 generates: bool = False, header_length: Optional[str] = None) -> InferRequest:
     """Validate a ``POST /v2/models/<name>/infer`` body against the model's ``inputs`` and ``outputs``.

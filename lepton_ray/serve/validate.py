@@ -29,6 +29,7 @@ lepton_ray.serve.validate.BadRequest: instances[0]: expected float32 [2], got a 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from itertools import chain
@@ -177,6 +178,8 @@ def what(v: Any, shape: Optional[tuple[int, ...]] = None) -> str:
         return "a ragged nested list (rows of different lengths)"
     if shape == (0,):
         return "an empty list"
+    if len(shape) > 8:
+        return f"a list nested {len(shape)} deep"
     return f"a list of shape [{', '.join(map(str, shape))}]"
 
 
@@ -390,6 +393,20 @@ def max_new_tokens_of(value: Any, where: str, generates: bool) -> int:
     return value
 
 
+def too_deep(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Nesting deep enough to exhaust the stack while checking it is a client mistake too (a 400)."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RecursionError:
+            raise BadRequest("the body's lists are nested too deep") from None
+
+    return checked
+
+
+@too_deep
 def parse_instances(body: bytes, inputs: Sequence[TensorSpec], *, max_instances: int, generates: bool = False) -> Request:
     """Validate a ``/predict`` body against the model's ``inputs``; raise :class:`BadRequest` when it is wrong.
 

@@ -35,8 +35,18 @@ def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduc
     ``auto`` fell back to gloo, ``allreduce_note`` with the reason) goes into the run's start record.
     """
     device_ids = [worker.device.index] if worker.device.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=opts.bucket_mb,
-                                  find_unused_parameters=opts.find_unused_parameters, **ddp_kwargs)
+    # DDP all-reduces the parameters that require grad when it is built: the others (the parameter
+    # server's tables, for hybrid) are frozen for the constructor only, so DDP never registers them
+    kept = {id(p) for p in reduced}
+    frozen = [p for p in model.parameters() if id(p) not in kept and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=opts.bucket_mb,
+                                      find_unused_parameters=opts.find_unused_parameters, **ddp_kwargs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     if worker.device.type != "cpu" or opts.cpu_transport == "gloo":
         return ddp, None, {"allreduce_transport": dist.get_backend()}
     try:

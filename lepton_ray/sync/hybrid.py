@@ -56,8 +56,7 @@ class Hybrid(ParamServer):
         self._shm: Optional[SharedMemoryAllReduce] = None
         self._describe: dict[str, str] = {}
         if dist.is_available() and dist.is_initialized() and self.worker.world_size > 1:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(self._tables))
-            dense = [p for n, p in model.named_parameters() if n not in self._tables]
+            dense = [p for n, p in model.named_parameters() if n not in self._tables]  # DDP all-reduces only these
             self._ddp, self._shm, self._describe = build_ddp(model, self.worker, self.config.sync.allreduce, dense)
             return self._ddp
         return model

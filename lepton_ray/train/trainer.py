@@ -148,6 +148,8 @@ class Trainer:
                 f" in epoch 0 ({self.train_info.num_rows} rows in {len(self.train_info.shards)} file(s) dealt to {w} workers);"
                 " use a smaller batch or prepare the data with more row groups"
             )
+        self.baseline: dict[str, float] = {}
+        """Reference metrics computed on the driver (the unigram bits per byte of the eval split), reported beside the run's."""
         self._with_classes()
         self._check_model()
         STRATEGIES[cfg.sync.strategy].check(cfg, self._model)
@@ -173,7 +175,8 @@ class Trainer:
             return
         counts = {}
         for c in self.train_info.schema.targets:
-            values = np.concatenate([self._values(i, c) for i in (self.train_info, self.eval_info) if i is not None])
+            split_values = [self._values(i, c) for i in (self.train_info, self.eval_info) if i is not None]
+            values = np.concatenate(split_values)
             values = values[values != m.ignore_index]
             if not np.issubdtype(values.dtype, np.integer) or (values.size and values.min() < 0):
                 raise ConfigError(
@@ -181,6 +184,8 @@ class Trainer:
                     f" (found dtype {values.dtype}, min {values.min() if values.size else 'none'}); for real-valued targets set"
                     f" model.task: regression (or model.loss: mse)")
             counts[c.name] = int(values.max()) + 1 if values.size else 1
+            if len(split_values) == 2 and "bits_per_byte" in (m.metrics or []):
+                self.baseline[f"{M.EVAL_PREFIX}unigram_bits_per_byte"] = unigram_bits(*split_values, counts[c.name], m.ignore_index)
         self.train_info = replace(self.train_info, schema=self.train_info.schema.with_classes(counts))
         if self.eval_info is not None:
             self.eval_info = replace(self.eval_info, schema=self.eval_info.schema.with_classes(counts))
@@ -301,6 +306,7 @@ class Trainer:
         else:
             metrics[M.SAMPLES_PER_S] = None
         metrics["time_to_first_step_s"] = (first["time"] - t0) if first else None
+        metrics.update(self.baseline)
         return Result(
             metrics=metrics,
             checkpoint=end.get("checkpoint"),
@@ -308,6 +314,18 @@ class Trainer:
             resumed_from=starts[-1].get("resumed_from") if starts else None,
             records=records,
         )
+
+
+def unigram_bits(train: np.ndarray, eval: np.ndarray, classes: int, ignore_index: int = -100) -> float:
+    """Bits per token of ``eval`` under the token frequencies of ``train`` (add-one smoothed): the score of a
+    model that ignores context, the baseline a sequence model must beat.
+
+    >>> round(unigram_bits(np.array([0, 0, 0, 1]), np.array([0, 1]), 2), 4)  # p = 4/6, 2/6
+    1.085
+    """
+    train, eval = train[train != ignore_index], eval[eval != ignore_index]
+    p = (np.bincount(train, minlength=classes) + 1.0) / (len(train) + classes)
+    return float(-np.log2(p[eval]).mean())
 
 
 _POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train hands it from the driver to its controller

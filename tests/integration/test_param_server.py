@@ -83,8 +83,7 @@ def digits_data(tmp_path_factory) -> dict:
 
     d = tmp_path_factory.mktemp("digits")
     digits(str(d / "train.parquet"), str(d / "eval.parquet"))
-    return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"),
-            "inputs": {"ids": "ids", "dense": "dense"}, "targets": {"label": "label"}}
+    return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"), "label": "label"}
 
 
 DIGITS_EPOCHS = 6

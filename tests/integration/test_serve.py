@@ -359,26 +359,29 @@ def test_random_v2_bodies_never_get_a_5xx(served, body):
 TOKENS = Schema(inputs=(Column("tokens", ("input",), "uint8", (16,)),), targets=(Column("next", ("target",), "uint8", (16,)),))
 
 
+@pytest.fixture(scope="class")
+def lm(served, tmp_path_factory):
+    """A small gpt (seeded, untrained: the answers only have to equal the offline model's) served beside digits
+    at /gpt (v2 name 'bytes'), for the tests of one class; deleted after them."""
+    import torch
+    from ray import serve
+
+    from lepton_ray.serve.app import deploy
+
+    torch.manual_seed(0)
+    bundle = Bundle(model={"name": "gpt", "kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}}, schema=TOKENS, state=None,
+                    name="bytes")
+    bundle.state = bundle.build_fp32().state_dict()
+    uri = write_bundle(bundle, str(tmp_path_factory.mktemp("gpt") / "bundle"))
+    try:
+        url = deploy(uri, ServeConfig(port=served["port"], max_instances=8), name="gpt", route_prefix="/gpt")
+        yield {"url": url, "offline": Predictor(load_bundle(uri))}
+    finally:
+        serve.delete("gpt")  # its replica's CPU goes back before batch prediction needs it
+
+
 class TestLanguageModel:
-    """A small gpt (seeded, untrained: the answers only have to equal the offline model's) served beside digits."""
-
-    @pytest.fixture(scope="class")
-    def lm(self, served, tmp_path_factory):
-        import torch
-        from ray import serve
-
-        from lepton_ray.serve.app import deploy
-
-        torch.manual_seed(0)
-        bundle = Bundle(model={"name": "gpt", "kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}}, schema=TOKENS, state=None,
-                        name="bytes")
-        bundle.state = bundle.build_fp32().state_dict()
-        uri = write_bundle(bundle, str(tmp_path_factory.mktemp("gpt") / "bundle"))
-        try:
-            url = deploy(uri, ServeConfig(port=served["port"], max_instances=8), name="gpt", route_prefix="/gpt")
-            yield {"url": url, "offline": Predictor(load_bundle(uri))}
-        finally:
-            serve.delete("gpt")  # its replica's CPU goes back before batch prediction needs it
+    """Next bytes and greedy continuations over /predict and v2, prompts of any length (the last 16 bytes kept)."""
 
     def test_predict_next_byte_and_continuations_of_prompts_of_any_length(self, lm):
         prompts = [list(b"def "), list(b"import os\n" * 3), list(b"x")]  # 4, 30 (> 16: the last 16 kept) and 1 bytes

@@ -373,6 +373,7 @@ BAD_INSTANCES = [
     (b"[1]", [X], 'the body must be a JSON object like {"instances": [[...], ...]}, got list'),
     (b'{"instances": [[NaN, 0, 0]]}', [X], "malformed JSON: NaN is not allowed; every value must be a finite number"),
     (b'{"instances": [[0, 0', [X], "malformed JSON: Expecting ',' delimiter: line 1 column 21 (char 20)"),
+    ({"instances": [[[[[[[[[[[[[0]]]]]]]]]]]]]}, [X], "instances[0]: expected float32 [3], got a list nested 12 deep"),
 ]
 
 
@@ -389,6 +390,16 @@ def test_fast_and_slow_paths_agree():
     fast = _parse({"instances": rows}, [X]).parts[0].inputs["x"]
     slow = _parse({"instances": [dict(zip("abc", r)) for r in rows]}, [X]).parts[0].inputs["x"]
     assert np.array_equal(fast, slow) and np.array_equal(fast, np.asarray(rows, np.float32))
+
+
+def test_nesting_that_exhausts_the_stack_is_a_400():
+    from lepton_ray.serve.validate import too_deep
+
+    def recurse(n):
+        return recurse(n + 1)
+
+    with pytest.raises(BadRequest, match="^the body's lists are nested too deep$"):
+        too_deep(recurse)(0)
 
 
 def test_request_merge_restores_request_order():
@@ -549,6 +560,97 @@ def test_v2_metadata_spells_datatypes_and_batch_dims():
                                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
                                 {"name": "label", "datatype": "INT64", "shape": [-1]}]}
     assert v2.server_metadata()["extensions"] == ["binary_tensor_data"]
+
+
+# --------------------------------------------------------------------------- the replica's routing and batching, without Ray
+
+
+def _server(uri: str, **kwargs):
+    from lepton_ray.serve.app import ModelServer
+
+    srv = ModelServer(uri, max_batch_size=4, **kwargs)
+
+    async def alone(job):  # @serve.batch needs a Serve replica; the logic under it (run_jobs) does not
+        return srv.run_jobs([job])[0]
+
+    srv._infer_batch = alone
+    return srv
+
+
+def _call(srv, method: str, path: str, body=b"", headers: dict = None):
+    import asyncio
+
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body if isinstance(body, bytes) else json.dumps(body).encode(), "more_body": False}
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    r = asyncio.run(srv(Request(scope, receive)))
+    return r.status_code, (json.loads(r.body) if r.headers["content-type"].startswith("application/json") else r.body)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    torch.manual_seed(0)
+    b = Bundle(model={"name": "mlp", "hidden": [8]}, schema=FLAT, state=None, name="toy")
+    b.state = b.build_fp32().state_dict()
+    return write_bundle(b, str(tmp_path / "toy"))
+
+
+def test_server_answers_both_protocols_and_their_errors(toy):
+    srv = _server(toy, max_instances=8)
+    rows = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)
+    want = Predictor(load_bundle(toy)).predict(rows)
+    code, body = _call(srv, "POST", "/predict", {"instances": rows.tolist()})
+    assert code == 200 and [p["label"] for p in body["predictions"]] == want["label"].tolist()
+    code, body = _call(srv, "POST", "/v2/models/toy/infer", {"id": "1", "inputs": [
+        {"name": "x", "shape": [2, 6], "datatype": "FP32", "data": rows.ravel().tolist()}], "outputs": [{"name": "label"}]})
+    assert code == 200 and body == {"model_name": "toy", "model_version": "1", "id": "1", "outputs": [
+        {"name": "label", "datatype": "INT64", "shape": [2], "data": want["label"].tolist()}]}
+    assert _call(srv, "GET", "/v2/models/toy")[1]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 6]}]
+    assert _call(srv, "GET", "/v2/models/toy/versions/1/ready") == (200, {"name": "toy", "ready": True})
+    assert _call(srv, "GET", "/v2/health/live") == (200, {"live": True})
+    assert _call(srv, "GET", "/v2")[1]["name"] == "lepton_ray"
+    assert _call(srv, "GET", "/v2/models/mnist") == (404, {"error": "unknown model 'mnist'; this server serves 'toy'"})
+    assert _call(srv, "GET", "/v2/models/toy/versions/3") == (404, {"error": "model 'toy' has no version '3' (versions: 1)"})
+    assert _call(srv, "GET", "/v2/models/toy/infer")[0] == 405
+    assert _call(srv, "POST", "/v2/models/toy/infer", {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP16", "data": [0] * 6}]}) == (
+        400, {"error": 'inputs[0] "x": datatype "FP16" does not match the model\'s input x: FP32 [-1, 6]'})
+    code, body = _call(srv, "POST", "/predict", b"[" * 2 + b"0" * srv.max_body)
+    assert code == 413 and body["error"].endswith(f"is larger than {srv.max_body} bytes")
+    assert _call(_server(toy, model_name="digits"), "GET", "/v2/models/digits")[1]["name"] == "digits"
+
+
+def test_run_jobs_groups_alike_jobs_and_isolates_a_failing_one(tmp_path):
+    from lepton_ray.serve.app import Job
+
+    torch.manual_seed(0)
+    b = Bundle(model=LM_MODEL, schema=TOKENS, state=None, name="lm")
+    b.state = b.build_fp32().state_dict()
+    srv = _server(write_bundle(b, str(tmp_path / "lm")))
+    calls = []
+    run = srv.predictor.run
+
+    def counted(inputs, max_new_tokens=0, scores=True):
+        calls.append((inputs["tokens"].shape, max_new_tokens))
+        if (inputs["tokens"] == 7).any():
+            raise ValueError("token 7 breaks this model")
+        return run(inputs, max_new_tokens, scores)
+
+    srv.predictor.run = counted
+    t = lambda *rows: {"tokens": np.array(rows, np.uint8)}  # noqa: E731
+    jobs = [Job(t([1, 2])), Job(t([3, 4, 5])), Job(t([6, 1], [2, 2])), Job(t([1, 2]), max_new_tokens=3, scores=False)]
+    out = srv.run_jobs(jobs)
+    assert sorted(calls) == sorted([((3, 2), 0), ((1, 3), 0), ((1, 2), 3)])  # rows of one shape and ask share a pass
+    for job, got in zip(jobs, out):
+        want = run(job.inputs, job.max_new_tokens, job.scores)
+        assert set(got) == set(want) and all(np.allclose(got[k], want[k], atol=1e-6) for k in want)
+    ok, bad = srv.run_jobs([Job(t([1, 2])), Job(t([7, 2]))])
+    assert isinstance(bad, ValueError) and set(ok) == {"logits", "probabilities"}
+    assert _call(srv, "POST", "/predict", {"instances": [[7, 1]]}) == (
+        500, {"error": "the model failed on this request: ValueError: token 7 breaks this model"})
 
 
 # --------------------------------------------------------------------------- config and the app builder
