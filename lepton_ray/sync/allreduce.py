@@ -89,6 +89,6 @@ class AllReduce(Strategy):
     def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         optimizer_step(optimizer, list(self._model.parameters()), precision, self.config.train.grad_clip_norm)
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         if self._shm is not None:
             self._shm.close()

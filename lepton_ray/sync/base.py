@@ -6,10 +6,9 @@ micro-batch should be communicated, applies the optimizer step, and saves or
 restores whatever state of its own it has. A new strategy is a new file plus an
 entry in ``lepton_ray.sync.STRATEGIES``.
 
-Driver side, a strategy may also check the model before Ray starts
-(:meth:`Strategy.check`) and start services that outlive a worker group
-(:meth:`Strategy.launch` / :meth:`Strategy.teardown`, e.g. parameter-server
-actors); what ``launch`` returns reaches every worker's strategy as ``services``.
+The driver side is separate (:class:`Services`, the strategy's ``Services`` class): it checks the
+model before Ray starts and starts what outlives a worker group (parameter-server actors); what
+``start`` returns reaches every worker's strategy as ``services``.
 """
 
 from __future__ import annotations
@@ -17,14 +16,14 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Optional
 
 import torch
 from torch import nn
 
 from lepton_ray.config import Config
 
-__all__ = ["Strategy", "WorkerInfo", "optimizer_step", "fused_kwargs"]
+__all__ = ["Services", "Strategy", "WorkerInfo", "optimizer_step", "fused_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -77,28 +76,13 @@ class Strategy(ABC):
         self.worker = worker
         self.services = services
 
-    # ------------------------------------------------------------------ driver side
+    Services: ClassVar[type["Services"]]
+    """The strategy's driver side (set below for the base class: no services)."""
 
-    @classmethod
-    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
-        """Driver, before Ray starts: raise ``ConfigError`` for a model or config this strategy cannot train.
-
-        ``build()`` returns the model exactly as every worker initialises it (call it only if needed).
-        """
-
-    @classmethod
-    def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> Any:
-        """Driver, Ray connected: start what outlives a worker group (actors); returns the workers' ``services``."""
-        return None
-
-    @classmethod
-    def teardown(cls, services: Any) -> None:
-        """Driver, after the run: stop what :meth:`launch` started."""
-
-    @classmethod
-    def claimer(cls, config: Config, services: Any) -> Optional[Callable[[int, int], Optional[int]]]:
-        """Worker, before the data stream starts: for an elastic strategy, ``claim(epoch, pieces)`` returning
-        the next undealt piece of ``epoch`` (``None`` when all are dealt); ``None`` = a fixed equal deal."""
+    @property
+    def claim(self) -> Optional[Callable[[int, int], Optional[int]]]:
+        """For a strategy that deals the data itself: ``claim(epoch, pieces)`` returning the next undealt
+        piece of ``epoch`` (``None`` when all are dealt); ``None`` = a fixed equal deal."""
         return None
 
     # ------------------------------------------------------------------ worker side
@@ -155,5 +139,28 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    def shutdown(self) -> None:
-        """Release what the strategy started (actors, threads)."""
+    def close(self) -> None:
+        """Release what the worker side holds (shared memory, threads)."""
+
+
+class Services:
+    """A strategy's driver side (Ray Train's backend lifecycle): check the model and config before Ray
+    starts, start what outlives a worker group (parameter-server actors), stop it after the run.
+    What :meth:`start` returns reaches every worker's strategy as ``services``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def check(self, build: Callable[[], nn.Module]) -> None:
+        """Before Ray starts: raise ``ConfigError`` for a model or config this strategy cannot train.
+        ``build()`` returns the model exactly as every worker initialises it (call it only if needed)."""
+
+    def start(self, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> Any:
+        """Ray connected: start what outlives a worker group; returns the workers' ``services``."""
+        return None
+
+    def stop(self, services: Any) -> None:
+        """After the run: stop what :meth:`start` started."""
+
+
+Strategy.Services = Services

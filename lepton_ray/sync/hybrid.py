@@ -20,31 +20,38 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lepton_ray.config import Config, ConfigError
+from lepton_ray.config import ConfigError
 from lepton_ray.sync.allreduce import build_ddp
 from lepton_ray.sync.base import optimizer_step
-from lepton_ray.sync.param_server import ParamServer, embedding_modules
+from lepton_ray.sync.param_server import ParamServer, PSServices, embedding_modules
 from lepton_ray.sync.shm import SharedMemoryAllReduce
 
 __all__ = ["Hybrid"]
+
+
+class HybridServices(PSServices):
+    """The shards hold only the embedding tables; a model without any is refused."""
+
+    name = "hybrid"
+    embeddings_only = True
+
+    def check(self, build: Callable[[], nn.Module]) -> None:
+        model = build()
+        if not embedding_modules(model):
+            what = self.config.model.factory or self.config.model.name
+            raise ConfigError(
+                f"sync.strategy: 'hybrid' needs a model with nn.Embedding or nn.EmbeddingBag tables for the parameter"
+                f" servers; model '{what}' has none (use 'allreduce' or 'ps')"
+            )
+        super().check(lambda: model)
 
 
 class Hybrid(ParamServer):
     """Dense by all-reduce, embeddings on the PS (``sync.strategy: hybrid``)."""
 
     name = "hybrid"
+    Services = HybridServices
     embeddings_only = True
-
-    @classmethod
-    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
-        model = build()
-        if not embedding_modules(model):
-            what = config.model.factory or config.model.name
-            raise ConfigError(
-                f"sync.strategy: 'hybrid' needs a model with nn.Embedding or nn.EmbeddingBag tables for the parameter"
-                f" servers; model '{what}' has none (use 'allreduce' or 'ps')"
-            )
-        super().check(config, lambda: model)
 
     @property
     def lockstep(self) -> bool:  # type: ignore[override]
@@ -64,8 +71,8 @@ class Hybrid(ParamServer):
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)
 
-    def shutdown(self) -> None:
-        super().shutdown()
+    def close(self) -> None:
+        super().close()
         if self._shm is not None:
             self._shm.close()
 

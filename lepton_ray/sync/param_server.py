@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lepton_ray.config import Config, ConfigError
-from lepton_ray.sync.base import Strategy
+from lepton_ray.sync.base import Services, Strategy
 from lepton_ray.sync.ps_shard import Piece, ShardServer, plan_shards
 
 __all__ = ["ParamServer", "embedding_modules", "NAMESPACE", "SHARD_PREFIX"]
@@ -83,63 +83,46 @@ class _RayShardServer(ShardServer):
         return None if flat is None else ray.put(flat)  # ray.put copies: later updates do not change it
 
 
-class ParamServer(Strategy):
-    """Every parameter on the shards (``sync.strategy: ps``)."""
+class PSServices(Services):
+    """The parameter-server actors: planned over the model's parameters, started before the worker group."""
 
     name = "ps"
     embeddings_only = False  # hybrid: only the embedding tables live on the shards
 
-    # ------------------------------------------------------------------ driver side
-
-    @classmethod
-    def _plan(cls, config: Config, model: nn.Module) -> list[list[Piece]]:
+    def _plan(self, model: nn.Module) -> list[list[Piece]]:
         tables = embedding_modules(model)
         params = [
             (name, tuple(p.shape), name in tables)
             for name, p in model.named_parameters()
-            if name in tables or not cls.embeddings_only
+            if name in tables or not self.embeddings_only
         ]
         try:
-            return plan_shards(params, config.sync.ps.num_shards)
+            return plan_shards(params, self.config.sync.ps.num_shards)
         except ValueError as exc:
             raise ConfigError(f"sync.ps.num_shards: {exc}") from None
 
-    @classmethod
-    def check(cls, config: Config, build: Callable[[], nn.Module]) -> None:
+    def check(self, build: Callable[[], nn.Module]) -> None:
+        config = self.config
         if config.train.grad_clip_norm is not None:
             raise ConfigError(
-                f"train.grad_clip_norm: not supported with sync.strategy '{cls.name}' (gradients are combined on the"
+                f"train.grad_clip_norm: not supported with sync.strategy '{self.name}' (gradients are combined on the"
                 f" parameter servers, no worker sees the global gradient), got {config.train.grad_clip_norm:g}"
             )
         if config.train.precision == "fp16":
-            raise ConfigError(f"train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy '{cls.name}'; use 'bf16' or 'fp32'")
+            raise ConfigError(f"train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy '{self.name}'; use 'bf16' or 'fp32'")
         ps = config.sync.ps
-        if ps.balance == "dynamic" and (cls.name != "ps" or ps.mode == "sync"):
-            why = "sync.strategy 'hybrid' all-reduces every step" if cls.name != "ps" else "sync.ps.mode 'sync' steps in lock step"
+        if ps.balance == "dynamic" and (self.name != "ps" or ps.mode == "sync"):
+            why = "sync.strategy 'hybrid' all-reduces every step" if self.name != "ps" else "sync.ps.mode 'sync' steps in lock step"
             raise ConfigError(f"sync.ps.balance: 'dynamic' needs sync.strategy 'ps' with sync.ps.mode 'async' or 'ssp' ({why});"
                               f" use balance 'static'")
-        cls._plan(config, build())
+        self._plan(build())
 
-    @classmethod
-    def claimer(cls, config: Config, services: Any) -> Optional[Callable[[int, int], Optional[int]]]:
-        """``sync.ps.balance: dynamic``: ``claim(epoch, pieces)`` asks shard 0 for the next piece of ``epoch``."""
-        if config.sync.ps.balance != "dynamic" or not services:
-            return None
-        dealer = services["shards"][0]
-
-        def claim(epoch: int, pieces: int) -> Optional[int]:
-            import ray
-
-            return ray.get(dealer.claim.remote(epoch, pieces))
-
-        return claim
-
-    @classmethod
-    def launch(cls, config: Config, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> dict[str, Any]:
+    def start(self, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> dict[str, Any]:
         import ray
 
+        config = self.config
         model = build()
-        plan = cls._plan(config, model)
+        plan = self._plan(model)
         params = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
         t, ps = config.train, config.sync.ps
         train = {"optimizer": t.optimizer, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
@@ -164,12 +147,33 @@ class ParamServer(Strategy):
         ray.get([s.ready.remote() for s in shards])
         return {"shards": shards, "plan": plan, "inits": inits}
 
-    @classmethod
-    def teardown(cls, services: Any) -> None:
+    def stop(self, services: Any) -> None:
         import ray
 
         for shard in (services or {}).get("shards", []):
             ray.kill(shard, no_restart=True)
+
+
+class ParamServer(Strategy):
+    """Every parameter on the shards (``sync.strategy: ps``)."""
+
+    name = "ps"
+    Services = PSServices
+    embeddings_only = False  # hybrid: only the embedding tables live on the shards
+
+    @property
+    def claim(self) -> Optional[Callable[[int, int], Optional[int]]]:
+        """``sync.ps.balance: dynamic``: ``claim(epoch, pieces)`` asks shard 0 for the next piece of ``epoch``."""
+        if self.config.sync.ps.balance != "dynamic" or not self.services:
+            return None
+        dealer = self.services["shards"][0]
+
+        def claim(epoch: int, pieces: int) -> Optional[int]:
+            import ray
+
+            return ray.get(dealer.claim.remote(epoch, pieces))
+
+        return claim
 
     # ------------------------------------------------------------------ worker side
 

@@ -76,10 +76,9 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], evaluator: Evaluat
     return {f"{M.EVAL_PREFIX}{k}": v for k, v in result.items()}
 
 
-def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, total: int) -> _Parts:
+def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, strategy: Strategy, total: int) -> _Parts:
     torch.manual_seed(cfg.train.seed)  # same seed everywhere: every replica starts equal
     model = build_model(cfg.model, spec.train.schema).to(ctx.device)
-    strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=ctx.rank, world_size=ctx.world, device=ctx.device), spec.services)
     net = strategy.wrap(model)
     optimizer = make_optimizer(cfg, model)
     return _Parts(model, net, strategy, optimizer, make_scheduler(cfg, optimizer, total), Precision(cfg.train.precision, ctx.device))
@@ -206,11 +205,12 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext) -> None:
     t, schema = cfg.train, spec.train.schema
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     # ---- data: this worker's share, streamed in a seeded, resumable order (global batch = all workers' batches)
+    strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=ctx.rank, world_size=ctx.world, device=ctx.device), spec.services)
     stream = WorkerStream(spec.train, cfg.data, rank=ctx.rank, world_size=ctx.world, local_batch=t.batch_size // ctx.world,
-                          seed=t.seed, device=ctx.device, claim=STRATEGIES[cfg.sync.strategy].claimer(cfg, spec.services))
+                          seed=t.seed, device=ctx.device, claim=strategy.claim)  # a strategy may deal the data itself
     total = t.max_steps if t.max_steps is not None else sum(stream.steps(e) for e in range(t.epochs))
     sched = Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
-    p = _build(cfg, spec, ctx, total)
+    p = _build(cfg, spec, ctx, strategy, total)
     loss, inputs = make_loss(cfg.model, schema), tuple(c.name for c in schema.inputs)
     store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
     torch.manual_seed(t.seed + 1000 * (ctx.rank + 1))  # per-rank dropout streams (a resume restores them)
@@ -271,4 +271,4 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext) -> None:
         buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": latest.uri if latest else None,
                     "data_stats": dict(stream.stats)}, now=True)
         buffer.flush(wait=True)
-    p.strategy.shutdown()
+    p.strategy.close()

@@ -152,7 +152,8 @@ class Trainer:
         """Reference metrics computed on the driver (the unigram bits per byte of the eval split), reported beside the run's."""
         self._with_classes()
         self._check_model()
-        STRATEGIES[cfg.sync.strategy].check(cfg, self._model)
+        self.services = STRATEGIES[cfg.sync.strategy].Services(cfg)
+        self.services.check(self._model)
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
 
     # ------------------------------------------------------------------ checks
@@ -252,8 +253,7 @@ class Trainer:
             sink = M.MetricsSink.options(
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
-            strategy = STRATEGIES[cfg.sync.strategy]
-            services = strategy.launch(cfg, self._model, self.checkpoint_uri, self.run_name)
+            services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
             spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink,
                             report_to_ray=self.report_to_ray, services=services)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
@@ -279,7 +279,7 @@ class Trainer:
                 raise TrainingError(f"training run '{self.run_name}' failed: {exc}") from exc
             finally:
                 watcher.stop()
-                strategy.teardown(services)
+                self.services.stop(services)
             result = self._result(watcher.records, t0)
             (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
             return result
