@@ -6,7 +6,8 @@ Layout of a prepared split (``DEST`` or ``DEST/<split>`` with eval_fraction)::
     _manifest.json                                  written last: it commits the split
 
 The manifest names every shard with its rows, per-row-group rows, bytes and
-SHA-256, plus the schema and the split name. It is written only after every
+SHA-256, plus the schema (each column's Arrow type, and the dtype and per-row shape it reads
+as in a batch) and the split name. It is written only after every
 shard is in place (one PUT on object storage, a rename on a local disk), so a
 reader never sees a half-written data set: a directory of ``shard-*.parquet``
 without a manifest is refused as unfinished.
@@ -29,6 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
+from lepton_ray.data.schema import field_info
 from lepton_ray.storage import filesystem, is_local, join
 
 __all__ = ["MANIFEST", "FORMAT", "prepare", "read_manifest", "SHARD_PREFIX"]
@@ -103,7 +105,7 @@ def _write_split(table: pa.Table, dest: str, split: str, num_shards: int, row_gr
         "format": FORMAT,
         "split": split,
         "num_rows": table.num_rows,
-        "schema": [{"name": f.name, "type": str(f.type)} for f in table.schema],
+        "schema": [field_info(f) for f in table.schema],  # every column's Arrow type, batch dtype and per-row shape
         "shards": shards,
         "created": time.time(),
     }

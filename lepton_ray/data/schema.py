@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from lepton_ray.config import ConfigError
 
-__all__ = ["Column", "Schema", "column_text", "decode", "resolve_columns", "LEGACY_INPUT"]
+__all__ = ["Column", "Schema", "column_text", "decode", "field_info", "resolve_columns", "LEGACY_INPUT"]
 
 LEGACY_INPUT = "x"
 """The name of the one input built from ``data.features`` (the columns concatenated as float32)."""
@@ -161,6 +161,17 @@ def _arrow_shape(t: pa.DataType) -> tuple[tuple[int, ...], pa.DataType]:
         shape.append(t.list_size)
         t = t.value_type
     return tuple(shape), t
+
+
+def field_info(f: pa.Field) -> dict[str, Any]:
+    """A Parquet column as a manifest records it: Arrow type, and the tensor it reads as (``dtype`` and
+    per-row ``shape``; ``dtype`` None for a column no batch can hold, e.g. strings).
+
+    >>> field_info(pa.field("tokens", pa.list_(pa.uint8(), 128)))
+    {'name': 'tokens', 'type': 'fixed_size_list<item: uint8>[128]', 'dtype': 'uint8', 'shape': [128]}
+    """
+    shape, scalar = _arrow_shape(f.type)
+    return {"name": f.name, "type": str(f.type), "dtype": _DTYPES.get(scalar), "shape": list(shape)}
 
 
 def _typed(name: str, spec: Any, schema: pa.Schema, option: str, key: str, uri: str) -> Column:

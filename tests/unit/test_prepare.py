@@ -27,7 +27,8 @@ def test_prepare_writes_shards_and_a_manifest_that_describes_them(tmp_path):
     assert out["train"] == manifest
     assert manifest["split"] == "train" and manifest["num_rows"] == 100
     assert [s["num_rows"] for s in manifest["shards"]] == [33, 33, 34]
-    assert manifest["schema"] == [{"name": "x", "type": "float"}, {"name": "label", "type": "int64"}]
+    assert manifest["schema"] == [{"name": "x", "type": "float", "dtype": "float32", "shape": []},
+                                  {"name": "label", "type": "int64", "dtype": "int64", "shape": []}]
     for s in manifest["shards"]:
         data = (tmp_path / "d" / s["path"]).read_bytes()
         assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()

@@ -152,3 +152,49 @@ def test_loss_gradients_flow():
     reg = torch.zeros(4, 1, requires_grad=True)
     loss_fn("regression", reg, torch.ones(4)).backward()
     assert reg.grad.squeeze(-1).tolist() == pytest.approx([-0.5] * 4)
+
+
+# --------------------------------------------------------------------------- when to log, evaluate, checkpoint (train/schedule.py)
+
+from lepton_ray.train.schedule import Due, Schedule  # noqa: E402
+
+
+def _run_lockstep(s: Schedule, epoch_steps: int) -> tuple[list[int], list[int], list[int]]:
+    """The steps at which a lock-step run logs, evaluates and saves, epoch by epoch."""
+    logs, evals, saves = [], [], []
+    for step in range(1, s.total_steps + 1):
+        if s.log(step - 1, step):
+            logs.append(step)
+        due = s.at_step(step, end_of_epoch=step % epoch_steps == 0)
+        evals += [step] if due.evaluate else []
+        saves += [step] if due.save else []
+    return logs, evals, saves
+
+
+def test_lockstep_schedule_evaluates_each_epoch_end_and_saves_every_n_and_at_the_end():
+    logs, evals, saves = _run_lockstep(Schedule(total_steps=25, log_every=10, eval_every=None, save_every=10), epoch_steps=8)
+    assert logs == [10, 20, 25]  # and the last step, whatever log_every says
+    assert evals == [8, 16, 24, 25]
+    assert saves == [10, 20, 25]
+
+
+def test_eval_every_n_steps_replaces_the_epoch_ends():
+    _, evals, saves = _run_lockstep(Schedule(total_steps=25, eval_every=6, save_every=None), epoch_steps=8)
+    assert evals == [6, 12, 18, 24, 25]
+    assert saves == [25]
+
+
+def test_epoch_end_schedule_does_what_fell_due_inside_the_epoch():
+    s = Schedule(total_steps=100, eval_every=30, save_every=45)
+    assert s.at_epoch_end(0, 25, last=False) == Due()
+    assert s.at_epoch_end(25, 50, last=False) == Due(evaluate=True, save=True)  # 30 and 45 fell inside
+    assert s.at_epoch_end(50, 75, last=False) == Due(evaluate=True, save=False)  # 60
+    assert s.at_epoch_end(75, 90, last=True) == Due(evaluate=True, save=True)  # the run's end: always both
+    assert Schedule(total_steps=100).at_epoch_end(0, 25, last=False) == Due(evaluate=True, save=False)  # eval every epoch
+
+
+def test_a_log_needs_progress():
+    s = Schedule(total_steps=10, log_every=1)
+    assert not s.log(4, 4)  # a deferred step (held by the strategy) logs nothing
+    assert s.log(4, 6)  # an elastic step may advance by more than one
+    assert not s.done(9) and s.done(10)
