@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue run.name from its newest committed checkpoint")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--local", action="store_true", help="one worker in this process, without Ray (for debugging; scaling.num_workers: 1)")
     w = sub.add_parser("sweep", help="search the config's sweep.space (lr, batch size, ...) on Ray Tune")
     w.add_argument("config", help="YAML config file with a sweep: section")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -80,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
     from lepton_ray.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
+    result = Trainer(cfg, resume=args.resume, progress=not args.no_progress).fit(local=args.local)
     out = result.to_dict()
     shown = {k: v for k, v in out.items() if k.startswith("eval_") or k in ("train_loss", "steps", "samples_per_s")}
     print("result: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))

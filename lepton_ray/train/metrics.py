@@ -18,7 +18,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-__all__ = ["LossLog", "MetricsSink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S", "binary_auc"]
+__all__ = ["LossLog", "MetricsSink", "Sink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S", "binary_auc"]
 
 STEP = "step"
 EPOCH = "epoch"
@@ -45,8 +45,7 @@ def binary_auc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-@ray.remote(num_cpus=0)
-class MetricsSink:
+class Sink:
     """Collects records from the workers: appends each batch to ``path`` (``metrics.jsonl``) as it
     arrives, and keeps it for the driver to drain (progress bar, result).
 
@@ -69,6 +68,10 @@ class MetricsSink:
         return out
 
 
+MetricsSink = ray.remote(num_cpus=0)(Sink)
+"""The sink as an actor on the driver's node (a run under Ray Train); a plain :class:`Sink` serves a local run."""
+
+
 class RecordBuffer:
     """Worker-side buffer: ``add`` is a list append; ``flush`` ships to the sink."""
 
@@ -83,7 +86,9 @@ class RecordBuffer:
             self.flush()
 
     def flush(self, wait: bool = False) -> None:
-        if self._pending and self.sink is not None:
+        if self._pending and isinstance(self.sink, Sink):  # a local run: the sink is in this process
+            self.sink.log(self._pending)
+        elif self._pending and self.sink is not None:
             ref = self.sink.log.remote(self._pending)  # fire and forget, unless the worker is about to exit
             if wait:
                 ray.get(ref)

@@ -22,8 +22,8 @@ from lepton_ray.data.builders import build_data
 from lepton_ray.data.pipeline import TableInfo, data_exists, describe, steps_in_epoch
 from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
-from lepton_ray.storage import arrow_filesystem, filesystem, join, redact_config
-from lepton_ray.sync import STRATEGIES
+from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
+from lepton_ray.sync import STRATEGIES, Services
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
 from lepton_ray.train.context import WorkerContext
@@ -216,6 +216,8 @@ class Trainer:
     def _store(self, name: str) -> CheckpointStore:
         c = self.config.checkpoint
         root = join(c.dir, name) if c.dir else str(Path(self.config.run.dir) / name / "checkpoints")
+        if is_local(root):  # absolute: Ray Train's workers run in another working directory
+            root = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
         return CheckpointStore(root, c.storage_options, c.keep_last)
 
     def _resolve_run(self) -> tuple[str, Path, str]:
@@ -234,8 +236,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
-    def fit(self) -> Result:
-        """Train to the end (or resume to the end) and return the :class:`Result`."""
+    def fit(self, *, local: bool = False) -> Result:
+        """Train to the end (or resume to the end) and return the :class:`Result`.
+
+        ``local``: run the one worker in this process, without Ray (breakpoints and ``pdb`` work, nothing
+        to start): needs ``scaling.num_workers: 1`` and a strategy without services of its own (not the
+        parameter server). The loop, checkpoints and records are the same as under Ray Train.
+        """
+        if local:
+            return self._fit_local()
         import ray
         import ray.train
         import ray.util.scheduling_strategies
@@ -247,8 +256,7 @@ class Trainer:
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(cfg.to_dict()), indent=1))  # JSON is YAML
+            self._start_run_dir()
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
@@ -280,12 +288,26 @@ class Trainer:
             finally:
                 watcher.stop()
                 self.services.stop(services)
-            result = self._result(watcher.records, t0)
-            (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-            return result
+            return self._result(watcher.records, t0)
         finally:
             if started:
                 ray.shutdown()
+
+    def _start_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(self.config.to_dict()), indent=1))  # JSON is YAML
+
+    def _fit_local(self) -> Result:
+        s = self.config.scaling
+        if s.num_workers != 1 or type(self.services) is not Services:
+            raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
+                              f"and a strategy without services (allreduce; got sync.strategy '{self.config.sync.strategy}')")
+        self._start_run_dir()
+        sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
+        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink)
+        t0 = time.time()
+        train_loop(spec, WorkerContext.local(torch.device("cuda") if s.use_gpu else torch.device("cpu")))
+        return self._result(sink.drain(), t0)
 
     def _result(self, records: list[dict[str, Any]], t0: float) -> Result:
         end = next((r for r in reversed(records) if r.get("event") == "end"), None)
@@ -307,13 +329,15 @@ class Trainer:
             metrics[M.SAMPLES_PER_S] = None
         metrics["time_to_first_step_s"] = (first["time"] - t0) if first else None
         metrics.update(self.baseline)
-        return Result(
+        result = Result(
             metrics=metrics,
             checkpoint=end.get("checkpoint"),
             run_dir=str(self.run_dir),
             resumed_from=starts[-1].get("resumed_from") if starts else None,
             records=records,
         )
+        (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        return result
 
 
 def unigram_bits(train: np.ndarray, eval: np.ndarray, classes: int, ignore_index: int = -100) -> float:

@@ -95,3 +95,37 @@ def test_lockstep_strategy_equals_single_process(tmp_path, strategy, sync):
     single = _reference(trainer)
     assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-2  # training moved them: not vacuous
     assert max((got[k] - single[k]).abs().max().item() for k in single) <= 1e-5
+
+
+def test_a_local_run_trains_in_this_process_and_equals_plain_torch(tmp_path):
+    """``Trainer.fit(local=True)``: the same loop as one worker in the calling process, no Ray."""
+    cfg = load_config(_config(tmp_path, "allreduce", **{"allreduce": {}}))
+    cfg = load_config(cfg, ["scaling.num_workers=1", "train.eval_every_steps=4"])
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.fit(local=True)
+    assert result.metrics["steps"] == STEPS and result.checkpoint.endswith(f"step_{STEPS:08d}")
+    records = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert sum('"train_loss"' in r for r in records) == STEPS and (Path(result.run_dir) / "result.json").exists()
+
+    stream = WorkerStream(trainer.train_info, cfg.data, rank=0, world_size=1, local_batch=BATCH, seed=cfg.train.seed)
+    batches, epoch = [], 0
+    while len(batches) < STEPS:
+        batches += list(stream.epoch(epoch))
+        epoch += 1
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, trainer.train_info.schema)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    for b in batches[:STEPS]:
+        opt.zero_grad()
+        F.cross_entropy(model(b["x"]), b["label"]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+        opt.step()
+    got = CheckpointStore(trainer.checkpoint_uri).load(CheckpointStore(trainer.checkpoint_uri).latest(), ["model"])["model"]
+    assert max((got[k] - v).abs().max().item() for k, v in model.state_dict().items()) <= 1e-5
+
+
+def test_a_local_run_refuses_several_workers(tmp_path):
+    from lepton_ray import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 \(got 2\)"):
+        Trainer(load_config(_config(tmp_path, "allreduce")), progress=False).fit(local=True)
