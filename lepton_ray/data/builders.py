@@ -11,7 +11,6 @@ with the same signature as :func:`digits`.
 
 from __future__ import annotations
 
-import importlib
 import os
 import uuid
 from typing import Any, Callable, Optional
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
+from lepton_ray.imports import import_object
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["BUILDERS", "build_data", "digits", "digits_images", "write_table"]
@@ -108,13 +108,9 @@ def build_data(builder: str, train: str, eval: Optional[str], storage_options: d
     if builder in BUILDERS:
         fn = BUILDERS[builder]
     else:
-        module, sep, name = builder.partition(":")
-        if not sep:
+        if ":" not in builder:
             raise ConfigError(f"data.builder: '{builder}' is not one of {', '.join(BUILDERS)} nor 'package.module:function'")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"data.builder: cannot import '{builder}': {exc}") from None
+        fn = import_object(builder, "data.builder")
     try:
         fn(train=train, eval=eval, storage_options=storage_options, **(kwargs or {}))
     except TypeError as exc:  # an unknown data.builder_kwargs key

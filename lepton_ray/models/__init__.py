@@ -7,7 +7,6 @@ without a ``schema`` parameter gets ``input_dim`` / ``num_outputs`` instead (one
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from torch import nn
 
 from lepton_ray.config import ConfigError, ModelConfig
 from lepton_ray.data.schema import Schema
+from lepton_ray.imports import import_object
 
 __all__ = ["MODELS", "build_model", "flat_io"]
 
@@ -43,14 +43,6 @@ def flat_io(schema: Schema) -> tuple[int, int]:
     return dim, outputs
 
 
-def _import(spec: str, option: str) -> Callable[..., Any]:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{option}: cannot import '{spec}': {exc}") from None
-
-
 def build_model(cfg: ModelConfig, schema: Schema) -> nn.Module:
     """Build the configured model for ``schema``.
 
@@ -60,7 +52,7 @@ def build_model(cfg: ModelConfig, schema: Schema) -> nn.Module:
     Linear(in_features=4, out_features=8, bias=True)
     """
     if cfg.factory is None:
-        fn = _import(MODELS[cfg.name], "model.name")
+        fn = import_object(MODELS[cfg.name], "model.name")
         kwargs = {"hidden": list(cfg.hidden)} if cfg.name in ("mlp", "recommender", "cnn") else {}
         if cfg.name == "mlp":
             kwargs["dropout"] = cfg.dropout
@@ -68,7 +60,7 @@ def build_model(cfg: ModelConfig, schema: Schema) -> nn.Module:
             return fn(schema=schema, **{**kwargs, **cfg.kwargs})
         except (TypeError, ValueError) as exc:  # a bad model.kwargs value or an unsuitable schema: before any worker starts
             raise ConfigError(f"model: cannot build '{cfg.name}': {exc}") from None
-    fn = _import(cfg.factory, "model.factory")
+    fn = import_object(cfg.factory, "model.factory")
     if "schema" in inspect.signature(fn).parameters:
         model = fn(schema=schema, **cfg.kwargs)
     else:

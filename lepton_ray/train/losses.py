@@ -18,7 +18,6 @@ lepton_ray.train.losses.ShapeError: cross_entropy: the model's output [4, 3] doe
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable, Optional, Union
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lepton_ray.imports import import_object
 from lepton_ray.train.metrics import binary_auc
 
 __all__ = ["LOSSES", "METRICS", "Evaluator", "Loss", "ShapeError", "cross_entropy", "default_metrics", "make_loss",
@@ -98,14 +98,6 @@ def targets_of(batch: Batch, target_names: tuple[str, ...]) -> Union[torch.Tenso
     return {n: batch[n] for n in target_names}
 
 
-def _load(spec: str, option: str) -> Callable[..., Any]:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{option}: cannot import '{spec}': {exc}") from None
-
-
 class Loss:
     """``loss(output, batch) -> (loss, extras)``: the configured loss of one batch, plus the model's extra metrics.
 
@@ -116,7 +108,7 @@ class Loss:
     def __init__(self, name: str, target_names: tuple[str, ...], ignore_index: int = -100):
         self.name, self.target_names, self.ignore_index = name, target_names, ignore_index
         self.builtin = LOSSES.get(name)
-        self.fn = _load(name, "model.loss") if ":" in name else None
+        self.fn = import_object(name, "model.loss") if ":" in name else None
         if self.builtin is not None and len(target_names) != 1:
             raise ValueError(f"model.loss: '{name}' needs exactly one target, data.targets has {len(target_names)} "
                              f"({', '.join(target_names)}); use 'model' or 'package.module:function'")

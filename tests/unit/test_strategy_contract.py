@@ -48,19 +48,25 @@ def _worker(rank: int, port: int, spec: LoopSpec) -> None:
         dist.destroy_process_group()
 
 
-def _reference(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Plain torch in one process: SGD on the concatenation of both workers' batches, clipped like the run."""
+def _batches(trainer: Trainer, world: int) -> list[dict[str, torch.Tensor]]:
+    """The run's first global batches: each step's local batches of the ``world`` workers, together."""
     cfg = trainer.config
-    streams = [WorkerStream(trainer.train_info, cfg.data, rank=r, world_size=WORLD, local_batch=BATCH // WORLD, seed=cfg.train.seed)
-               for r in range(WORLD)]
+    streams = [WorkerStream(trainer.train_info, cfg.data, rank=r, world_size=world, local_batch=BATCH // world, seed=cfg.train.seed)
+               for r in range(world)]
     batches, epoch = [], 0
     while len(batches) < STEPS:
-        batches += [{k: torch.cat([b0[k], b1[k]]) for k in b0} for b0, b1 in zip(*(s.epoch(epoch) for s in streams))]
+        batches += [{k: torch.cat([b[k] for b in parts]) for k in parts[0]} for parts in zip(*(s.epoch(epoch) for s in streams))]
         epoch += 1
+    return batches[:STEPS]
+
+
+def _reference(trainer: Trainer, world: int) -> dict[str, torch.Tensor]:
+    """Plain torch in one process: SGD on the global batches, clipped like the run."""
+    cfg = trainer.config
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, trainer.train_info.schema)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    for b in batches[:STEPS]:
+    for b in _batches(trainer, world):
         opt.zero_grad()
         F.cross_entropy(model(b["x"]), b["label"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
@@ -92,7 +98,7 @@ def test_lockstep_strategy_equals_single_process(tmp_path, strategy, sync):
     got = store.load(latest, ["model"])["model"]
     torch.manual_seed(cfg.train.seed)
     start = build_model(cfg.model, trainer.train_info.schema).state_dict()
-    single = _reference(trainer)
+    single = _reference(trainer, WORLD)
     assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-2  # training moved them: not vacuous
     assert max((got[k] - single[k]).abs().max().item() for k in single) <= 1e-5
 
@@ -107,21 +113,9 @@ def test_a_local_run_trains_in_this_process_and_equals_plain_torch(tmp_path):
     records = (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
     assert sum('"train_loss"' in r for r in records) == STEPS and (Path(result.run_dir) / "result.json").exists()
 
-    stream = WorkerStream(trainer.train_info, cfg.data, rank=0, world_size=1, local_batch=BATCH, seed=cfg.train.seed)
-    batches, epoch = [], 0
-    while len(batches) < STEPS:
-        batches += list(stream.epoch(epoch))
-        epoch += 1
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, trainer.train_info.schema)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    for b in batches[:STEPS]:
-        opt.zero_grad()
-        F.cross_entropy(model(b["x"]), b["label"]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-        opt.step()
-    got = CheckpointStore(trainer.checkpoint_uri).load(CheckpointStore(trainer.checkpoint_uri).latest(), ["model"])["model"]
-    assert max((got[k] - v).abs().max().item() for k, v in model.state_dict().items()) <= 1e-5
+    store = CheckpointStore(trainer.checkpoint_uri)
+    got = store.load(store.latest(), ["model"])["model"]
+    assert max((got[k] - v).abs().max().item() for k, v in _reference(trainer, 1).items()) <= 1e-5
 
 
 def test_a_local_run_refuses_several_workers(tmp_path):
