@@ -40,7 +40,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -50,9 +50,9 @@ import pyarrow.parquet as pq
 import torch
 
 from lepton_ray.config import ConfigError, DataConfig
-from lepton_ray.data.cache import ShardCache
 from lepton_ray.data.prepare import read_manifest
 from lepton_ray.data.schema import Schema, decode
+from lepton_ray.data.source import ParquetSource, Source
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "list_parquet", "load_arrays",
@@ -259,9 +259,6 @@ def _windows(units: list[Unit], buffer_rows: int) -> list[list[Unit]]:
 
 # --------------------------------------------------------------------------- the worker's stream
 
-_WHOLE_FETCH_BYTES = 256 * 2**20  # remote shards up to this size are fetched with one GET and read from memory
-
-
 def _put(out: "queue.Queue[Any]", item: Any, stop: threading.Event) -> None:
     """``out.put(item)`` that gives up once ``stop`` is set (nobody will read the queue any more)."""
     while not stop.is_set():
@@ -275,11 +272,9 @@ def _put(out: "queue.Queue[Any]", item: Any, stop: threading.Event) -> None:
 class WorkerStream:
     """This worker's batches, streamed from storage with prefetching, in a resumable order.
 
-    ``stats`` counts what the stream did: ``rows``, ``wait_s`` (time the training loop
-    waited for data), ``row_groups_decoded`` (Parquet decodes; a share that fits in
-    ``data.memory_cache_bytes`` is decoded once), ``remote_bytes`` (whole shards fetched from remote storage),
-    ``remote_row_group_reads`` (ranged row-group reads of remote shards too big to fetch whole) and
-    the cache's hits/misses/refetches.
+    The rows come from its :class:`~lepton_ray.data.source.Source` (``source``); the stream plans, shuffles,
+    prefetches and cuts batches. ``stats`` counts what the stream did, ``rows`` and ``wait_s`` (time the
+    training loop waited for data), plus the source's own counters.
     """
 
     def __init__(self, info: TableInfo, cfg: DataConfig, *, rank: int, world_size: int, local_batch: int, seed: int,
@@ -290,17 +285,11 @@ class WorkerStream:
         self.device = device
         # numpy has no bfloat16: those columns are decoded as float32 and cast per batch
         self._casts = {c.name: getattr(torch, c.dtype) for c in info.schema.columns if c.dtype == "bfloat16"}
-        self.fs, _ = filesystem(info.uri, cfg.storage_options)
-        self.afs = arrow_filesystem(self.fs)
-        self.remote = "://" in info.uri and not info.uri.startswith("file://")
-        self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if (cfg.cache_dir and self.remote and info.prepared) else None
-        self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0, "remote_bytes": 0, "remote_row_group_reads": 0, "row_groups_decoded": 0}
+        self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0}
         if claim is not None:
             self.stats.update(pieces_claimed=0, rows_dropped=0)
+        self.source: Source = ParquetSource(info, cfg, self.stats)
         self._steps: dict[int, int] = {}
-        self._decoded: "OrderedDict[tuple[int, int], dict[str, np.ndarray]]" = OrderedDict()
-        self._decoded_bytes = 0
-        self._decoded_lock = threading.Lock()
         self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
 
     def steps(self, epoch: int) -> int:
@@ -316,61 +305,7 @@ class WorkerStream:
 
     # ---- reading (background thread)
 
-    def _with_retries(self, what: str, fn):
-        attempts = self.cfg.read_retries + 1
-        for attempt in range(attempts):
-            try:
-                return fn()
-            except (OSError, TimeoutError) as exc:
-                if attempt == attempts - 1:
-                    endpoint = (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
-                    where = f" from endpoint {endpoint}" if endpoint else ""
-                    raise IOError(f"reading {what}{where} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from None
-                time.sleep(min(0.2 * 2**attempt, 5.0))  # backoff: 0.2, 0.4, 0.8 ... s
-
-    def _open(self, shard: Shard) -> pq.ParquetFile:
-        if self.cache is not None and shard.sha256:
-            def fetch() -> bytes:
-                data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
-                self.stats["remote_bytes"] += len(data)
-                return data
-
-            return pq.ParquetFile(str(self.cache.get(shard.sha256, shard.bytes, fetch)), memory_map=True)
-        if not self.remote:
-            return pq.ParquetFile(shard.path, memory_map=True)
-        if shard.bytes <= _WHOLE_FETCH_BYTES:  # one GET per shard, not a ranged GET per column chunk
-            data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
-            self.stats["remote_bytes"] += len(data)
-            return pq.ParquetFile(pa.BufferReader(data))
-        fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
-        return pq.ParquetFile(fh)
-
-    def _row_group(self, shard: int, row_group: int, files: dict[int, pq.ParquetFile]) -> dict[str, np.ndarray]:
-        """One row group, decoded to one array per input and target (``[n, *shape]``); kept in memory across epochs while the
-        decoded row groups fit in ``data.memory_cache_bytes`` (least recently used evicted first)."""
-        key = (shard, row_group)
-        with self._decoded_lock:
-            if key in self._decoded:
-                self._decoded.move_to_end(key)
-                return self._decoded[key]
-        if shard not in files:
-            files[shard] = self._open(self.info.shards[shard])
-        pf = files[shard]
-        table = self._with_retries(self.info.shards[shard].path, lambda: pf.read_row_group(
-            row_group, columns=self.info.schema.parquet_columns()))
-        if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:
-            self.stats["remote_row_group_reads"] += 1
-        arrays = decode(self.info.schema, table, key=self.info.key, uri=self.info.shards[shard].path)
-        self.stats["row_groups_decoded"] += 1
-        with self._decoded_lock:
-            self._decoded[key] = arrays
-            self._decoded_bytes += sum(a.nbytes for a in arrays.values())
-            while self._decoded and self._decoded_bytes > self.cfg.memory_cache_bytes:
-                _, old = self._decoded.popitem(last=False)
-                self._decoded_bytes -= sum(a.nbytes for a in old.values())
-        return arrays
-
-    def _read_window(self, window: list[Unit], files: dict[int, pq.ParquetFile]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _read_window(self, window: list[Unit], files: dict[int, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(columns, rows)``: the window's row groups (one tensor per column, concatenated if several) and
         the indices of the window's rows in them, in unit order. A row group cut into several units is decoded once."""
         offsets: dict[tuple[int, int], int] = {}
@@ -379,7 +314,7 @@ class WorkerStream:
         for u in window:
             key = (u.shard, u.row_group)
             if key not in offsets:
-                arrays.append(self._row_group(u.shard, u.row_group, files))
+                arrays.append(self.source.row_group(u.shard, u.row_group, files))
                 offsets[key], held = held, held + len(next(iter(arrays[-1].values())))
             rows.append(np.arange(u.start, u.stop) + offsets[key])
         cols = {k: torch.from_numpy(arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays])) for k in arrays[0]}
@@ -388,7 +323,7 @@ class WorkerStream:
     def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
         try:
             units = epoch_units(self.info, rank=self.rank, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
-            files: dict[int, pq.ParquetFile] = {}
+            files: dict[int, Any] = {}
             offset = 0
             for w, window in enumerate(_windows(units, self.cfg.shuffle_buffer_rows)):
                 n = sum(u.rows for u in window)
@@ -405,8 +340,7 @@ class WorkerStream:
                 _put(out, (cols, rows[lo:hi]), stop)
                 if stop.is_set() or offset >= end_row:
                     break
-            if self.cache is not None:
-                self.stats.update({f"cache_{k}": v for k, v in self.cache.stats.items()})
+            self.source.report()
             _put(out, None, stop)
         except BaseException as exc:  # hand the error to the training loop
             _put(out, exc, stop)
@@ -415,7 +349,7 @@ class WorkerStream:
         """Dynamic deal: claim a piece only once the consumer took the previous one (one piece read ahead)."""
         try:
             units = dynamic_units(self.info, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
-            files: dict[int, pq.ParquetFile] = {}
+            files: dict[int, Any] = {}
             while not stop.is_set():
                 if not room.acquire(timeout=0.05):
                     continue

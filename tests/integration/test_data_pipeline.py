@@ -103,7 +103,7 @@ def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, buck
 
     stream = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=64, seed=0)
     epoch0 = [xb[:, 0].tolist() for xb in (b["x"] for b in stream.epoch(0))]
-    assert stream.stats["remote_bytes"] == total and stream.cache.stats["misses"] == 4
+    assert stream.stats["remote_bytes"] == total and stream.source.cache.stats["misses"] == 4
 
     # the objects are gone from the bucket: epoch 1 can only come from the cache
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -114,7 +114,7 @@ def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, buck
         s3.delete_object(Bucket=bucket, Key=key)
     epoch1 = [xb[:, 0].tolist() for xb in (b["x"] for b in stream.epoch(1))]
     assert stream.stats["remote_bytes"] == total  # not one more byte from S3
-    assert stream.cache.stats["hits"] >= 4
+    assert stream.source.cache.stats["hits"] >= 4
     assert sorted(sum(epoch1, [])) == sorted(sum(epoch0, []))
 
     # tamper with one cached shard: a new process (stream) detects it and fetches that shard again
@@ -126,7 +126,7 @@ def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, buck
     victim.write_bytes(bytes(data))
     again = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=64, seed=0)
     assert [xb[:, 0].tolist() for xb in (b["x"] for b in again.epoch(0))] == epoch0
-    assert again.cache.stats["refetched"] == 1 and again.stats["remote_bytes"] == victim.stat().st_size
+    assert again.source.cache.stats["refetched"] == 1 and again.stats["remote_bytes"] == victim.stat().st_size
 
 
 # --------------------------------------------------------------------------- bad input: clear errors, before training

@@ -145,7 +145,7 @@ def test_memory_cache_is_bounded(tmp_path):
     (s,) = streams(tmp_path / "d", 1, shuffle_buffer_rows=64, memory_cache_bytes=3 * one_group)
     ids_of(s, 0)
     ids_of(s, 1)
-    assert s._decoded_bytes <= 3 * one_group and len(s._decoded) == 3
+    assert s.source._decoded_bytes <= 3 * one_group and len(s.source._decoded) == 3
     assert s.stats["row_groups_decoded"] > 8  # evicted row groups are read again in epoch 1
 
 

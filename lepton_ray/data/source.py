@@ -1,0 +1,117 @@
+"""Where a worker's rows come from: the decoded columns of one row group of one shard.
+
+The stream (``pipeline.WorkerStream``) decides which rows a worker takes and in which order (the plan),
+and cuts shuffled batches from what a :class:`Source` returns; the source only reads and decodes. The
+native source reads Parquet with pyarrow, in the worker, from any fsspec storage (with retries, an
+on-disk shard cache and an in-memory cache of decoded row groups). A Ray Data engine implements the
+same protocol by reading and transforming on the cluster, off the trainer's cores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lepton_ray.config import DataConfig
+from lepton_ray.data.cache import ShardCache
+from lepton_ray.data.schema import decode
+from lepton_ray.storage import arrow_filesystem, filesystem
+
+__all__ = ["ParquetSource", "Source"]
+
+_WHOLE_FETCH_BYTES = 256 * 2**20  # remote shards up to this size are fetched with one GET and read from memory
+
+
+class Source(Protocol):
+    """What the stream reads through (called from its reading threads, each with its own ``handles``)."""
+
+    def row_group(self, shard: int, row_group: int, handles: dict[int, Any]) -> dict[str, np.ndarray]:
+        """Row group ``row_group`` of shard ``shard``, one array per input and target (``[n, *shape]``).
+        ``handles``: the calling thread's open files, kept between calls."""
+
+    def report(self) -> None:
+        """Bring the source's own counters into the stream's ``stats``."""
+
+
+class ParquetSource:
+    """The native source: pyarrow over fsspec storage, in the worker.
+
+    Counts into ``stats``: ``row_groups_decoded`` (a share that fits in ``data.memory_cache_bytes`` is
+    decoded once), ``remote_bytes`` (whole shards fetched from remote storage), ``remote_row_group_reads``
+    (ranged row-group reads of remote shards too big to fetch whole) and the shard cache's hits/misses.
+    """
+
+    def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float]):
+        self.info, self.cfg, self.stats = info, cfg, stats
+        self.stats.update(remote_bytes=0, remote_row_group_reads=0, row_groups_decoded=0)
+        self.fs, _ = filesystem(info.uri, cfg.storage_options)
+        self.afs = arrow_filesystem(self.fs)
+        self.remote = "://" in info.uri and not info.uri.startswith("file://")
+        self.cache = ShardCache(cfg.cache_dir, cfg.cache_max_bytes) if (cfg.cache_dir and self.remote and info.prepared) else None
+        self._decoded: "OrderedDict[tuple[int, int], dict[str, np.ndarray]]" = OrderedDict()
+        self._decoded_bytes = 0
+        self._decoded_lock = threading.Lock()
+
+    def report(self) -> None:
+        if self.cache is not None:
+            self.stats.update({f"cache_{k}": v for k, v in self.cache.stats.items()})
+
+    def _with_retries(self, what: str, fn):
+        attempts = self.cfg.read_retries + 1
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except (OSError, TimeoutError) as exc:
+                if attempt == attempts - 1:
+                    endpoint = (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+                    where = f" from endpoint {endpoint}" if endpoint else ""
+                    raise IOError(f"reading {what}{where} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from None
+                time.sleep(min(0.2 * 2**attempt, 5.0))  # backoff: 0.2, 0.4, 0.8 ... s
+
+    def _open(self, shard: Any) -> pq.ParquetFile:
+        if self.cache is not None and shard.sha256:
+            def fetch() -> bytes:
+                data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
+                self.stats["remote_bytes"] += len(data)
+                return data
+
+            return pq.ParquetFile(str(self.cache.get(shard.sha256, shard.bytes, fetch)), memory_map=True)
+        if not self.remote:
+            return pq.ParquetFile(shard.path, memory_map=True)
+        if shard.bytes <= _WHOLE_FETCH_BYTES:  # one GET per shard, not a ranged GET per column chunk
+            data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
+            self.stats["remote_bytes"] += len(data)
+            return pq.ParquetFile(pa.BufferReader(data))
+        fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
+        return pq.ParquetFile(fh)
+
+    def row_group(self, shard: int, row_group: int, handles: dict[int, Any]) -> dict[str, np.ndarray]:
+        """One row group, decoded to one array per input and target (``[n, *shape]``); kept in memory across epochs while the
+        decoded row groups fit in ``data.memory_cache_bytes`` (least recently used evicted first)."""
+        key = (shard, row_group)
+        with self._decoded_lock:
+            if key in self._decoded:
+                self._decoded.move_to_end(key)
+                return self._decoded[key]
+        if shard not in handles:
+            handles[shard] = self._open(self.info.shards[shard])
+        pf = handles[shard]
+        table = self._with_retries(self.info.shards[shard].path, lambda: pf.read_row_group(
+            row_group, columns=self.info.schema.parquet_columns()))
+        if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:
+            self.stats["remote_row_group_reads"] += 1
+        arrays = decode(self.info.schema, table, key=self.info.key, uri=self.info.shards[shard].path)
+        self.stats["row_groups_decoded"] += 1
+        with self._decoded_lock:
+            self._decoded[key] = arrays
+            self._decoded_bytes += sum(a.nbytes for a in arrays.values())
+            while self._decoded and self._decoded_bytes > self.cfg.memory_cache_bytes:
+                _, old = self._decoded.popitem(last=False)
+                self._decoded_bytes -= sum(a.nbytes for a in old.values())
+        return arrays
