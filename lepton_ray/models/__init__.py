@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
-
 from torch import nn
 
 from lepton_ray.config import ConfigError, ModelConfig

@@ -128,16 +128,19 @@ class Strategy(ABC):
         """Communication metrics since the previous call, merged into rank 0's per-step record."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Strategy state for a checkpoint (beyond model/optimizer), on rank 0.
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Every rank, at a checkpoint (a collective may run here): the state this rank saves, by file name.
 
-        Called before the model is saved: a strategy whose parameters live elsewhere
-        (parameter servers) refreshes the local model here, so the checkpoint's model is complete.
+        Lock-step replicas are equal, so rank 0 saves the model and the optimizer and the others nothing. A
+        strategy whose parameters live elsewhere (parameter servers) refreshes the model first and adds its own
+        ``strategy`` state; a memory-sharded one (FSDP2) gathers or returns each rank's shard here.
         """
-        return {}
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()} if self.worker.rank == 0 else {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Every rank, on resume: restore what :meth:`state_dict` saved (the checkpoint's files by name)."""
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
 
     def close(self) -> None:
         """Release what the worker side holds (shared memory, threads)."""

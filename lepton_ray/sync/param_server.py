@@ -48,11 +48,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lepton_ray.config import Config, ConfigError
+from lepton_ray.config import ConfigError
 from lepton_ray.sync.base import Services, Strategy
 from lepton_ray.sync.ps_shard import Piece, ShardServer, plan_shards
 
-__all__ = ["ParamServer", "embedding_modules", "NAMESPACE", "SHARD_PREFIX"]
+__all__ = ["ParamServer", "PSServices", "embedding_modules", "NAMESPACE", "SHARD_PREFIX"]
 
 NAMESPACE = "lepton_ray"
 """Ray namespace of the shard actors; their names start with :data:`SHARD_PREFIX`."""
@@ -383,7 +383,9 @@ class ParamServer(Strategy):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if self.worker.rank != 0:
+            return {}
         states = self._get([s.state.remote() for s in self._shards])
         with torch.no_grad():  # refresh the local model: the checkpoint's model must be the shards' parameters
             params = dict(self._model.named_parameters())
@@ -393,9 +395,11 @@ class ParamServer(Strategy):
                         params[p.name][p.row_start : p.row_start + p.shape[0]].copy_(state["tables"][p.name])
                     else:
                         params[p.name].copy_(state["dense"][p.name])
-        return {"shards": states}
+        return {**super().state_dict(model, optimizer), "strategy": {"shards": states}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        super().load_state_dict(model, optimizer, state)
+        state = state["strategy"]
         if self.worker.rank == 0:
             self._get([s.restore.remote(st) for s, st in zip(self._shards, state["shards"])])
         if self.worker.world_size > 1 and dist.is_available() and dist.is_initialized():

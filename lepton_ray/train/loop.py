@@ -24,7 +24,7 @@ from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore, rng_state, set_rng_state
 from lepton_ray.train.context import WorkerContext
-from lepton_ray.train.losses import Evaluator, Loss, default_metrics, make_loss, model_inputs
+from lepton_ray.train.losses import Evaluator, default_metrics, make_loss, model_inputs
 from lepton_ray.train.optim import make_optimizer, make_scheduler
 from lepton_ray.train.precision import Precision
 from lepton_ray.train.schedule import Due, Schedule
@@ -90,12 +90,9 @@ def _restore(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSp
     if latest is None:
         return 0, 0, 0, [], None
     state = store.load(latest)
-    p.model.load_state_dict(state["model"])
-    p.optimizer.load_state_dict(state["optimizer"])
+    p.strategy.load_state_dict(p.model, p.optimizer, state)
     p.scheduler.load_state_dict(state["scheduler"])
     p.precision.load_state_dict(state.get("scaler", {}))
-    if "strategy" in state:
-        p.strategy.load_state_dict(state["strategy"])
     set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
     meta, cursor, notes = latest.meta, latest.meta.get("data", {}), []
     if cursor.get("world_size", ctx.world) != ctx.world:
@@ -113,10 +110,9 @@ def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec,
     rngs = [None] * ctx.world
     dist.all_gather_object(rngs, rng_state()) if ctx.world > 1 else rngs.__setitem__(0, rng_state())
     uri = None
+    state = p.strategy.state_dict(p.model, p.optimizer)  # every rank: a strategy may run a collective here
     if ctx.rank == 0:
-        strategy_state = p.strategy.state_dict()  # first: a strategy may refresh the local model here
-        state = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
-                 "rng": rngs, "scaler": p.precision.state_dict(), **({"strategy": strategy_state} if strategy_state else {})}
+        state.update(scheduler=p.scheduler.state_dict(), rng=rngs, scaler=p.precision.state_dict())
         meta = {"step": step, "epoch": cursor[0], "step_in_epoch": cursor[1], "config": redact_config(spec.config),
                 # the data cursor: every worker has consumed step_in_epoch local batches of this epoch's deal
                 "data": {"world_size": ctx.world, "rows_consumed_per_worker": cursor[1] * local_batch,

@@ -19,7 +19,7 @@ lepton_ray.train.losses.ShapeError: cross_entropy: the model's output [4, 3] doe
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
