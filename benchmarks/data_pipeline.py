@@ -87,8 +87,8 @@ def _consume(uri: str, rank: int, batch: int, cache_dir: str | None, epochs: int
     for epoch in range(epochs):
         t0 = time.perf_counter()
         rows = 0
-        for xb, yb in stream.epoch(epoch):
-            rows += len(xb)
+        for batch in stream.epoch(epoch):
+            rows += len(batch["label"])
         times.append((rows, t0, time.perf_counter()))
     out.put((rank, times))
 

@@ -164,7 +164,7 @@ def check_order(data: str, global_batch: int, epochs: int = 2) -> None:
         for epoch in range(epochs):
             plan = epoch_plan(row_groups, rank=rank, world=WORLD, local_batch=global_batch // WORLD, epoch=epoch)
             got = list(stream.epoch(epoch))
-            same = len(got) == len(plan) and all(torch.equal(xb, x[idx]) and torch.equal(yb, y[idx]) for (xb, yb), idx in zip(got, torch.from_numpy(plan)))
+            same = len(got) == len(plan) and all(torch.equal(b["x"], x[idx]) and torch.equal(b["label"], y[idx]) for b, idx in zip(got, torch.from_numpy(plan)))
             if not same:
                 raise SystemExit(f"benchmark out of date: the baselines' batches differ from lepton_ray's WorkerStream (rank {rank}, "
                                  f"epoch {epoch}); update epoch_plan() in {__file__} to lepton_ray's current data order")
