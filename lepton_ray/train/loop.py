@@ -65,15 +65,14 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], evaluator: Evaluat
              precision: Precision, ctx: WorkerContext, batch: int) -> dict[str, float]:
     """``eval_*`` metrics over every rank's rows (a collective: every rank calls it)."""
     model.eval()
+    evaluator.reset()
     rows = len(next(iter(data.values())))
     with torch.no_grad(), precision.autocast():
         for i in range(0, rows, batch):
             part = {k: v[i:i + batch] for k, v in data.items()}
             evaluator.update(model(model_inputs(part, inputs, evaluator.loss.name)), part)
     model.train()
-    result = evaluator.result(ctx.world, ctx.device)
-    evaluator.__init__(evaluator.loss, evaluator.metrics)  # fresh sums for the next evaluation
-    return {f"{M.EVAL_PREFIX}{k}": v for k, v in result.items()}
+    return {f"{M.EVAL_PREFIX}{k}": v for k, v in evaluator.result(ctx.world, ctx.device).items()}
 
 
 def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, strategy: Strategy, total: int) -> _Parts:
@@ -104,11 +103,13 @@ def _restore(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSp
     return meta["step"], meta["epoch"], meta["step_in_epoch"], notes, latest
 
 
-def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec, cfg: Config, *, step: int,
+def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec, model_io: dict[str, Any], *, step: int,
           cursor: tuple[int, int], local_batch: int, metrics: dict[str, float]) -> Optional[str]:
     """Checkpoint (a collective); ``cursor``: the (epoch, step in epoch) a resumed run continues from."""
-    rngs = [None] * ctx.world
-    dist.all_gather_object(rngs, rng_state()) if ctx.world > 1 else rngs.__setitem__(0, rng_state())
+    rngs: list[Any] = [rng_state()]
+    if ctx.world > 1:
+        rngs = [None] * ctx.world
+        dist.all_gather_object(rngs, rng_state())
     uri = None
     state = p.strategy.state_dict(p.model, p.optimizer)  # every rank: a strategy may run a collective here
     if ctx.rank == 0:
@@ -117,9 +118,7 @@ def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec,
                 # the data cursor: every worker has consumed step_in_epoch local batches of this epoch's deal
                 "data": {"world_size": ctx.world, "rows_consumed_per_worker": cursor[1] * local_batch,
                          "fingerprint": spec.train.fingerprint(), "deal": "fixed" if p.strategy.stepwise else "dynamic"},
-                "model_io": {"schema": spec.train.schema.to_dict(), "loss": make_loss(cfg.model, spec.train.schema).name,
-                             "metrics": default_metrics(cfg.model, spec.train.schema), "task": cfg.model.task},
-                "metrics": dict(metrics)}
+                "model_io": model_io, "metrics": dict(metrics)}
         uri = store.save(step, state, meta).uri
     if ctx.world > 1:
         dist.barrier()  # nobody runs ahead of a checkpoint that may still fail
@@ -180,7 +179,9 @@ class _Run:
                 self.ctx.report({**self.last_eval, M.STEP: step, M.EPOCH: epoch})
         if due.save:
             self.losses.flush()  # every rank: a collective; the records before the checkpoint's record
-            uri = _save(self.store, self.parts, self.ctx, self.spec, self.cfg, step=step, cursor=cursor,
+            model_io = {"schema": self.spec.train.schema.to_dict(), "loss": self.evaluator.loss.name,
+                        "metrics": self.evaluator.metrics, "task": self.cfg.model.task}  # what serving rebuilds the model from
+            uri = _save(self.store, self.parts, self.ctx, self.spec, model_io, step=step, cursor=cursor,
                         local_batch=self.stream.local_batch, metrics=self.last_eval)
             if uri:
                 self.buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)

@@ -159,6 +159,10 @@ class Evaluator:
         self.loss, self.metrics = loss, list(metrics)
         if "bits_per_byte" in self.metrics and loss.name != "cross_entropy":
             raise ValueError(f"model.metrics: 'bits_per_byte' needs model.loss 'cross_entropy', not '{loss.name}'")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sums: the next :meth:`update` starts a new evaluation."""
         self.sums: dict[str, float] = {}
         self.scores: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
