@@ -36,8 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
                                "threads_per_replica", "auth_token_env"))
-    # the bundle is read (and --name checked) here first: a bad one is a one-line error before Ray starts
-    name = check_name(args.name, "--name") if args.name else load_bundle(args.bundle).name
+    # every option is checked here, before Ray starts: a bad one is a one-line error (exit 2), not a dead replica
+    bundle = load_bundle(args.bundle)
+    name = check_name(args.name, "--name") if args.name else bundle.name
+    _check_serve_options(cfg)
     url = deploy(args.bundle, cfg, model_name=args.name)
     print(f"serving {args.bundle} at {url}/predict and {url}/v2/models/{name}/infer  (health: {url}/healthz, "
           f"metrics: {url}/metrics); Ctrl-C stops", flush=True)
@@ -53,6 +55,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_serve_options(cfg: ServeConfig) -> None:
+    """What only the machine can tell: the token's variable is set, the port is free."""
+    import os
+    import socket
+
+    from lepton_ray.config import ConfigError
+
+    if cfg.auth_token_env and not os.environ.get(cfg.auth_token_env):
+        raise ConfigError(f"--auth-token-env: environment variable {cfg.auth_token_env} is not set (or empty); export the token in it first")
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", cfg.port))
+        except OSError as exc:
+            raise ConfigError(f"--port: 127.0.0.1:{cfg.port} is not free ({exc.strerror}); pick another port") from None
+
+
 def _predict(args: argparse.Namespace) -> int:
     from lepton_ray.serve.batch_predict import predict
 
@@ -63,7 +81,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _clean(handler: Any) -> Any:
-    """A bad bundle or checkpoint is a one-line error and exit status 1, not a traceback."""
+    """A bad bundle or checkpoint is a one-line error and exit status 2 (as a config error), not a traceback."""
 
     def run(args: argparse.Namespace) -> int:
         from lepton_ray.serve.bundle import BundleError
@@ -72,7 +90,7 @@ def _clean(handler: Any) -> Any:
             return handler(args)
         except BundleError as exc:
             print(f"lepton-ray: {exc}", file=sys.stderr)
-            return 1
+            return 2
 
     return run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,36 @@ def test_missing_config_file(tmp_path):
     proc = _cli_error(tmp_path, "train", "nope.yaml")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "lepton-ray: config error: config file 'nope.yaml' does not exist"
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path) -> Path:
+    from lepton_ray.data.schema import Column, Schema
+    from lepton_ray.serve.bundle import Bundle, write_bundle
+
+    schema = Schema(inputs=(Column("x", ("x",), "float32", (4,)),), targets=(Column("label", ("label",), "int64", (), 3),))
+    write_bundle(Bundle(model={"name": "mlp", "hidden": [4]}, schema=schema, state=None, name="tiny"), str(tmp_path / "bundle"))
+    return tmp_path / "bundle"
+
+
+def test_serve_refuses_a_missing_bundle_before_ray_starts(tmp_path):
+    proc = _cli_error(tmp_path, "serve", str(tmp_path / "nonexistent" / "ck"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"lepton-ray: '{tmp_path / 'nonexistent' / 'ck'}' is neither a serving bundle (bundle.json) "
+                                   "nor a lepton_ray checkpoint (MANIFEST.json)")
+    assert "Ray" not in proc.stdout + proc.stderr  # nothing started
+
+
+def test_serve_refuses_an_unset_token_variable_and_a_taken_port_before_ray_starts(tmp_path, tiny_bundle):
+    env_name = "LEPTON_TEST_TOKEN_THAT_IS_NOT_SET"
+    proc = _cli_error(tmp_path, "serve", str(tiny_bundle), "--auth-token-env", env_name)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, f"lepton-ray: config error: --auth-token-env: environment variable {env_name} is not set (or empty); export the token in it first")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _cli_error(tmp_path, "serve", str(tiny_bundle), "--port", str(port))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"lepton-ray: config error: --port: 127.0.0.1:{port} is not free (Address already in use); pick another port"
+    assert "Ray" not in proc.stdout
