@@ -375,8 +375,14 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
     import requests
 
     cfg = config or ServeConfig()
+    import ray
+
     from lepton_ray.train.trainer import ensure_ray
 
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # the instance we start runs Serve in its throughput-optimized mode (it must be in the environment
+        # of every Ray process, so before Ray starts; the proxy URL keeps working, direct ingress is added)
+        os.environ.setdefault(FAST_MODE_ENV, "1")
     ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options), name=name,
@@ -394,6 +400,25 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
         time.sleep(0.2)
 
 
+FAST_MODE_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+
+
+def fast_mode_note() -> Optional[str]:
+    """``None`` when the connected cluster runs Serve in its throughput-optimized mode, else one line saying
+    what is lost and how to turn it on (read from a Ray worker's environment: the cluster's, not ours)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def read_env() -> Optional[str]:
+        return os.environ.get(FAST_MODE_ENV)
+
+    if ray.get(read_env.remote()) == "1":
+        return None
+    return (f"note: this Ray cluster runs Serve without {FAST_MODE_ENV}=1: every request takes the proxy hop (~5 ms on a "
+            f"2-core machine) and replicas get no direct-ingress port; start the cluster with {FAST_MODE_ENV}=1 in its "
+            f"environment (before `ray start`) to turn it on")
+
+
 def replica_urls(name: str = "lepton_ray") -> list[str]:
     """Direct-ingress URLs of application ``name``'s replicas (empty unless the cluster runs direct ingress).
 
@@ -408,7 +433,7 @@ def replica_urls(name: str = "lepton_ray") -> list[str]:
     try:
         client = _get_global_client()
         groups = ray.get(client._controller.get_target_groups.remote(name))
-        proxy_port = client.http_config.port
+        proxy_port, host = client.http_config.port, client.http_config.host
     except Exception:  # noqa: BLE001 - not available in this Ray version / mode
         return []
     urls = []
@@ -417,5 +442,6 @@ def replica_urls(name: str = "lepton_ray") -> list[str]:
             continue
         for t in g.targets:
             if t.port != proxy_port:
-                urls.append(f"http://{t.ip}:{t.port}{g.route_prefix.rstrip('/')}")
+                # the replica listens on the HTTP host (127.0.0.1); the target names the node's IP
+                urls.append(f"http://{host if host not in ('0.0.0.0', '::') else t.ip}:{t.port}{g.route_prefix.rstrip('/')}")
     return urls

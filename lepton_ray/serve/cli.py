@@ -31,7 +31,7 @@ def _optimize(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import time
 
-    from lepton_ray.serve.app import deploy, replica_urls
+    from lepton_ray.serve.app import deploy, fast_mode_note, replica_urls
     from lepton_ray.serve.bundle import check_name, load_bundle
 
     cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
@@ -45,6 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
           f"metrics: {url}/metrics); Ctrl-C stops", flush=True)
     for direct in replica_urls():
         print(f"  replica (direct ingress, no proxy hop): {direct}/predict", flush=True)
+    note = fast_mode_note()
+    if note:
+        print(note, file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)
