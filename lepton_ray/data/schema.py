@@ -82,14 +82,6 @@ class Schema:
     def columns(self) -> tuple[Column, ...]:
         return self.inputs + self.targets
 
-    def input(self, name: Optional[str] = None) -> Column:
-        """The input ``name``, or the only input."""
-        if name is None:
-            if len(self.inputs) != 1:
-                raise ValueError(f"this schema has {len(self.inputs)} inputs ({', '.join(c.name for c in self.inputs)}); name one")
-            return self.inputs[0]
-        return next(c for c in self.inputs if c.name == name)
-
     @property
     def target(self) -> Optional[Column]:
         """The only target (``None`` without targets; the first of several)."""

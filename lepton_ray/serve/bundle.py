@@ -108,9 +108,9 @@ class Bundle:
     def __post_init__(self) -> None:
         from types import SimpleNamespace
 
-        from lepton_ray.train.losses import default_metrics
+        from lepton_ray.train.losses import default_loss, default_metrics
 
-        self.loss = self.loss or ("cross_entropy" if self.task == "classification" else "mse")
+        self.loss = self.loss or default_loss(self.task)
         if self.metric_names is None:
             self.metric_names = default_metrics(SimpleNamespace(metrics=None, loss=self.loss, task=self.task), self.schema)
         check_name(self.name, "name")

@@ -29,7 +29,7 @@ from lepton_ray.imports import import_object
 from lepton_ray.train.metrics import binary_auc
 
 __all__ = ["LOSSES", "METRICS", "Evaluator", "Loss", "ShapeError", "cross_entropy", "default_metrics", "make_loss",
-           "model_inputs", "targets_of"]
+           "model_inputs", "targets_of", "default_loss"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -128,9 +128,14 @@ class Loss:
         return output, {}
 
 
+def default_loss(task: str) -> str:
+    """The loss of ``model.task`` when ``model.loss`` is omitted."""
+    return "cross_entropy" if task == "classification" else "mse"
+
+
 def make_loss(model_cfg: Any, schema: Any) -> Loss:
     """The configured loss (``model.loss``, default by ``model.task``) for ``schema``'s targets."""
-    name = model_cfg.loss or ("cross_entropy" if model_cfg.task == "classification" else "mse")
+    name = model_cfg.loss or default_loss(model_cfg.task)
     return Loss(name, tuple(c.name for c in schema.targets), model_cfg.ignore_index)
 
 
@@ -138,7 +143,7 @@ def default_metrics(model_cfg: Any, schema: Any) -> list[str]:
     """``model.metrics``, or by task: accuracy (+ auc for 2 classes of a scalar target) / mse."""
     if model_cfg.metrics is not None:
         return list(model_cfg.metrics)
-    loss = model_cfg.loss or ("cross_entropy" if model_cfg.task == "classification" else "mse")
+    loss = model_cfg.loss or default_loss(model_cfg.task)
     target = schema.target
     if loss == "cross_entropy":
         binary = target is not None and target.num_classes == 2 and target.shape == ()
@@ -185,11 +190,11 @@ class Evaluator:
         counted = (y != ignore).sum().item() if self.loss.name == "cross_entropy" else y.numel()
         self._add("n_loss", counted)
         if "accuracy" in self.metrics:
-            logits, ids = _class_last(output, y, self.loss.name) if self.loss.name == "cross_entropy" else (None, None)
-            if logits is None:  # bce: the logit's sign
-                pred, ids = (_same_shape(output, y, self.loss.name) > 0).long().reshape(-1), y.long().reshape(-1)
-            else:
+            if self.loss.name == "cross_entropy":
+                logits, ids = _class_last(output, y, self.loss.name)
                 pred = logits.argmax(-1)
+            else:  # bce: the logit's sign
+                pred, ids = (_same_shape(output, y, self.loss.name) > 0).long().reshape(-1), y.long().reshape(-1)
             keep = ids != ignore
             self._add("correct", (pred[keep] == ids[keep]).sum().item())
             self._add("n_acc", keep.sum().item())
@@ -222,10 +227,10 @@ class Evaluator:
         for k in extra:
             out[k[2:]] = s[k] / max(s["n_loss"], 1)
         if "auc" in self.metrics:
-            parts = [(np.concatenate(self.scores) if self.scores else np.zeros(0), np.concatenate(self.labels) if self.labels else np.zeros(0))]
+            mine = (np.concatenate(self.scores) if self.scores else np.zeros(0), np.concatenate(self.labels) if self.labels else np.zeros(0))
+            parts = [mine]
             if world > 1:
                 parts = [None] * world  # type: ignore[list-item]
-                dist.all_gather_object(parts, (np.concatenate(self.scores) if self.scores else np.zeros(0),
-                                               np.concatenate(self.labels) if self.labels else np.zeros(0)))
+                dist.all_gather_object(parts, mine)
             out["auc"] = binary_auc(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         return out

@@ -19,7 +19,7 @@ import torch
 
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
-from lepton_ray.data.pipeline import TableInfo, data_exists, describe, steps_in_epoch
+from lepton_ray.data.pipeline import TableInfo, data_exists, describe, load_arrays, steps_in_epoch
 from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
@@ -27,7 +27,7 @@ from lepton_ray.sync import STRATEGIES, Services
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
 from lepton_ray.train.context import WorkerContext
-from lepton_ray.train.losses import ShapeError, make_loss, model_inputs
+from lepton_ray.train.losses import ShapeError, default_loss, make_loss, model_inputs
 from lepton_ray.train.loop import LoopSpec, train_loop
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
@@ -165,14 +165,13 @@ class Trainer:
 
     def _values(self, info: TableInfo, column: Column) -> np.ndarray:
         """Every value of one target column of a split, flattened."""
-        fs, _ = filesystem(info.uri, self.config.data.storage_options)
-        table = pq.ParquetDataset(list(info.files), filesystem=arrow_filesystem(fs)).read(columns=list(column.columns))
-        return decode(Schema((), (column,)), table, key=info.key, uri=info.uri)[column.name].reshape(-1)
+        only = replace(info, schema=Schema((), (column,)))  # read just this column
+        return load_arrays(only, self.config.data.storage_options)[column.name].reshape(-1)
 
     def _with_classes(self) -> None:
         """Classification: each integer target's class count (max + 1 over both splits), checked to be ids 0..K-1."""
         m = self.config.model
-        if (m.loss or ("cross_entropy" if m.task == "classification" else "mse")) != "cross_entropy":
+        if (m.loss or default_loss(m.task)) != "cross_entropy":
             return
         counts = {}
         for c in self.train_info.schema.targets:
