@@ -1,21 +1,25 @@
 """ASHA against FIFO on the same sweep: same search space, same trials (same seed), same run.
 
-    python benchmarks/sweep.py [--samples 6] [--epochs 100]
+    python benchmarks/sweep.py [--samples 6] [--epochs 10] [--workers 2 1]
 
-Prints the wall time and the best metric of each, the ratio ASHA / FIFO (the bar: ASHA's
-best within 1 point of FIFO's in <= 50% of FIFO's wall time), where each wall time went
-(trial launches, training, between trials), and the per-trial launch overhead (the trial
-function starting -> the first optimizer step), split into what is lepton_ray's (the
-Trainer's checks before Ray Train starts) and the rest (Ray Train starting the controller
-and the worker processes, the workers loading data and model).
+For each worker count (2-worker trials, the example's, are the headline; then 1-worker trials) prints
+the wall time and the best metric of FIFO and ASHA, the ratio ASHA / FIFO (the bar: ASHA's best
+within 1 point of FIFO's in <= 50% of FIFO's wall time, at 10 epochs per trial), where each wall
+time went (trial launches, training, between trials), and each launch's phases (the bar: median
+trial start -> first optimizer step <= 3 s for 1-worker and <= 6 s for 2-worker trials):
 
-Trial length: every trial is a Ray Train run, and its start and end cost ~12 s on a 2-core
-machine whether ASHA stops it or not. The default (100 epochs of digits, ~50 s of training
-per full trial, ~10 min in all) makes training, which ASHA can cut, the larger part of a
-trial, as in real sweeps; with short trials the wall ratio is bounded by that fixed cost
-(measured on this machine: 10 epochs 0.76, 30 epochs 0.65, 100 epochs 0.46).
+- checks: the trial function starting -> the training loop entered on rank 0 (the trial's config,
+  the Trainer's checks, the warm worker group: built by a trial actor's first trial only);
+- build: the loop entered -> ready to train (model, DDP, optimizer, eval rows, checkpoint lookup);
+- first step: ready -> the first optimizer step.
 
-Connects to the cluster in RAY_ADDRESS, else starts a local one with 4 logical CPUs.
+Before trials ran in warm worker groups (each trial a Ray Train run), this machine measured, at 10
+epochs x 6 trials of 2 workers: median launch 18.2 s (14.95 s Ray Train starting its controller and
+workers, 3.61 s build, 0.07 s to the first step), ~7 s between trials, FIFO 186 s of which 24.5 s
+training.
+
+Connects to the cluster in RAY_ADDRESS, else starts a local one with as many logical CPUs as the
+machine has cores (what `lepton-ray sweep` does).
 """
 
 from __future__ import annotations
@@ -35,81 +39,84 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 
 import lepton_ray  # noqa: E402
-from lepton_ray.train import Trainer  # noqa: E402
 from lepton_ray.tune.results import read_records  # noqa: E402
-from lepton_ray.tune.space import trial_config  # noqa: E402
 
 
-def run(scheduler: str, root: Path, samples: int, epochs: int) -> dict:
+def _launches(trial_dir: Path) -> list[dict[str, float]]:
+    """Each launch of a trial, in phases (seconds), from trial.json and the run's records."""
+    info = json.loads((trial_dir / "trial.json").read_text())
+    records = read_records(trial_dir)
+    starts = [r for r in records if r.get("event") == "start"]
+    firsts = [r for r in records if r.get("event") == "first_step"]
+    return [{"checks": s["entered"] - t, "build": s["time"] - s["entered"], "first_step": f["time"] - s["time"], "total": f["time"] - t}
+            for t, s, f in zip(info["launches"], starts, firsts)]
+
+
+def run(scheduler: str, root: Path, samples: int, epochs: int, workers: int) -> dict:
+    name = f"{scheduler}-{workers}w"
     cfg = lepton_ray.load_config(REPO / "examples" / "digits_sweep.yaml", [
         f"data.train={root / 'digits' / 'train.parquet'}", f"data.eval={root / 'digits' / 'eval.parquet'}",
-        f"run.dir={root / 'runs'}", f"sweep.dir={root / 'sweeps'}", f"sweep.name={scheduler}",
+        f"run.dir={root / 'runs'}", f"sweep.dir={root / 'sweeps'}", f"sweep.name={name}",
         f"sweep.scheduler={scheduler}", f"sweep.num_samples={samples}", f"train.epochs={epochs}", "sweep.seed=0",
-        "checkpoint.every_n_steps=0",
+        "checkpoint.every_n_steps=0", f"scaling.num_workers={workers}",
     ])
     t0 = time.perf_counter()
     result = lepton_ray.sweep(cfg, progress=False)
     wall = time.perf_counter() - t0
-    launch = [t["launch_s"] for t in result.trials if isinstance(t.get("launch_s"), float)]
-    # where the wall time went: each trial's launch (trial start -> first step) and training (first step ->
-    # its last record); the rest is Ray Train/Tune between trials (worker shutdown, the next trial's start)
-    training = 0.0
+    # where the wall time went: each trial's launches and its training (first step -> its last record); the
+    # rest is Tune between trials (scheduling, the next trial's start)
+    launches, training = [], 0.0
     for t in result.trials:
-        records = read_records(Path(result.dir) / "trials" / t["trial"])
+        trial_dir = Path(result.dir) / "trials" / t["trial"]
+        launches += _launches(trial_dir)
+        records = read_records(trial_dir)
         first = next((r["time"] for r in records if r.get("event") == "first_step"), None)
         last = max((r["time"] for r in records if "time" in r), default=None)
         training += (last - first) if first is not None and last is not None else 0.0
-    return {"wall_s": wall, "best": result.best[result.metric], "trials": result.trials, "launch_s": launch,
-            "training_s": training, "stopped": sum(t["status"] == "stopped early" for t in result.trials), "cfg": cfg}
+    return {"wall_s": wall, "best": result.best[result.metric], "trials": result.trials, "launches": launches,
+            "training_s": training, "stopped": sum(t["status"] == "stopped early" for t in result.trials)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 1])
     args = p.parse_args()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
         from lepton_ray.train.trainer import start_local_ray
 
-        start_local_ray(num_cpus=4)  # what `lepton-ray sweep` does without RAY_ADDRESS
+        start_local_ray(num_cpus=os.cpu_count())  # what `lepton-ray sweep` does without RAY_ADDRESS
     root = Path(tempfile.mkdtemp(prefix="lepton-sweep-bench-"))
-    fifo = run("fifo", root, args.samples, args.epochs)
-    asha = run("asha", root, args.samples, args.epochs)
-
-    # what is ours in a launch: the Trainer's checks (config, data description, label scan) before Ray Train
-    cfg = fifo["cfg"]
-    raw = trial_config(cfg.to_dict(), {}, cfg.sweep)
-    raw["run"]["dir"] = str(root / "probe")
-    t = time.perf_counter()
-    for _ in range(5):
-        Trainer(lepton_ray.load_config(raw), progress=False)
-    ours = (time.perf_counter() - t) / 5
-
     print(f"\nsweep benchmark: digits, {args.samples} trials, {args.epochs} epochs each (one evaluation per epoch), "
-          f"lr loguniform 1e-4..1 x batch {{32, 128}}, seed 0, {ray.cluster_resources().get('CPU', 0):g} CPUs")
-    for name, r in (("FIFO", fifo), ("ASHA", asha)):
-        print(f"  {name}: wall {r['wall_s']:7.1f} s   best eval_accuracy {r['best']:.4f}   stopped early {r['stopped']}/{len(r['trials'])}")
-    for name, r in (("FIFO", fifo), ("ASHA", asha)):
-        other = r["wall_s"] - sum(r["launch_s"]) - r["training_s"]
-        print(f"    {name} wall = launches {sum(r['launch_s']):6.1f} s + training {r['training_s']:6.1f} s + between trials {other:6.1f} s")
-    ratio = asha["wall_s"] / fifo["wall_s"]
-    gap = (fifo["best"] - asha["best"]) * 100
-    print(f"  ASHA / FIFO wall time: {ratio:.2f}  (bar: <= 0.50)   best-metric gap: {gap:+.2f} points (bar: <= 1)")
-    print(f"  bar {'MET' if ratio <= 0.5 and gap <= 1.0 else 'NOT MET'}")
-    print(f"  (training time alone, ASHA / FIFO: {asha['training_s'] / fifo['training_s']:.2f}; the launches are a fixed cost per "
-          f"trial that early stopping cannot remove, so the wall ratio falls towards it as trials get longer: --epochs)")
-    launch = fifo["launch_s"] + asha["launch_s"]
-    if launch:
-        print(f"  launch overhead (trial start -> first step), {len(launch)} launches: median {statistics.median(launch):.1f} s, "
-              f"min {min(launch):.1f} s, max {max(launch):.1f} s")
-    print(f"    of which lepton_ray's Trainer checks before Ray Train starts: {ours:.2f} s "
-          f"({ours / statistics.median(launch) * 100 if launch else 0:.0f}% of the median)")
-    print(json.dumps({"fifo_wall_s": fifo["wall_s"], "asha_wall_s": asha["wall_s"], "ratio": ratio,
-                      "fifo_training_s": fifo["training_s"], "asha_training_s": asha["training_s"],
-                      "fifo_best": fifo["best"], "asha_best": asha["best"],
-                      "launch_median_s": statistics.median(launch) if launch else None, "trainer_checks_s": ours}))
+          f"lr loguniform 1e-4..1 x batch {{32, 128}}, seed 0, {ray.cluster_resources().get('CPU', 0):g} CPUs", flush=True)
+    out = {}
+    for w in args.workers:
+        fifo = run("fifo", root, args.samples, args.epochs, w)
+        asha = run("asha", root, args.samples, args.epochs, w)
+        ratio, gap = asha["wall_s"] / fifo["wall_s"], (fifo["best"] - asha["best"]) * 100
+        launches = fifo["launches"] + asha["launches"]
+        median = {k: statistics.median(x[k] for x in launches) for k in ("checks", "build", "first_step", "total")}
+        bar = 3.0 if w == 1 else 6.0
+        print(f"\n{w}-worker trials:")
+        for label, r in (("FIFO", fifo), ("ASHA", asha)):
+            other = r["wall_s"] - sum(x["total"] for x in r["launches"]) - r["training_s"]
+            print(f"  {label}: wall {r['wall_s']:6.1f} s = launches {sum(x['total'] for x in r['launches']):5.1f} s + training "
+                  f"{r['training_s']:5.1f} s + between trials {other:5.1f} s   best eval_accuracy {r['best']:.4f}   "
+                  f"stopped early {r['stopped']}/{len(r['trials'])}")
+        print(f"  ASHA / FIFO wall time: {ratio:.2f} (bar: <= 0.50)   best-metric gap: {gap:+.2f} points (bar: <= 1)   "
+              f"training alone: {asha['training_s'] / fifo['training_s']:.2f}")
+        print(f"  launch (trial start -> first step), {len(launches)} launches: median {median['total']:.2f} s (bar: <= {bar:g} s), "
+              f"min {min(x['total'] for x in launches):.2f} s, max {max(x['total'] for x in launches):.2f} s; median phases: "
+              f"checks {median['checks']:.2f} s, build {median['build']:.2f} s, first step {median['first_step']:.2f} s")
+        met = ratio <= 0.5 and gap <= 1.0 and median["total"] <= bar
+        print(f"  bars {'MET' if met else 'NOT MET'}", flush=True)
+        out[f"{w}w"] = {"fifo_wall_s": fifo["wall_s"], "asha_wall_s": asha["wall_s"], "ratio": ratio, "fifo_best": fifo["best"],
+                        "asha_best": asha["best"], "fifo_training_s": fifo["training_s"], "asha_training_s": asha["training_s"],
+                        "launch_median_s": median}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -581,7 +581,7 @@ class SweepConfig(_Section):
     """Seeds the search (which points are tried)."""
     max_concurrent_trials: Optional[int] = None
     """Trials running at once; omitted = as many as the cluster's free resources fit
-    (each trial needs its workers plus one CPU for its driver)."""
+    (each trial needs its workers' CPUs and GPUs; the trial's own process is rank 0)."""
     scale_lr_with_batch: Literal["none", "linear", "sqrt"] = "none"
     """When train.batch_size is swept: lr = lr x (batch / reference), or x sqrt(batch / reference)."""
     reference_batch_size: Optional[int] = None
@@ -660,7 +660,8 @@ class ServeConfig(_Section):
     max_batch_size: int = 32
     """Dynamic batching: most requests one model call serves."""
     batch_wait_ms: float = 2.0
-    """Dynamic batching: longest wait for more requests once one has arrived."""
+    """Dynamic batching under load: the longest a model call that is not full waits for more requests
+    (only when the previous call had company; a request that finds the model idle runs at once)."""
     max_instances: int = 1024
     """Most instances one request may carry; more is a 400."""
     replicas: int = 1

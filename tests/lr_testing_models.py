@@ -60,3 +60,17 @@ class RecordIds(nn.Module):
 
 def record_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn.Module:
     return RecordIds(mlp(input_dim=input_dim - 1, num_outputs=num_outputs, hidden=[16]), log_dir)
+
+
+def leaky_mlp(input_dim: int, num_outputs: int, hidden=(32,)) -> nn.Module:
+    """An MLP built from process state that it then changes, as careless user code does: its output bias is
+    the number in ``LEPTON_TEST_LEAK`` (0 when unset), which it then increments. A warm worker that let one
+    run's environment leak into the next would build the next run's model differently."""
+    import torch
+
+    shift = float(os.environ.get("LEPTON_TEST_LEAK", "0"))
+    os.environ["LEPTON_TEST_LEAK"] = str(shift + 1)
+    net = mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden))
+    with torch.no_grad():
+        net[-1].bias.add_(shift)
+    return net

@@ -156,6 +156,9 @@ class SharedMemoryAllReduce:
 
     def close(self) -> None:
         self._halves = None
+        if self.group is not None:  # its own gloo group: a warm worker group runs many of these over one default group
+            dist.destroy_process_group(self.group)
+            self.group = None
         if self._mm is not None:
             with contextlib.suppress(OSError, BufferError):
                 self._mm.close()  # BufferError while a tensor still views it: the mapping goes with the process

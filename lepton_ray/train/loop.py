@@ -41,10 +41,7 @@ class LoopSpec:
     train: TableInfo
     eval: Optional[TableInfo]
     checkpoint_uri: str
-    sink: Any = None  # MetricsSink actor handle
-    report_to_ray: bool = False
-    """Also ``ray.train.report`` every evaluation (for Tune's schedulers). Off by default: in Ray
-    Train V2 each report is a cross-worker barrier through the controller, ~2 s on this machine."""
+    sink: Any = None  # MetricsSink actor handle, or a Sink in rank 0's process
     services: Any = None
     """What the sync strategy's driver-side ``launch`` started (e.g. parameter-server actor handles)."""
 
@@ -174,7 +171,7 @@ class _Run:
                                       self.parts.precision, self.ctx, self.cfg.train.eval_batch_size)
             self.losses.flush()  # metrics.jsonl stays in step order
             self.buffer.add({M.STEP: step, M.EPOCH: epoch, **self.last_eval, "time": time.time()})
-            if self.spec.report_to_ray:
+            if self.ctx.report is not None:
                 self.buffer.flush(wait=True)  # a scheduler may stop the run on this report: its records are on disk first
                 self.ctx.report({**self.last_eval, M.STEP: step, M.EPOCH: epoch})
         if due.save:
@@ -220,52 +217,54 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext) -> None:
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=p.strategy.lockstep),
                _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {})
 
-    pending, announced = 0, False  # pending: batches whose gradients are accumulated but not yet stepped
-    p.net.train()
-    while epoch < t.epochs if t.max_steps is None else step < total:
-        begin, stopped = sum(stream.steps(e) for e in range(epoch)), False
-        for pos, batch in enumerate(stream.epoch(epoch, start), start=start):
-            run.window.loss += forward_backward(p.net, batch, micro=t.grad_accum_steps, inputs=inputs, loss=loss,
-                                                precision=p.precision, strategy=p.strategy)
-            run.window.batches += 1
-            pending += 1
-            if p.strategy.held(pending):
-                continue
-            p.strategy.step(p.optimizer, p.precision, pending)
-            p.optimizer.zero_grad(set_to_none=True)
-            before, step, pending = step, p.strategy.advance(step), 0
-            p.scheduler.last_epoch = step - 1  # the run's step sets the learning rate, however it advanced
-            p.scheduler.step()
-            if ctx.rank == 0 and not announced:
-                buffer.add({"event": "first_step", M.STEP: step, "time": time.time()}, now=True)
-                announced = True
-            if sched.log(before, step):
-                run.record(step, epoch)
-            if p.strategy.stepwise:
-                end_of_epoch = pos + 1 == stream.steps(epoch)
-                run.act(sched.at_step(step, end_of_epoch), step, epoch, (epoch + 1, 0) if end_of_epoch else (epoch, pos + 1))
-            if t.max_steps is not None and step >= total:
-                stopped = True
-                break
-        last = stopped or (t.max_steps is None and epoch + 1 >= t.epochs)
-        due = Due() if p.strategy.stepwise else sched.at_epoch_end(begin, begin + stream.steps(epoch), last=last)
-        if due:  # workers that take different numbers of batches meet here: finish what is pending first
-            step = p.strategy.drain(p.optimizer, pending, last=last) or step
-            if pending:
+    try:  # a run stopped at a report (a sweep trial ASHA stops) or failed leaves no threads or shared memory behind
+        pending, announced = 0, False  # pending: batches whose gradients are accumulated but not yet stepped
+        p.net.train()
+        while epoch < t.epochs if t.max_steps is None else step < total:
+            begin, stopped = sum(stream.steps(e) for e in range(epoch)), False
+            for pos, batch in enumerate(stream.epoch(epoch, start), start=start):
+                run.window.loss += forward_backward(p.net, batch, micro=t.grad_accum_steps, inputs=inputs, loss=loss,
+                                                    precision=p.precision, strategy=p.strategy)
+                run.window.batches += 1
+                pending += 1
+                if p.strategy.held(pending):
+                    continue
+                p.strategy.step(p.optimizer, p.precision, pending)
                 p.optimizer.zero_grad(set_to_none=True)
-                pending = 0
-            run.record(step, epoch)
-            # the dynamic deal restarts an interrupted epoch (its pieces went to whichever worker was free)
-            run.act(due, step, epoch, (epoch, 0) if stopped else (epoch + 1, 0))
-        if stopped:
-            break
-        epoch, start = epoch + 1, 0
+                before, step, pending = step, p.strategy.advance(step), 0
+                p.scheduler.last_epoch = step - 1  # the run's step sets the learning rate, however it advanced
+                p.scheduler.step()
+                if ctx.rank == 0 and not announced:
+                    buffer.add({"event": "first_step", M.STEP: step, "time": time.time()}, now=True)
+                    announced = True
+                if sched.log(before, step):
+                    run.record(step, epoch)
+                if p.strategy.stepwise:
+                    end_of_epoch = pos + 1 == stream.steps(epoch)
+                    run.act(sched.at_step(step, end_of_epoch), step, epoch, (epoch + 1, 0) if end_of_epoch else (epoch, pos + 1))
+                if t.max_steps is not None and step >= total:
+                    stopped = True
+                    break
+            last = stopped or (t.max_steps is None and epoch + 1 >= t.epochs)
+            due = Due() if p.strategy.stepwise else sched.at_epoch_end(begin, begin + stream.steps(epoch), last=last)
+            if due:  # workers that take different numbers of batches meet here: finish what is pending first
+                step = p.strategy.drain(p.optimizer, pending, last=last) or step
+                if pending:
+                    p.optimizer.zero_grad(set_to_none=True)
+                    pending = 0
+                run.record(step, epoch)
+                # the dynamic deal restarts an interrupted epoch (its pieces went to whichever worker was free)
+                run.act(due, step, epoch, (epoch, 0) if stopped else (epoch + 1, 0))
+            if stopped:
+                break
+            epoch, start = epoch + 1, 0
 
-    run.losses.flush()
-    stream.close()
-    if ctx.rank == 0:
-        latest = store.latest()
-        buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": latest.uri if latest else None,
-                    "data_stats": dict(stream.stats)}, now=True)
-        buffer.flush(wait=True)
-    p.strategy.close()
+        run.losses.flush()
+        if ctx.rank == 0:
+            latest = store.latest()
+            buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": latest.uri if latest else None,
+                        "data_stats": dict(stream.stats)}, now=True)
+            buffer.flush(wait=True)
+    finally:
+        stream.close()
+        p.strategy.close()

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,7 +26,7 @@ from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, red
 from lepton_ray.sync import STRATEGIES, Services
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore
-from lepton_ray.train.context import WorkerContext
+from lepton_ray.train.context import WorkerContext, isolated
 from lepton_ray.train.losses import ShapeError, default_loss, make_loss, model_inputs
 from lepton_ray.train.loop import LoopSpec, train_loop
 
@@ -120,16 +120,10 @@ class Trainer:
         *,
         resume: bool = False,
         progress: bool = True,
-        report_to_ray: bool = False,
-        callbacks: Sequence[Any] = (),
     ):
-        """``report_to_ray``: the workers also ``ray.train.report`` each evaluation (a ~2 s barrier
-        each), for Ray Train ``callbacks`` such as Tune's ``TuneReportCallback`` (used by sweeps)."""
         self.config = config if isinstance(config, Config) else load_config(config)
         self.resume = resume
         self.progress = progress
-        self.report_to_ray = report_to_ray
-        self.callbacks = list(callbacks)
         cfg = self.config
         d = cfg.data
         if d.builder and not data_exists(d.train, d.storage_options):
@@ -159,9 +153,12 @@ class Trainer:
     # ------------------------------------------------------------------ checks
 
     def _model(self) -> "torch.nn.Module":
-        """The model exactly as every worker initialises it (same seed), for strategy checks and services."""
-        torch.manual_seed(self.config.train.seed)
-        return build_model(self.config.model, self.train_info.schema)
+        """The model exactly as every worker initialises it (same seed), for strategy checks and services. Built
+        :func:`isolated`: whatever a model's code changes in this process (RNGs, environment) is undone, so a run
+        in this process (``fit(local=True)``, a sweep trial) starts from the state a fresh worker has."""
+        with isolated():
+            torch.manual_seed(self.config.train.seed)
+            return build_model(self.config.model, self.train_info.schema)
 
     def _values(self, info: TableInfo, column: Column) -> np.ndarray:
         """Every value of one target column of a split, flattened."""
@@ -203,7 +200,7 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         model = self._model().eval()  # eval mode: no dropout draws, no training-only side effects of a user model
         try:
-            with torch.no_grad():
+            with torch.no_grad(), isolated():
                 out = model(model_inputs(batch, tuple(c.name for c in info.schema.inputs), loss.name))
                 loss(out, batch)
         except ShapeError as exc:
@@ -235,15 +232,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
-    def fit(self, *, local: bool = False) -> Result:
+    def fit(self, *, local: bool = False, group: Any = None, report: Optional[Callable[[dict[str, Any]], None]] = None) -> Result:
         """Train to the end (or resume to the end) and return the :class:`Result`.
 
-        ``local``: run the one worker in this process, without Ray (breakpoints and ``pdb`` work, nothing
-        to start): needs ``scaling.num_workers: 1`` and a strategy without services of its own (not the
-        parameter server). The loop, checkpoints and records are the same as under Ray Train.
+        By default the workers are a Ray Train worker group. ``local``: run the one worker in this process,
+        without Ray (breakpoints and ``pdb`` work, nothing to start): needs ``scaling.num_workers: 1`` and a
+        strategy without services of its own (not the parameter server). ``group``: run in a worker group of
+        :mod:`lepton_ray.train.group` with this process as rank 0 (a sweep trial's warm group); ``report``
+        is then called on rank 0 after every evaluation, and an exception from it stops the run on every rank.
+        The loop, checkpoints and records are the same in all three.
         """
         if local:
-            return self._fit_local()
+            s = self.config.scaling
+            if s.num_workers != 1 or type(self.services) is not Services:
+                raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
+                                  f"and a strategy without services (allreduce; got sync.strategy '{self.config.sync.strategy}')")
+            from lepton_ray.train.group import LocalGroup
+
+            group = LocalGroup(s.use_gpu)
+        if group is not None:
+            return self._fit_in(group, report)
         import ray
         import ray.train
         import ray.util.scheduling_strategies
@@ -261,8 +269,7 @@ class Trainer:
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
             services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
-            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink,
-                            report_to_ray=self.report_to_ray, services=services)
+            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
                 _worker_entry,
@@ -273,7 +280,6 @@ class Trainer:
                     name=self.run_name,
                     storage_path=str((self.run_dir / "ray").resolve()),
                     failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-                    callbacks=self.callbacks or None,
                 ),
             )
             watcher = _Watcher(sink, self.progress, self.run_name)
@@ -296,16 +302,18 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(self.config.to_dict()), indent=1))  # JSON is YAML
 
-    def _fit_local(self) -> Result:
-        s = self.config.scaling
-        if s.num_workers != 1 or type(self.services) is not Services:
-            raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
-                              f"and a strategy without services (allreduce; got sync.strategy '{self.config.sync.strategy}')")
+    def _fit_in(self, group: Any, report: Optional[Callable[[dict[str, Any]], None]]) -> Result:
+        if group.world != self.config.scaling.num_workers:
+            raise ConfigError(f"scaling.num_workers: {self.config.scaling.num_workers}, but the worker group has {group.world}")
         self._start_run_dir()
         sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
-        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink)
+        services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
+        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services)
         t0 = time.time()
-        train_loop(spec, WorkerContext.local(torch.device("cuda") if s.use_gpu else torch.device("cpu")))
+        try:
+            group.run(spec, report)
+        finally:
+            self.services.stop(services)
         return self._result(sink.drain(), t0)
 
     def _result(self, records: list[dict[str, Any]], t0: float) -> Result:
@@ -369,7 +377,7 @@ def _poll_interval(seconds: float) -> Iterator[None]:
 
 def _worker_entry(config: dict[str, Any]) -> None:
     spec: LoopSpec = config["spec"]
-    train_loop(spec, WorkerContext.from_ray(use_gpu=spec.config["scaling"]["use_gpu"], report=spec.report_to_ray))
+    train_loop(spec, WorkerContext.from_ray(use_gpu=spec.config["scaling"]["use_gpu"]))
 
 
 class _Watcher(threading.Thread):

@@ -30,6 +30,7 @@ __all__ = [
     "max_evaluations",
     "trial_schedule",
     "trial_resources",
+    "trial_bundles",
     "concurrent_trials",
     "LR_KEY",
     "BATCH_KEY",
@@ -173,13 +174,18 @@ def max_evaluations(cfg: Config, num_rows: int) -> int:
                for interval, total in (trial_schedule(trial_config(base, p, cfg.sweep), num_rows) for p in _corners(timing)))
 
 
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial holds while it runs: its training workers plus one CPU for its driver
-    (the Tune function that runs the Trainer; Ray Train's controller takes no CPU)."""
+def trial_bundles(cfg: Config) -> list[dict[str, float]]:
+    """A trial's placement group: one bundle per training worker (bundle 0 is the trial actor, rank 0)."""
     s = cfg.scaling
-    need = {"CPU": float(s.num_workers * s.cpus_per_worker + 1)}
-    if s.use_gpu:
-        need["GPU"] = float(s.num_workers)
+    return [{"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})} for _ in range(s.num_workers)]
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds while it runs: its training workers (the trial actor is rank 0)."""
+    need: dict[str, float] = {}
+    for bundle in trial_bundles(cfg):
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0.0) + v
     return need
 
 
@@ -192,12 +198,12 @@ def concurrent_trials(cfg: Config, total: dict[str, float], free: dict[str, floa
     many, else as many as its free resources fit now (at least 1, at most ``num_samples``).
 
     >>> cfg = load_config({"data": {"train": "t", "eval": "e"}, "sweep": {"space": {"train.lr": {"choice": [0.1]}}}})
-    >>> concurrent_trials(cfg, total={"CPU": 4.0}, free={"CPU": 4.0})   # each trial: 2 workers + 1
-    1
+    >>> concurrent_trials(cfg, total={"CPU": 4.0}, free={"CPU": 4.0})   # each trial: 2 workers
+    2
     """
     s, sc = cfg.sweep, cfg.scaling
     need = trial_resources(cfg)
-    what = f"{sc.num_workers} workers x {sc.cpus_per_worker} CPU + 1 CPU for its driver"
+    what = f"{sc.num_workers} workers x {sc.cpus_per_worker:g} CPU"
     have = ", ".join(f"{total.get(k, 0.0):g} {k}" for k in need)
     at_most = _fits(need, total)
     if at_most < 1:

@@ -1,9 +1,13 @@
 """``lepton-ray sweep``: a learning-rate / batch-size search on Ray Tune, each trial a normal training run.
 
-The Ray 2.60 (Train V2) pattern: a Tune *function trainable* per trial builds the
-trial's config and runs :class:`~lepton_ray.train.Trainer` (a ``TorchTrainer``); the
-workers ``ray.train.report`` every evaluation and Tune's ``TuneReportCallback``
-hands those reports to Tune, so ASHA can stop a poor trial early.
+A Tune *function trainable* per trial builds the trial's config and runs
+:class:`~lepton_ray.train.Trainer` in a warm worker group (:mod:`lepton_ray.train.group`):
+the trial actor itself is rank 0, helper actors in the trial's placement group are the
+other ranks, and Tune reuses the actor, its helpers and their process group for the next
+trial, so a trial starts in well under a second instead of a Ray Train worker group's ~15 s
+(the same loop, so a trial equals the same config under ``lepton-ray train`` to the bit).
+Rank 0 reports every evaluation to Tune, so ASHA can stop a poor trial early; a failed
+trial is retried up to ``scaling.max_failures`` times from its newest checkpoint.
 
 Layout of a sweep (``<sweep.dir>/<name>/``)::
 
@@ -31,14 +35,14 @@ from typing import Any, Optional, Union
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.storage import join
+from lepton_ray.train.group import warm_group
 from lepton_ray.train.trainer import Trainer, ensure_ray
 from lepton_ray.tune import results as R
 from lepton_ray.tune.space import (
-    BATCH_KEY, LR_KEY, concurrent_trials, evaluation_index, max_evaluations, resolve_mode, trial_config, trial_schedule,
+    BATCH_KEY, LR_KEY, concurrent_trials, evaluation_index, max_evaluations, resolve_mode, trial_bundles, trial_config, trial_schedule,
 )
 
 __all__ = ["sweep", "SweepResult"]
@@ -94,59 +98,50 @@ def _absolute(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one trial (runs in a Tune actor)
 
 
-class _TuneReport(TuneReportCallback):
-    """Tune's ``TuneReportCallback`` (worker reports -> Tune), adding the evaluation count, ASHA's time axis.
-
-    The count comes from the step, so a trial resumed from a checkpoint carries on counting where
-    it stopped (Tune's own ``training_iteration`` would restart at 1).
-    """
-
-    def __init__(self, interval: int, total: int):
-        super().__init__()
-        self.interval, self.total = interval, total
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        first = dict(metrics[0])
-        first[EVALUATION] = evaluation_index(int(first["step"]), self.interval, self.total)
-        first[REPORTED_AT] = time.time()
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-
-
 def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
-    """Tune's function trainable: one trial = one lepton_ray training run with ``params`` set."""
+    """Tune's function trainable: one trial = one lepton_ray training run with ``params`` set, in this
+    (reused) trial actor's warm worker group: rank 0 is this process, and it reports every evaluation
+    to Tune, with the evaluation count (ASHA's time axis; counted from the step, so a trial resumed from
+    a checkpoint carries on counting where it stopped)."""
     import ray.tune
 
+    launched = time.time()
     sweep_cfg = load_config(plan["config"]).sweep
     trial_id = ray.tune.get_context().get_trial_id()
     raw = trial_config(plan["config"], params, sweep_cfg)
+    s = load_config(raw).scaling
+    group = warm_group(s.num_workers, s.cpus_per_worker, s.use_gpu)  # a new actor's helpers start while the Trainer checks
     raw["run"] = {"name": trial_id, "dir": plan["trials_dir"]}
     if raw["checkpoint"]["dir"] is not None:
         raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
     interval, total = trial_schedule(raw, plan["num_rows"])
     run_dir = Path(plan["trials_dir"]) / trial_id
 
+    def report(metrics: dict[str, Any]) -> None:
+        ray.tune.report({**metrics, EVALUATION: evaluation_index(int(metrics["step"]), interval, total), REPORTED_AT: time.time()})
+
     done = run_dir / "result.json"
     if done.exists():  # it finished before the sweep was interrupted: hand Tune its result, train nothing
         final = json.loads(done.read_text())
-        ray.tune.report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"],
-                         EVALUATION: evaluation_index(final["steps"], interval, total), REPORTED_AT: time.time()})
+        report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"]})
         return
 
     cfg = load_config(raw)
     try:
-        trainer = Trainer(cfg, resume=True, progress=False, report_to_ray=True, callbacks=[_TuneReport(interval, total)])
+        trainer = Trainer(cfg, resume=True, progress=False)
     except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)
         shutil.rmtree(run_dir, ignore_errors=True)
-        trainer = Trainer(cfg, resume=False, progress=False, report_to_ray=True, callbacks=[_TuneReport(interval, total)])
+        trainer = Trainer(cfg, resume=False, progress=False)
     if trainer.run_name != trial_id:  # explicit per-trial names: nothing else may claim this directory
         raise RuntimeError(f"trial {trial_id}: its run directory is taken ({trainer.run_dir})")
     info_path = run_dir / "trial.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"trial": trial_id, "params": params, "config": raw,
                                                                         "checkpoint_uri": trainer.checkpoint_uri, "launches": []}
-    info["launches"].append(time.time())
+    info["launches"].append(launched)
+    info.setdefault("pids", []).append(os.getpid())  # a reused (warm) trial actor shows up as a repeated pid
     run_dir.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(info, indent=1, default=str) + "\n")
-    trainer.fit()
+    trainer.fit(group=group, report=report)
 
 
 # --------------------------------------------------------------------------- the driver
@@ -228,21 +223,6 @@ def _scheduler(cfg: Config, mode: str, num_rows: int) -> Any:
     return ASHAScheduler(time_attr=EVALUATION, max_t=horizon + 1, grace_period=grace, reduction_factor=a.reduction_factor)
 
 
-def _connect(cfg: Config) -> bool:
-    """Connect like the Trainer does; with ``RAY_ADDRESS`` set, also hand it to every process of this job.
-
-    Ray Train's PlacementGroupCleaner (which frees the workers' placement group when ASHA kills a
-    trial) looks its controller up through the state API, which without ``RAY_ADDRESS`` picks "the
-    latest cluster" on a machine that runs several: it then misses the controller and the stopped
-    trial's workers' CPUs stay reserved, so the next trial waits forever.
-    """
-    address = os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized() or not address:
-        return ensure_ray(min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
-    ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
-    return True
-
-
 def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True) -> SweepResult:
     """Run (or continue) the sweep that ``config``'s ``sweep:`` section describes.
 
@@ -284,11 +264,11 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
         raise ConfigError(f"sweep '{name}' under '{sweep_dir}' was started with a different config; "
                           "run it with the same config to continue it, or set another sweep.name")
 
-    started = _connect(cfg)
+    started = ensure_ray(min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     try:
         concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
         plan = {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": num_rows}
-        trainable = tune.with_resources(tune.with_parameters(_run_trial, plan=plan), {"cpu": 1})
+        trainable = tune.with_resources(tune.with_parameters(_run_trial, plan=plan), tune.PlacementGroupFactory(trial_bundles(cfg)))
         if exists:
             print(f"continuing sweep '{name}' from {sweep_dir}", flush=True)
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -302,9 +282,10 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, num_samples=s.num_samples,
                     search_alg=_search(cfg, concurrency), scheduler=_scheduler(cfg, mode, num_rows),
-                    trial_dirname_creator=_trial_dirname,
+                    trial_dirname_creator=_trial_dirname, reuse_actors=True,  # the next trial starts in a warm actor
                 ),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
             )
         grid = tuner.fit()
     finally:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import lepton_ray
 from lepton_ray import ConfigError, load_config
@@ -41,9 +42,9 @@ def _records(run_dir: Path) -> list[dict]:
 
 def test_asha_sweep_on_digits_one_trial_at_a_time(ray_cluster, tmp_path):
     """lr log-uniform 1e-4..1 x batch {32, 128} with ASHA: a best trial >= 0.93, clearly bad trials stopped
-    early (fewer evaluations), and on a 4-CPU cluster (a trial needs 2 workers + 1) trials run one after another."""
+    early (fewer evaluations), and with sweep.max_concurrent_trials 1 trials run one after another."""
     cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(
-        tmp_path, "train.epochs=3", "sweep.num_samples=3", "sweep.seed=5", "checkpoint.every_n_steps=0"))
+        tmp_path, "train.epochs=3", "sweep.num_samples=3", "sweep.seed=5", "checkpoint.every_n_steps=0", "sweep.max_concurrent_trials=1"))
     result = lepton_ray.sweep(cfg, progress=False)
     sweep_dir = tmp_path / "sweeps" / "digits_sweep"
     assert result.dir == str(sweep_dir) and result.max_concurrent_trials == 1
@@ -80,12 +81,12 @@ def test_asha_sweep_on_digits_one_trial_at_a_time(ray_cluster, tmp_path):
 
 
 def test_too_many_concurrent_trials_is_an_error_before_any_trial(ray_cluster, tmp_path):
-    cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(tmp_path, "sweep.max_concurrent_trials=2"))
+    cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(tmp_path, "sweep.max_concurrent_trials=3"))
     with pytest.raises(ConfigError) as err:
         lepton_ray.sweep(cfg, progress=False)
     assert str(err.value) == (
-        "sweep.max_concurrent_trials: 2 trials at once need 6 CPU (each: 2 workers x 1 CPU + 1 CPU for its driver); "
-        "the Ray cluster has 4 CPU, enough for 1 at a time"
+        "sweep.max_concurrent_trials: 3 trials at once need 6 CPU (each: 2 workers x 1 CPU); "
+        "the Ray cluster has 4 CPU, enough for 2 at a time"
     )
     assert not (tmp_path / "sweeps" / "digits_sweep" / "trials").exists()
 
@@ -94,8 +95,8 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, t
     """SIGKILL the `lepton-ray sweep` driver after a trial finished; the same command finishes the sweep:
     finished trials untouched, no trial trained from scratch twice, every trial in the final table."""
     args = [str(BIN / "lepton-ray"), "sweep", str(REPO / "examples" / "digits_sweep.yaml"), "--json", "--no-progress"]
-    for item in _digits(tmp_path, "train.epochs=2", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.seed=2",
-                        "checkpoint.every_n_steps=10"):
+    for item in _digits(tmp_path, "train.epochs=8", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.seed=2",
+                        "checkpoint.every_n_steps=10", "sweep.max_concurrent_trials=1"):
         args += ["--set", item]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     trials = tmp_path / "sweeps" / "digits_sweep" / "trials"
@@ -105,7 +106,7 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, t
     while not list(trials.glob("*/result.json")):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(1)
+        time.sleep(0.1)  # a warm trial starts within a second of the previous one's end: kill while the second runs
     first.send_signal(signal.SIGKILL)
     first.wait()
     finished = {p.parent.name: (p.read_text(), (p.parent / "metrics.jsonl").read_text()) for p in trials.glob("*/result.json")}
@@ -125,4 +126,31 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, t
     for r in rows:  # no trial trained from scratch twice; an interrupted one resumed from its checkpoint
         starts = [x for x in _records(trials / r["trial"]) if x.get("event") == "start"]
         assert sum(x["resumed_from"] is None for x in starts) == 1, (r["trial"], starts)
-        assert json.loads((trials / r["trial"] / "result.json").read_text())["steps"] == 2 * (1438 // int(r["batch_size"]))
+        assert json.loads((trials / r["trial"] / "result.json").read_text())["steps"] == 8 * (1438 // int(r["batch_size"]))
+
+
+def _params(checkpoint: str) -> dict:
+    from lepton_ray.train.checkpoint import CheckpointStore
+
+    store = CheckpointStore(str(Path(checkpoint).parent))
+    return store.load(store.latest(), ["model"])["model"]
+
+
+def test_warm_trials_equal_standalone_runs_to_the_bit(ray_cluster, tmp_path):
+    """Two 2-worker trials run one after another in the same warm trial actor (and its helper rank); each trial's
+    final parameters equal the same config trained alone by the Trainer on Ray Train, to the bit. The model reads
+    an environment variable and changes it (tests/lr_testing_models.py:leaky_mlp), so a warm worker that leaked
+    the first trial's environment, RNG, model or data cursor into the second would fail here."""
+    cfg = load_config(REPO / "examples" / "digits_sweep.yaml", _digits(
+        tmp_path, "train.epochs=2", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.seed=5", "checkpoint.every_n_steps=0",
+        "sweep.max_concurrent_trials=1", "model.factory=lr_testing_models:leaky_mlp", "model.kwargs={hidden: [32]}"))
+    result = lepton_ray.sweep(cfg, progress=False)
+    trials = tmp_path / "sweeps" / "digits_sweep" / "trials"
+    infos = [json.loads((trials / r["trial"] / "trial.json").read_text()) for r in result.trials]
+    assert len(infos) == 2 and infos[0]["pids"] == infos[1]["pids"], infos  # one warm actor ran both
+    for info, row in zip(infos, result.trials):
+        raw = {**info["config"], "run": {"dir": str(tmp_path / "alone"), "name": info["trial"]}}
+        alone = lepton_ray.Trainer(load_config(raw), progress=False).fit()
+        ours, theirs = _params(row["checkpoint"]), _params(alone.checkpoint)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), info["trial"]
+        assert row["eval_accuracy"] == alone.metrics["eval_accuracy"]

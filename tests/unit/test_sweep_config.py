@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lepton_ray import ConfigError, load_config
-from lepton_ray.tune.space import concurrent_trials, evaluation_index, max_evaluations, trial_config
+from lepton_ray.tune.space import concurrent_trials, evaluation_index, max_evaluations, trial_bundles, trial_config
 
 BASE = {"data": {"train": "t.parquet", "eval": "e.parquet"}, "train": {"lr": 0.1, "batch_size": 64}}
 
@@ -94,17 +94,18 @@ def test_evaluations_count_like_the_loop():
 
 
 def test_concurrent_trials_from_resources():
-    cfg = _load()  # 2 workers x 1 CPU + 1 for the trial's driver = 3 CPUs a trial
-    assert concurrent_trials(cfg, {"CPU": 4.0}, {"CPU": 4.0}) == 1
-    assert concurrent_trials(cfg, {"CPU": 12.0}, {"CPU": 9.0}) == 3
+    cfg = _load()  # 2 workers x 1 CPU = 2 CPUs a trial (the trial's own process is rank 0)
+    assert trial_bundles(cfg) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert concurrent_trials(cfg, {"CPU": 4.0}, {"CPU": 4.0}) == 2
+    assert concurrent_trials(cfg, {"CPU": 12.0}, {"CPU": 7.0}) == 3
     assert concurrent_trials(cfg, {"CPU": 12.0}, {"CPU": 1.0}) == 1  # busy now: one at a time, waiting
     assert concurrent_trials(_load(num_samples=2), {"CPU": 64.0}, {"CPU": 64.0}) == 2
     with pytest.raises(ConfigError) as err:
-        concurrent_trials(cfg, {"CPU": 2.0}, {"CPU": 2.0})
-    assert str(err.value) == "sweep: one trial needs 3 CPU (2 workers x 1 CPU + 1 CPU for its driver); the Ray cluster has 2 CPU"
+        concurrent_trials(cfg, {"CPU": 1.0}, {"CPU": 1.0})
+    assert str(err.value) == "sweep: one trial needs 2 CPU (2 workers x 1 CPU); the Ray cluster has 1 CPU"
     with pytest.raises(ConfigError) as err:
-        concurrent_trials(_load(max_concurrent_trials=2), {"CPU": 4.0}, {"CPU": 4.0})
+        concurrent_trials(_load(max_concurrent_trials=3), {"CPU": 4.0}, {"CPU": 4.0})
     assert str(err.value) == (
-        "sweep.max_concurrent_trials: 2 trials at once need 6 CPU (each: 2 workers x 1 CPU + 1 CPU for its driver); "
-        "the Ray cluster has 4 CPU, enough for 1 at a time"
+        "sweep.max_concurrent_trials: 3 trials at once need 6 CPU (each: 2 workers x 1 CPU); "
+        "the Ray cluster has 4 CPU, enough for 2 at a time"
     )
