@@ -11,8 +11,9 @@ Endpoints (one ingress deployment, raw Starlette requests: no per-request FastAP
   (default: the bundle's name): ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``GET /v2/models/<name>`` (metadata), ``/v2/models/<name>/ready``, ``POST /v2/models/<name>/infer``.
   An unknown model name is a 404.
-* Both protocols go through one ``@serve.batch`` call: concurrent requests are batched into one
-  model call (``max_batch_size`` requests, waiting at most ``batch_wait_ms`` for more); requests
+* Both protocols go through one :class:`Batcher`: concurrent requests are batched into one model
+  call (``max_batch_size`` requests; a lone request runs at once, and only under load does a call
+  wait up to ``batch_wait_ms`` to fill); requests
   whose rows differ in shape (token prompts of different lengths) or in what they ask for
   (generation) share the call but not the forward pass.
 * Client mistakes are a 400 with ``{"error": "<what was wrong>"}`` (413 for a body that is too
@@ -23,8 +24,9 @@ Endpoints (one ingress deployment, raw Starlette requests: no per-request FastAP
 * With ``auth_token_env=NAME``, every endpoint but ``/healthz``, ``/livez`` and ``/v2/health/*``
   needs ``Authorization: Bearer $NAME`` (401 otherwise).
 
-Start it with :func:`deploy` / ``lepton-ray serve BUNDLE``, or with Ray's own tools through
-the application builder :func:`app`::
+Start it with :func:`deploy` / ``lepton-ray serve BUNDLE`` (every replica answers on one URL itself,
+:mod:`lepton_ray.serve.ingress`), or with Ray's own tools, behind Serve's proxy, through the
+application builder :func:`app`::
 
     serve run lepton_ray.serve.app:app bundle=bundles/digits max_batch_size=32
 """
@@ -32,6 +34,7 @@ the application builder :func:`app`::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -46,7 +49,7 @@ from ray import serve
 
 from lepton_ray.config import ServeConfig
 
-__all__ = ["Job", "ModelServer", "app", "build_app", "deploy", "replica_urls"]
+__all__ = ["Batcher", "Job", "ModelServer", "Replica", "app", "build_app", "deploy"]
 
 HEALTH_PATHS = ("/healthz", "/livez", "/v2/health/live", "/v2/health/ready")
 _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
@@ -78,6 +81,63 @@ class Job:
     def key(self) -> tuple:
         """Jobs with equal keys go through one forward pass together."""
         return (self.max_new_tokens, self.scores, *((k, v.shape[1:]) for k, v in self.inputs.items()))
+
+
+class Batcher:
+    """Concurrent requests in one model call, without making a lone request wait.
+
+    A request that finds the model idle runs at once, alone. Requests that arrive while a call runs
+    queue, and the next call takes them together (up to ``max_batch_size`` jobs). Under load (the
+    previous call had company) a call that is not full waits up to ``wait_s`` more for it to fill.
+    Calls run one at a time in a worker thread, so the event loop keeps reading requests meanwhile.
+
+    >>> import asyncio
+    >>> b = Batcher(lambda jobs: [j * 10 for j in jobs], max_batch_size=4, wait_s=0.0)
+    >>> asyncio.run(b.submit([1, 2]))
+    [10, 20]
+    """
+
+    def __init__(self, run: Any, max_batch_size: int, wait_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.queue: list[tuple[Any, asyncio.Future]] = []
+        self.busy = False
+        self._last = 0  # jobs in the previous call
+        self._full: Optional[asyncio.Event] = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lepton-model")
+
+    async def submit(self, jobs: list[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in jobs]
+        self.queue.extend(zip(jobs, futures))
+        if len(self.queue) >= self.max_batch_size and self._full is not None:
+            self._full.set()
+        if not self.busy:
+            self.busy = True
+            loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.queue:
+                if self._last > 1 and self.wait_s > 0 and len(self.queue) < self.max_batch_size:
+                    self._full = asyncio.Event()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), self.wait_s)
+                    self._full = None
+                batch, self.queue = self.queue[:self.max_batch_size], self.queue[self.max_batch_size:]
+                self._last = len(batch)
+                try:
+                    results = await loop.run_in_executor(self._pool, self.run, [job for job, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - run_jobs isolates model errors; anything else fails the call's requests
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self.busy = False
 
 
 def _path_label(path: str) -> str:
@@ -113,8 +173,7 @@ class ModelServer:
         self.predictor = Predictor(load_bundle(bundle, storage_options), threads=threads)
         self.model_name = model_name or self.predictor.bundle.name
         self.inputs, self.outputs = self.predictor.inputs, self.predictor.outputs
-        self._infer_batch.set_max_batch_size(max_batch_size)
-        self._infer_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        self.batcher = Batcher(self.run_jobs, max_batch_size, batch_wait_ms / 1000.0)
 
         self.registry = prom.CollectorRegistry()
         self.m_requests = prom.Counter("lepton_ray_serve_requests", "HTTP requests by path and status code",
@@ -136,11 +195,6 @@ class ModelServer:
         self.ready = True
 
     # --------------------------------------------------------------- batching
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
-        """Every request that arrived within the batch window, in one call: :meth:`run_jobs`."""
-        return self.run_jobs(jobs)
 
     def run_jobs(self, jobs: list[Job]) -> list[Any]:
         """One forward pass per group of alike jobs (same per-row shapes and options); each job gets its rows back.
@@ -181,10 +235,7 @@ class ModelServer:
             return exc
 
     async def _infer(self, jobs: list[Job]) -> list[dict[str, np.ndarray]]:
-        if len(jobs) == 1:  # the common case: no task per part
-            results = [await self._infer_batch(jobs[0])]
-        else:
-            results = await asyncio.gather(*(self._infer_batch(j) for j in jobs))
+        results = await self.batcher.submit(jobs)
         for r in results:
             if isinstance(r, Exception):
                 raise ModelFailed(f"the model failed on this request: {type(r).__name__}: {r}") from r
@@ -305,12 +356,33 @@ class ModelServer:
             raise RuntimeError("model not loaded yet")
 
 
+class Replica(ModelServer):
+    """A Serve replica of :class:`ModelServer` that also answers HTTP itself on the application's one URL
+    (``listen=(host, port)``, shared by every replica: :mod:`lepton_ray.serve.ingress`)."""
+
+    async def __init__(self, bundle: str, *, listen: Optional[tuple[str, int]] = None, root_path: str = "", **kwargs: Any):
+        super().__init__(bundle, **kwargs)
+        self._http: Any = None
+        if listen is not None:
+            from lepton_ray.serve.ingress import listen as serve_http
+
+            self._http = await serve_http(self, listen[0], listen[1], root_path)
+
+    def check_health(self) -> None:
+        super().check_health()
+        if self._http is not None and self._http[1].done():
+            raise RuntimeError(f"the HTTP server stopped: {self._http[1].exception()!r}")
+
+
 def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray",
-              model_name: Optional[str] = None, storage_options: Optional[dict] = None):
+              model_name: Optional[str] = None, storage_options: Optional[dict] = None, listen: bool = False,
+              route_prefix: str = "/"):
     """The Ray Serve application (``serve.run``-able) for ``bundle`` with ``config``'s settings.
 
     ``name``: the Serve application; ``model_name``: the model's name in the v2 protocol
-    (``/v2/models/<model_name>``; default: the bundle's name, i.e. the training run's).
+    (``/v2/models/<model_name>``; default: the bundle's name, i.e. the training run's). ``listen``: every
+    replica also answers HTTP on 127.0.0.1:``config.port`` itself (the one URL, :mod:`lepton_ray.serve.ingress`),
+    under ``route_prefix``.
     """
     from lepton_ray.serve.bundle import check_name
 
@@ -329,7 +401,7 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
     scaling: dict[str, Any] = ({"autoscaling_config": dict(cfg.autoscaling)} if cfg.autoscaling
                                else {"num_replicas": cfg.replicas})
     deployment = serve.deployment(
-        ModelServer, name=f"{name}-model", ray_actor_options=actor_options,
+        Replica, name=f"{name}-model", ray_actor_options=actor_options,
         # enough in flight per replica to fill batches from many clients
         max_ongoing_requests=max(64, 4 * cfg.max_batch_size), max_queued_requests=-1,
         logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"},
@@ -337,7 +409,8 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
     )
     return deployment.bind(bundle, model_name=model_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                            max_instances=cfg.max_instances, threads=cfg.threads_per_replica,
-                           auth_token_env=cfg.auth_token_env, storage_options=storage_options)
+                           auth_token_env=cfg.auth_token_env, storage_options=storage_options,
+                           listen=("127.0.0.1", cfg.port) if listen else None, root_path=route_prefix.rstrip("/"))
 
 
 def app(args: dict[str, str]):
@@ -363,10 +436,11 @@ def app(args: dict[str, str]):
 
 def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray", route_prefix: str = "/",
            model_name: Optional[str] = None, storage_options: Optional[dict] = None, timeout_s: float = 300.0) -> str:
-    """Start Serve on 127.0.0.1 (``config.port``), deploy ``bundle`` and wait until ``/healthz`` is 200.
+    """Deploy ``bundle`` on Serve, every replica answering on http://127.0.0.1:``config.port`` (one URL however
+    many replicas, no proxy hop: :mod:`lepton_ray.serve.ingress`), and wait until ``/healthz`` is 200.
 
-    Returns the base URL. Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one).
-    ``model_name``: the v2 protocol's name for the model (default: the bundle's name).
+    Returns the base URL. Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one). One
+    application per port. ``model_name``: the v2 protocol's name for the model (default: the bundle's name).
 
     >>> url = deploy("bundles/digits", ServeConfig(port=8000))  # doctest: +SKIP
     >>> requests.post(url + "/predict", json={"instances": [[0.0] * 64]}).json()  # doctest: +SKIP
@@ -374,24 +448,18 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
     """
     import requests
 
-    cfg = config or ServeConfig()
-    import ray
-
     from lepton_ray.train.trainer import ensure_ray
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        # the instance we start runs Serve in its throughput-optimized mode (it must be in the environment
-        # of every Ray process, so before Ray starts; the proxy URL keeps working, direct ingress is added)
-        os.environ.setdefault(FAST_MODE_ENV, "1")
+    cfg = config or ServeConfig()
     ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options), name=name,
-              route_prefix=route_prefix, blocking=False)
+    serve.start(proxy_location="Disabled")  # the replicas answer HTTP themselves
+    serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options, listen=True,
+                        route_prefix=route_prefix), name=name, route_prefix=None, blocking=False)
     url = f"http://127.0.0.1:{cfg.port}{route_prefix.rstrip('/')}"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200 and _replicas_ready(name):
                 return url
         except requests.RequestException:
             pass
@@ -400,48 +468,7 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
         time.sleep(0.2)
 
 
-FAST_MODE_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
-
-
-def fast_mode_note() -> Optional[str]:
-    """``None`` when the connected cluster runs Serve in its throughput-optimized mode, else one line saying
-    what is lost and how to turn it on (read from a Ray worker's environment: the cluster's, not ours)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def read_env() -> Optional[str]:
-        return os.environ.get(FAST_MODE_ENV)
-
-    if ray.get(read_env.remote()) == "1":
-        return None
-    return (f"note: this Ray cluster runs Serve without {FAST_MODE_ENV}=1: every request takes the proxy hop (~5 ms on a "
-            f"2-core machine) and replicas get no direct-ingress port; start the cluster with {FAST_MODE_ENV}=1 in its "
-            f"environment (before `ray start`) to turn it on")
-
-
-def replica_urls(name: str = "lepton_ray") -> list[str]:
-    """Direct-ingress URLs of application ``name``'s replicas (empty unless the cluster runs direct ingress).
-
-    With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the Ray cluster's environment, each ingress
-    replica also listens on its own port (30000-31000, on the HTTP host: 127.0.0.1) and answers
-    there without the proxy hop. Read from the Serve controller's target groups (a Ray-internal
-    call, hence the defensive ``except``).
-    """
-    import ray
-    from ray.serve.context import _get_global_client
-
-    try:
-        client = _get_global_client()
-        groups = ray.get(client._controller.get_target_groups.remote(name))
-        proxy_port, host = client.http_config.port, client.http_config.host
-    except Exception:  # noqa: BLE001 - not available in this Ray version / mode
-        return []
-    urls = []
-    for g in groups:
-        if str(getattr(g.protocol, "value", g.protocol)).upper() != "HTTP":
-            continue
-        for t in g.targets:
-            if t.port != proxy_port:
-                # the replica listens on the HTTP host (127.0.0.1); the target names the node's IP
-                urls.append(f"http://{host if host not in ('0.0.0.0', '::') else t.ip}:{t.port}{g.route_prefix.rstrip('/')}")
-    return urls
+def _replicas_ready(name: str) -> bool:
+    """Every replica of application ``name`` is running (so every one listens on the URL)."""
+    status = serve.status().applications.get(name)
+    return status is not None and str(getattr(status.status, "value", status.status)) == "RUNNING"

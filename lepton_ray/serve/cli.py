@@ -31,7 +31,7 @@ def _optimize(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import time
 
-    from lepton_ray.serve.app import deploy, fast_mode_note, replica_urls
+    from lepton_ray.serve.app import deploy
     from lepton_ray.serve.bundle import check_name, load_bundle
 
     cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
@@ -41,13 +41,12 @@ def _serve(args: argparse.Namespace) -> int:
     name = check_name(args.name, "--name") if args.name else bundle.name
     _check_serve_options(cfg)
     url = deploy(args.bundle, cfg, model_name=args.name)
-    print(f"serving {args.bundle} at {url}/predict and {url}/v2/models/{name}/infer  (health: {url}/healthz, "
-          f"metrics: {url}/metrics); Ctrl-C stops", flush=True)
-    for direct in replica_urls():
-        print(f"  replica (direct ingress, no proxy hop): {direct}/predict", flush=True)
-    note = fast_mode_note()
-    if note:
-        print(note, file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"url": url, "predict": f"{url}/predict", "infer": f"{url}/v2/models/{name}/infer", "model_name": name,
+                          "replicas": cfg.replicas}), flush=True)
+    else:
+        print(f"serving {args.bundle} at {url} ({cfg.replicas} replica(s), one URL): POST {url}/predict, "
+              f"POST {url}/v2/models/{name}/infer; health: {url}/healthz, metrics: {url}/metrics; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -112,18 +111,20 @@ def add_commands(sub: Any) -> None:
     o.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     o.set_defaults(handler=_clean(_optimize))
 
-    s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP on 127.0.0.1 with Ray Serve")
+    s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP on 127.0.0.1 with Ray Serve, one URL for every replica")
     s.add_argument("bundle", help="serving bundle or checkpoint URI")
     s.add_argument("--name", default=None, help="the model's name in the v2 protocol, /v2/models/NAME "
                    "(default: the bundle's name, i.e. the training run's)")
     s.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000)")
     s.add_argument("--replicas", type=int, default=None, help="Serve replicas (default 1)")
     s.add_argument("--max-batch-size", type=int, default=None, help="requests per model call (default 32)")
-    s.add_argument("--batch-wait-ms", type=float, default=None, help="longest wait for a batch to fill (default 2)")
+    s.add_argument("--batch-wait-ms", type=float, default=None,
+                   help="under load, the longest a batch waits to fill (default 2); a lone request never waits")
     s.add_argument("--max-instances", type=int, default=None, help="most rows per request (default 1024)")
     s.add_argument("--threads", dest="threads_per_replica", type=int, default=None, help="torch threads per replica")
     s.add_argument("--auth-token-env", default=None, metavar="NAME",
                    help="require 'Authorization: Bearer $NAME' on every endpoint but /healthz and /livez")
+    s.add_argument("--json", action="store_true", help="print the URL (and the endpoints) as one JSON line once serving")
     s.set_defaults(handler=_clean(_serve))
 
     p = sub.add_parser("predict", help="batch prediction over Parquet with Ray Data")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -149,3 +154,35 @@ def test_serve_refuses_an_unset_token_variable_and_a_taken_port_before_ray_start
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"lepton-ray: config error: --port: 127.0.0.1:{port} is not free (Address already in use); pick another port"
     assert "Ray" not in proc.stdout
+
+
+def test_serve_prints_its_one_url_and_every_replica_answers_there(tmp_path, tiny_bundle, ray_cluster):
+    """`lepton-ray serve --replicas 2 --json` on a cluster: one JSON line with the URL, where both replicas answer;
+    Ctrl-C stops it."""
+    port = free_port()
+    args = [str(BIN / "lepton-ray"), "serve", str(tiny_bundle), "--port", str(port), "--replicas", "2", "--json"]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    try:
+        line, deadline = "", time.monotonic() + 240
+        while not line.startswith("{"):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                line = proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        assert json.loads(line) == {"url": url, "predict": f"{url}/predict", "infer": f"{url}/v2/models/tiny/infer",
+                                    "model_name": "tiny", "replicas": 2}
+        replicas = set()
+        for _ in range(30):
+            r = requests.post(f"{url}/predict", json={"instances": [[0.1, 0.2, 0.3, 0.4]]}, headers={"Connection": "close"}, timeout=30)
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+            replicas.add(r.headers["x-lepton-replica"])
+        assert len(replicas) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

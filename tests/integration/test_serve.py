@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def served(optimized):
     port = free_port()
     try:
         url = deploy(optimized["bundle"], ServeConfig(port=port, max_instances=64, batch_wait_ms=5.0))
-        secure = deploy(optimized["bundle"], ServeConfig(port=port, auth_token_env=TOKEN_ENV),
+        secure = deploy(optimized["bundle"], ServeConfig(port=free_port(), auth_token_env=TOKEN_ENV),  # one application per port
                         name="secure", route_prefix="/secure", model_name="secure-digits")
         yield {"url": url, "secure": secure, "bundle": optimized["bundle"], "port": port}
     finally:
@@ -374,7 +375,7 @@ def lm(served, tmp_path_factory):
     bundle.state = bundle.build_fp32().state_dict()
     uri = write_bundle(bundle, str(tmp_path_factory.mktemp("gpt") / "bundle"))
     try:
-        url = deploy(uri, ServeConfig(port=served["port"], max_instances=8), name="gpt", route_prefix="/gpt")
+        url = deploy(uri, ServeConfig(port=free_port(), max_instances=8), name="gpt", route_prefix="/gpt")
         yield {"url": url, "offline": Predictor(load_bundle(uri))}
     finally:
         serve.delete("gpt")  # its replica's CPU goes back before batch prediction needs it
@@ -442,6 +443,69 @@ def test_auth_token_required_except_health(served, eval_rows):
     ok = requests.post(url + "/v2/models/secure-digits/infer", json=infer, headers=auth, timeout=30)
     assert ok.status_code == 200 and ok.json()["model_name"] == "secure-digits"
     assert requests.get(url + "/v2/models/digits", headers=auth, timeout=10).status_code == 404
+
+
+# ------------------------------------------------------------------ one URL, several replicas
+
+
+def _replica_actors(app: str) -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::") and f"::{app}#" in a["name"])
+
+
+def test_two_replicas_behind_one_url_and_a_replica_killed_under_load(served, eval_rows):
+    """Two replicas answer on one URL (each request on a new connection, so both get traffic): every answer equals
+    the offline prediction. Then one replica is SIGKILLed while a client sends one request at a time: the URL keeps
+    answering, at most 2 requests fail (the one in flight on the dead replica, and one racing its socket's close),
+    and Serve brings the replica back."""
+    import ray
+    from ray import serve
+
+    from lepton_ray.serve.app import deploy
+
+    port = free_port()
+    try:
+        url = deploy(served["bundle"], ServeConfig(port=port, replicas=2), name="pair", route_prefix="/")
+        replicas = _replica_actors("pair")
+        assert len(replicas) == 2, replicas
+        offline = Predictor(load_bundle(served["bundle"]))
+        x = eval_rows[0][:40]
+        pids = set()
+        for i in range(40):  # one row per request, sequentially: each model call sees exactly that row
+            want = offline.predict(x[i:i + 1])
+            r = requests.post(url + "/predict", json={"instances": [x[i].tolist()]}, headers={"Connection": "close"}, timeout=30)
+            assert r.status_code == 200, (i, r.text)
+            (got,) = r.json()["predictions"]
+            assert got["label"] == want["label"][0], i
+            np.testing.assert_allclose(got["probabilities"], want["probabilities"][0], rtol=0, atol=1e-6)
+            pids.add(r.headers["x-lepton-replica"])
+        assert len(pids) == 2, pids  # the kernel spread the connections over both replicas
+
+        statuses, killed_at = [], None
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            if killed_at is None and len(statuses) >= 20:
+                ray.kill(ray.get_actor(replicas[0], namespace="serve"))
+                killed_at = len(statuses)
+            try:
+                r = requests.post(url + "/predict", json={"instances": [x[0].tolist()]}, headers={"Connection": "close"}, timeout=10)
+                statuses.append(r.status_code)
+            except requests.RequestException:
+                statuses.append(None)
+            time.sleep(0.02)
+        failed = [s for s in statuses if s != 200]
+        print(f"replica killed under load: {len(statuses)} requests, {len(failed)} failed: {failed}")  # the figure (pytest -s)
+        assert killed_at is not None and len(failed) <= 2, (len(statuses), failed)
+        assert statuses[-20:] == [200] * 20  # the URL answers after the kill
+        deadline = time.monotonic() + 120
+        while not (len(_replica_actors("pair")) == 2 and replicas[0] not in _replica_actors("pair")
+                   and serve.status().applications["pair"].status == "RUNNING"):
+            assert time.monotonic() < deadline, _replica_actors("pair")
+            time.sleep(1)
+    finally:
+        serve.delete("pair")
 
 
 # ------------------------------------------------------------------ batch prediction

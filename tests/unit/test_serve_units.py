@@ -568,13 +568,7 @@ def test_v2_metadata_spells_datatypes_and_batch_dims():
 def _server(uri: str, **kwargs):
     from lepton_ray.serve.app import ModelServer
 
-    srv = ModelServer(uri, max_batch_size=4, **kwargs)
-
-    async def alone(job):  # @serve.batch needs a Serve replica; the logic under it (run_jobs) does not
-        return srv.run_jobs([job])[0]
-
-    srv._infer_batch = alone
-    return srv
+    return ModelServer(uri, max_batch_size=4, **kwargs)
 
 
 def _call(srv, method: str, path: str, body=b"", headers: dict = None):
