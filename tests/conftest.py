@@ -147,3 +147,12 @@ def write_blobs(path: Path, rows: int = 512, features: int = 16, classes: int = 
 @pytest.fixture
 def blobs(tmp_path) -> Path:
     return write_blobs(tmp_path / "data" / "train.parquet")
+
+
+def pytest_collection_modifyitems(items):
+    """tests/faults/ is the fault-injection suite: every test there injects a real fault (a killed or frozen process,
+    a stopped storage server, a torn file) into a real run, is bounded in time, listens on 127.0.0.1 only and cleans up
+    the processes it started by their ids. They are marked ``faults``: ``python -m pytest -m faults`` runs just them."""
+    for item in items:
+        if "/tests/faults/" in str(item.fspath):
+            item.add_marker(pytest.mark.faults)

@@ -295,10 +295,16 @@ class ModelServer:
     async def _body(self, request) -> bytes:
         from lepton_ray.serve.validate import BadRequest
 
-        body = await request.body()
-        if len(body) > self.max_body:
-            raise BadRequest(f"request body of {len(body)} bytes is larger than {self.max_body} bytes", 413)
-        return body
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:  # refused before a byte of it is read
+            raise BadRequest(f"request body of {declared} bytes is larger than {self.max_body} bytes", 413)
+        parts, size = [], 0
+        async for chunk in request.stream():  # chunked bodies: stop reading once past the limit
+            size += len(chunk)
+            if size > self.max_body:
+                raise BadRequest(f"request body of more than {size} bytes is larger than {self.max_body} bytes", 413)
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def _predict(self, request) -> Any:
         from lepton_ray.serve.validate import parse_instances

@@ -1,5 +1,5 @@
 """The ps and hybrid strategies on a real Ray cluster: sync PS == single process, the SSP bound,
-sparse row traffic, convergence (digits, recommender) and a killed PS shard."""
+sparse row traffic and convergence (digits, recommender); a killed PS shard: tests/faults/test_ps_shard_kill.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lepton_ray import Trainer, load_config
-from lepton_ray.data.pipeline import WorkerStream, steps_in_epoch
+from lepton_ray.data.pipeline import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.models.recommender import hash_rows
 from run_configs import final_params, merge_sections, small_config
@@ -157,26 +157,6 @@ def test_recommender_learns_and_pushes_only_touched_rows(tmp_path, click_data, s
     assert max(expected) * 10 < REC_ROWS  # a batch touches a small fraction: the counts follow k, not R
 
 
-def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits_data):
-    """A PS shard killed after the step-60 checkpoint: Ray restarts it from that checkpoint, the worker
-    group resumes there (replaying the lost steps) and the run reaches the digits accuracy bar."""
-    marker = tmp_path / "killed"
-    cfg = load_config(_digits_config(
-        tmp_path, digits_data, checkpoint={"every_n_steps": 60}, scaling={"max_failures": 1},
-        model={"factory": "ps_testing_models:kill_shard_once_mlp",
-               "kwargs": {"kill_at": 70, "marker": str(marker), "run_name": "t", "hidden": [64]}},
-    ))
-    result = Trainer(cfg, progress=False).fit()
-    assert marker.exists()  # the shard was killed (at rank 0's 70th step)
-    starts = [r for r in result.records if r.get("event") == "start"]
-    assert [s["step"] for s in starts] == [0, 60]
-    assert result.resumed_from.endswith("step_00000060")
-    info = Trainer(cfg, progress=False).train_info
-    assert result.metrics["steps"] == sum(steps_in_epoch(info, world_size=2, local_batch=32, epoch=e, seed=cfg.train.seed)
-                                          for e in range(DIGITS_EPOCHS))
-    assert result.metrics["eval_accuracy"] >= 0.93
-
-
 def test_dynamic_balance_keeps_the_fast_worker_busy_within_the_bound(tmp_path, digits_data):
     """``balance: dynamic`` with a straggler (rank 1 sleeps 20 ms per batch), ssp staleness 2: the fast
     worker takes more than its half of every epoch (it keeps computing while held at the bound), the
@@ -209,27 +189,3 @@ def test_dynamic_balance_keeps_the_fast_worker_busy_within_the_bound(tmp_path, d
     latest = CheckpointStore(str(Path(result.checkpoint).parent)).latest()
     assert latest.meta["epoch"] == DIGITS_EPOCHS and latest.meta["step_in_epoch"] == 0
     assert latest.meta["data"]["deal"] == "dynamic"
-
-
-def test_killed_shard_with_dynamic_balance_resumes_at_an_epoch_end(tmp_path, digits_data):
-    """The same kill with ``balance: dynamic`` (ssp): the worker group resumes from the newest checkpoint,
-    which was committed at an epoch end, and the run reaches the digits accuracy bar."""
-    marker = tmp_path / "killed"
-    cfg = load_config(_digits_config(
-        tmp_path, digits_data, checkpoint={"every_n_steps": 30, "keep_last": 10}, scaling={"max_failures": 1},
-        model={"factory": "ps_testing_models:kill_shard_once_mlp",
-               "kwargs": {"kill_at": 70, "marker": str(marker), "run_name": "t", "hidden": [64]}},
-        sync={"ps": {"mode": "ssp", "staleness": 2, "balance": "dynamic"}},
-    ))
-    result = Trainer(cfg, progress=False).fit()
-    assert marker.exists()
-    starts = [r["step"] for r in result.records if r.get("event") == "start"]
-    saved = [r["step"] for r in result.records if r.get("event") == "checkpoint"]
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] in saved
-    assert result.resumed_from.endswith(f"step_{starts[1]:08d}")
-    from lepton_ray.train.checkpoint import CheckpointStore
-
-    store = CheckpointStore(str(Path(result.checkpoint).parent))
-    resumed = store.get(starts[1])
-    assert resumed.meta["step_in_epoch"] == 0 and resumed.meta["epoch"] >= 1  # an epoch end
-    assert result.metrics["eval_accuracy"] >= 0.93
