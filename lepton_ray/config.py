@@ -282,7 +282,12 @@ class DataConfig(_Section):
     cache_max_bytes: int = 10 * 2**30
     """Cache size bound; least recently used shards are evicted beyond it."""
     read_retries: int = 3
-    """Retries (with exponential backoff) of a failed remote read before the run fails."""
+    """Retries of a failed remote read (endpoint unreachable, connection reset, timeout) before the run fails, waiting
+    1, 2, 4, ... s (at most 10 s) between tries: the default rides out about 7 s of storage outage."""
+    on_bad_shard: Literal["error", "skip"] = "error"
+    """A shard that cannot be opened or described on the driver (truncated file, damaged footer): ``error`` fails
+    the run naming it; ``skip`` trains without it, with a warning, and lists it as ``bad_shards_skipped`` in the
+    run's ``start`` record. A shard that opens but fails mid-read is an error either way."""
 
     def validate(self) -> None:
         self._require(bool(self.train), "train", "is required: a Parquet file or directory")
@@ -360,6 +365,12 @@ class TrainConfig(_Section):
     """Evaluate every N steps; omitted = at the end of every epoch (and always at the end)."""
     log_every_steps: int = 1
     """Steps per metrics record in metrics.jsonl (each record costs one 2-number all-reduce)."""
+    collective_timeout_s: float = 300.0
+    """Hang guard (Ray Train runs). A collective waiting this long fails (the process-group timeout), and the
+    driver's watchdog acts on a worker whose heartbeat has been silent for half of it (a frozen or lost
+    process) or, when no worker advanced a step for all of it, on the workers at the lowest step: it writes
+    the live workers' stacks to ``<run dir>/stacks/`` and kills the stuck ones, so the run restarts
+    (``scaling.max_failures``) or fails naming them. Keep it above the longest evaluation or checkpoint."""
 
     def validate(self) -> None:
         self._require(self.epochs >= 1, "epochs", "must be >= 1")
@@ -378,6 +389,7 @@ class TrainConfig(_Section):
             self._require(self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1")
         self._require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
         self._require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        self._require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -399,6 +411,12 @@ class ScalingConfig(_Section):
     It paces failure detection, the end of a run and every ``ray.train.report`` a sweep trial
     makes (a report waits for the previous one to be collected): Ray's 2.0 s default adds up to
     2 s per evaluation and ~3 s per run. An explicit ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` wins."""
+    shared_filesystem: bool = False
+    """Every node of the Ray cluster mounts the run's local paths (``data.train``, ``data.eval``, the
+    checkpoint directory) at the same place (NFS, a cluster filesystem, or all nodes on one machine).
+    Without it, a local path on a cluster where workers may run on another node than the driver is a
+    config error before any worker starts (those workers would not find the file); use ``s3://...``
+    URIs there, or set this. A single-node cluster needs neither."""
 
     def validate(self) -> None:
         self._require(self.num_workers >= 1, "num_workers", "must be >= 1")

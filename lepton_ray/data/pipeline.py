@@ -37,6 +37,7 @@ start of an epoch.
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
 import threading
 import time
@@ -52,11 +53,13 @@ import torch
 from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data.prepare import read_manifest
 from lepton_ray.data.schema import Schema, decode
-from lepton_ray.data.source import ParquetSource, Source
+from lepton_ray.data.source import UNREACHABLE, ParquetSource, Source
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "list_parquet", "load_arrays",
            "steps_in_epoch"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class TableInfo:
     """The batch's inputs and targets: names, dtypes, per-row shapes."""
     shards: tuple[Shard, ...] = field(default=())
     prepared: bool = False  # has a committed _manifest.json
+    skipped: tuple[str, ...] = ()
+    """Shards left out because they could not be read (``data.on_bad_shard: skip``), each with why."""
 
     def fingerprint(self) -> str:
         """Identifies the data (files, sizes, rows): a resumed run checks it is reading the same data."""
@@ -144,13 +149,20 @@ def describe(key: str, uri: str, cfg: DataConfig) -> TableInfo:
     else:
         files = _list_parquet(key, uri, fs, path)
     schema: Optional[pa.Schema] = None
-    shards = []
+    shards, skipped = [], []
     for i, f in enumerate(files):
         name = f["name"]
         try:
             meta = pq.read_metadata(name, filesystem=afs)
+        except UNREACHABLE as exc:  # the storage's fault, not the shard's: never skipped
+            raise _remote_error(key, uri, fs, exc) from None
         except Exception as exc:
-            raise ConfigError(f"{key}: '{name}' is not a readable Parquet file: {exc}") from None
+            if cfg.on_bad_shard == "error":
+                raise ConfigError(f"{key}: '{name}' is not a readable Parquet file: {exc}; to train without it, set"
+                                  " data.on_bad_shard: skip") from None
+            log.warning("%s: skipping '%s' (data.on_bad_shard: skip): not a readable Parquet file: %s", key, name, exc)
+            skipped.append(f"{name}: {exc}")
+            continue
         file_schema = meta.schema.to_arrow_schema()
         if schema is None:
             schema = file_schema
@@ -162,13 +174,14 @@ def describe(key: str, uri: str, cfg: DataConfig) -> TableInfo:
         if manifest is not None and list(row_groups) != manifest["shards"][i]["row_groups"]:
             raise ConfigError(f"{key}: '{name}' does not match {uri}/_manifest.json (row groups differ); prepare the data again")
         shards.append(Shard(path=name, num_rows=meta.num_rows, row_groups=row_groups, bytes=int(f["size"]), sha256=sha))
-    assert schema is not None  # _list_parquet never returns an empty list
+    if schema is None:
+        raise ConfigError(f"{key}: none of the {len(files)} Parquet file(s) under '{uri}' is readable: " + "; ".join(skipped))
     typed = Schema.from_arrow(schema, inputs=cfg.inputs, targets=cfg.targets, features=cfg.features, label=cfg.label, key=key, uri=uri)
     num_rows = sum(s.num_rows for s in shards)
     if num_rows == 0:
         raise ConfigError(f"{key}: '{uri}' has no rows")
     return TableInfo(key=key, uri=uri, files=tuple(s.path for s in shards), num_rows=num_rows, schema=typed,
-                     shards=tuple(shards), prepared=manifest is not None)
+                     shards=tuple(shards), prepared=manifest is not None, skipped=tuple(skipped))
 
 
 def _schema_text(schema: pa.Schema) -> str:

@@ -12,18 +12,24 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
 
 from lepton_ray.config import DataConfig
 from lepton_ray.data.cache import ShardCache
 from lepton_ray.data.schema import decode
 from lepton_ray.storage import arrow_filesystem, filesystem
 
-__all__ = ["ParquetSource", "Source"]
+__all__ = ["ParquetSource", "Source", "UNREACHABLE"]
+
+UNREACHABLE = (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError)
+"""Errors that say the storage could not be reached (refused, reset, timed out), not that a file is bad.
+(s3fs passes botocore's connection errors through as they are: they are not ``OSError``.)"""
 
 _WHOLE_FETCH_BYTES = 256 * 2**20  # remote shards up to this size are fetched with one GET and read from memory
 
@@ -44,12 +50,13 @@ class ParquetSource:
 
     Counts into ``stats``: ``row_groups_decoded`` (a share that fits in ``data.memory_cache_bytes`` is
     decoded once), ``remote_bytes`` (whole shards fetched from remote storage), ``remote_row_group_reads``
-    (ranged row-group reads of remote shards too big to fetch whole) and the shard cache's hits/misses.
+    (ranged row-group reads of remote shards too big to fetch whole), ``read_retries`` (remote reads tried
+    again after a failure) and the shard cache's hits/misses.
     """
 
     def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float]):
         self.info, self.cfg, self.stats = info, cfg, stats
-        self.stats.update(remote_bytes=0, remote_row_group_reads=0, row_groups_decoded=0)
+        self.stats.update(remote_bytes=0, remote_row_group_reads=0, row_groups_decoded=0, read_retries=0)
         self.fs, _ = filesystem(info.uri, cfg.storage_options)
         self.afs = arrow_filesystem(self.fs)
         self.remote = "://" in info.uri and not info.uri.startswith("file://")
@@ -63,16 +70,20 @@ class ParquetSource:
             self.stats.update({f"cache_{k}": v for k, v in self.cache.stats.items()})
 
     def _with_retries(self, what: str, fn):
+        """``fn()`` (a remote read), tried again after a failure to reach the storage or a failed read, up to
+        ``data.read_retries`` times. The waits (1, 2, 4 ... s, at most 10 s) ride out a storage server restarting:
+        botocore's own retries (3 tries within ~1 s) do not."""
         attempts = self.cfg.read_retries + 1
         for attempt in range(attempts):
             try:
                 return fn()
-            except (OSError, TimeoutError) as exc:
-                if attempt == attempts - 1:
+            except (OSError, *UNREACHABLE) as exc:
+                if attempt == attempts - 1 or isinstance(exc, FileNotFoundError):  # a missing object does not appear by waiting
                     endpoint = (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
                     where = f" from endpoint {endpoint}" if endpoint else ""
-                    raise IOError(f"reading {what}{where} failed after {attempts} attempts: {type(exc).__name__}: {exc}") from None
-                time.sleep(min(0.2 * 2**attempt, 5.0))  # backoff: 0.2, 0.4, 0.8 ... s
+                    raise IOError(f"reading {what}{where} failed after {attempt + 1} attempts: {type(exc).__name__}: {exc}") from None
+                self.stats["read_retries"] += 1
+                time.sleep(min(2.0**attempt, 10.0))
 
     def _open(self, shard: Any) -> pq.ParquetFile:
         if self.cache is not None and shard.sha256:
@@ -101,11 +112,17 @@ class ParquetSource:
                 return self._decoded[key]
         if shard not in handles:
             handles[shard] = self._open(self.info.shards[shard])
-        pf = handles[shard]
-        table = self._with_retries(self.info.shards[shard].path, lambda: pf.read_row_group(
-            row_group, columns=self.info.schema.parquet_columns()))
-        if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:
+        pf, path = handles[shard], self.info.shards[shard].path
+        read = partial(pf.read_row_group, row_group, columns=self.info.schema.parquet_columns())
+        if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:  # ranged GETs
             self.stats["remote_row_group_reads"] += 1
+            table = self._with_retries(path, read)
+        else:  # from memory or local disk: a failure is a damaged shard, not worth retrying
+            try:
+                table = read()
+            except Exception as exc:
+                raise IOError(f"{self.info.key}: reading row group {row_group} of '{path}' failed (a damaged shard?): "
+                              f"{type(exc).__name__}: {exc}") from None
         arrays = decode(self.info.schema, table, key=self.info.key, uri=self.info.shards[shard].path)
         self.stats["row_groups_decoded"] += 1
         with self._decoded_lock:

@@ -178,10 +178,10 @@ class ShardServer:
         from lepton_ray.train.checkpoint import CheckpointStore
 
         store = CheckpointStore(uri, storage_options)
-        latest = store.latest()
+        latest, loaded, _ = store.load_latest(["strategy"])  # the checkpoint the workers resume from (the newest that verifies)
         if latest is None:
             return
-        state = store.load(latest, ["strategy"]).get("strategy")
+        state = loaded.get("strategy")
         if state is not None:
             self._load(state["shards"][self.index])
             self.restored_from = latest.uri

@@ -127,6 +127,22 @@ class CheckpointStore:
         steps = self.steps()
         return self.get(steps[-1]) if steps else None
 
+    def load_latest(self, names: Optional[list[str]] = None) -> tuple[Optional[Checkpoint], dict[str, Any], list[str]]:
+        """``(checkpoint, state, skipped)``: the newest committed checkpoint whose files all match its manifest, its
+        state objects (all, or ``names``), and why each newer one was skipped (a torn or corrupted file). Every file is
+        verified whatever ``names`` says, so every reader (each worker, each parameter-server shard) picks the same one.
+        ``(None, {}, [])`` when nothing is committed; a :class:`CheckpointError` when nothing committed verifies."""
+        skipped: list[str] = []
+        for step in reversed(self.steps()):
+            try:
+                checkpoint = self.get(step)
+                return checkpoint, self.load(checkpoint, names, check_all=True), skipped
+            except CheckpointError as exc:
+                skipped.append(f"skipped the checkpoint of step {step}: {exc}")
+        if skipped:
+            raise CheckpointError(f"no checkpoint under '{self.uri}' matches its manifest: " + "; ".join(skipped))
+        return None, {}, skipped
+
     def get(self, step: int) -> Checkpoint:
         manifest = self._manifest(step)
         return Checkpoint(uri=self._uri(step), step=step, meta=manifest["meta"])
@@ -136,21 +152,29 @@ class CheckpointStore:
             manifest = json.loads(self.fs.cat_file(f"{self._dir(step)}/{MANIFEST}"))
         except FileNotFoundError:
             raise CheckpointError(f"no committed checkpoint at '{self._uri(step)}' ({MANIFEST} is missing)") from None
+        except ValueError as exc:  # a manifest is one atomic write; unreadable means damaged afterwards
+            raise CheckpointError(f"'{self._uri(step)}/{MANIFEST}' is not valid JSON: {exc}") from None
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"'{self._uri(step)}/{MANIFEST}' has format {manifest.get('format')!r}, expected {FORMAT!r}")
         return manifest
 
-    def load(self, checkpoint: Checkpoint, names: Optional[list[str]] = None) -> dict[str, Any]:
-        """Read and verify the state objects of ``checkpoint`` (all, or ``names``)."""
+    def load(self, checkpoint: Checkpoint, names: Optional[list[str]] = None, *, check_all: bool = False) -> dict[str, Any]:
+        """Read and verify the state objects of ``checkpoint`` (all, or ``names``; ``check_all``: verify the others too)."""
         manifest = self._manifest(checkpoint.step)
         out = {}
         for fname, info in manifest["files"].items():
             name = fname.removesuffix(".pt")
-            if names is not None and name not in names:
+            wanted = names is None or name in names
+            if not (wanted or check_all):
                 continue
-            data = self.fs.cat_file(f"{self._dir(checkpoint.step)}/{fname}")
+            try:
+                data = self.fs.cat_file(f"{self._dir(checkpoint.step)}/{fname}")
+            except FileNotFoundError:
+                raise CheckpointError(f"'{checkpoint.uri}/{fname}' is missing (named in its manifest)") from None
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CheckpointError(f"'{checkpoint.uri}/{fname}' does not match its manifest (size or SHA-256 differ)")
+            if not wanted:
+                continue
             try:
                 out[name] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
             except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers

@@ -8,6 +8,7 @@ or a Ray Train restart after a worker failure.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,8 +30,11 @@ from lepton_ray.train.optim import make_optimizer, make_scheduler
 from lepton_ray.train.precision import Precision
 from lepton_ray.train.schedule import Due, Schedule
 from lepton_ray.train.step import forward_backward
+from lepton_ray.train.watchdog import Preempted, WorkerGuard
 
 __all__ = ["LoopSpec", "train_loop", "evaluate"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,18 @@ def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, strategy: Strategy, 
 
 
 def _restore(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec) -> tuple[int, int, int, list[str], Any]:
-    """``(step, epoch, step_in_epoch, notes, checkpoint)`` from the newest committed checkpoint, or a fresh start."""
-    latest = store.latest()
+    """``(step, epoch, step_in_epoch, notes, checkpoint)`` from the newest committed checkpoint that verifies (a newer
+    torn or corrupted one is skipped, with a note and a warning), or a fresh start."""
+    latest, state, skipped = store.load_latest()
+    for why in skipped:
+        log.warning("resume: %s", why)
     if latest is None:
         return 0, 0, 0, [], None
-    state = store.load(latest)
     p.strategy.load_state_dict(p.model, p.optimizer, state)
     p.scheduler.load_state_dict(state["scheduler"])
     p.precision.load_state_dict(state.get("scaler", {}))
     set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
-    meta, cursor, notes = latest.meta, latest.meta.get("data", {}), []
+    meta, cursor, notes = latest.meta, latest.meta.get("data", {}), list(skipped)
     if cursor.get("world_size", ctx.world) != ctx.world:
         notes.append(f"resumed with {ctx.world} workers, checkpointed with {cursor['world_size']}: the rest of epoch {meta['epoch']} "
                      f"is dealt anew (rows may repeat or be missed in it); later epochs are exact")
@@ -192,8 +198,9 @@ def _eval_rows(spec: LoopSpec, cfg: Config, ctx: WorkerContext) -> Optional[dict
     return {k: torch.from_numpy(v[ctx.rank::ctx.world]).to(ctx.device) for k, v in arrays.items()}
 
 
-def train_loop(spec: LoopSpec, ctx: WorkerContext) -> None:
-    """Run (or resume) one data-parallel training run as worker ``ctx.rank`` of ``ctx.world``."""
+def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] = None) -> None:
+    """Run (or resume) one data-parallel training run as worker ``ctx.rank`` of ``ctx.world``. ``guard``: the
+    worker's heartbeat and SIGTERM handler (a Ray Train worker's, from trainer.py); told the step after every step."""
     entered = time.time()
     cfg = load_config(spec.config)
     t, schema = cfg.train, spec.train.schema
@@ -212,10 +219,13 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext) -> None:
     buffer = M.RecordBuffer(spec.sink if ctx.rank == 0 else None)
     if ctx.rank == 0:
         buffer.add({"event": "start", M.STEP: step, "total_steps": total, "resumed_from": latest.uri if latest else None,
-                    "notes": notes, "entered": entered, "time": time.time(), **p.strategy.describe()}, now=True)
+                    "notes": notes, "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
+                    **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=p.strategy.lockstep),
                _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {})
+    guard = guard or WorkerGuard()
+    guard.start(ctx.world, ctx.device, jit=p.strategy.lockstep and p.strategy.stepwise)  # jit: may checkpoint at any step
 
     try:  # a run stopped at a report (a sweep trial ASHA stops) or failed leaves no threads or shared memory behind
         pending, announced = 0, False  # pending: batches whose gradients are accumulated but not yet stepped
@@ -239,9 +249,16 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext) -> None:
                     announced = True
                 if sched.log(before, step):
                     run.record(step, epoch)
+                preempted = guard.at_step(step)  # every rank: the ranks that got SIGTERM (an all-reduce every ~0.5 s)
                 if p.strategy.stepwise:
                     end_of_epoch = pos + 1 == stream.steps(epoch)
-                    run.act(sched.at_step(step, end_of_epoch), step, epoch, (epoch + 1, 0) if end_of_epoch else (epoch, pos + 1))
+                    due = sched.at_step(step, end_of_epoch)
+                    run.act(Due(due.evaluate, due.save or bool(preempted)), step, epoch, (epoch + 1, 0) if end_of_epoch else (epoch, pos + 1))
+                    if preempted and step < total:  # a just-in-time checkpoint of this step is committed: stop here
+                        buffer.add({"event": "preempted", M.STEP: step, "ranks": preempted}, now=True)
+                        buffer.flush(wait=True)
+                        raise Preempted(f"rank {', '.join(map(str, preempted))} got SIGTERM: every rank checkpointed step {step} "
+                                        f"({store.latest().uri}) and stopped; --resume continues from it")
                 if t.max_steps is not None and step >= total:
                     stopped = True
                     break

@@ -10,6 +10,7 @@ drive the progress bar and build the result.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+
+from lepton_ray.train.watchdog import Board
 
 __all__ = ["LossLog", "MetricsSink", "Sink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S", "binary_auc"]
 
@@ -68,7 +71,16 @@ class Sink:
         return out
 
 
-MetricsSink = ray.remote(num_cpus=0)(Sink)
+class _RunSink(Sink, Board):
+    """The sink of a Ray Train run, also the workers' heartbeat board (one actor, already on the driver's node).
+    Stack dumps go to ``stacks/`` beside ``metrics.jsonl``."""
+
+    def __init__(self, path: str) -> None:
+        Sink.__init__(self, path)
+        Board.__init__(self, os.path.join(os.path.dirname(path), "stacks"))
+
+
+MetricsSink = ray.remote(num_cpus=0)(_RunSink)
 """The sink as an actor on the driver's node (a run under Ray Train); a plain :class:`Sink` serves a local run."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -29,6 +30,8 @@ from lepton_ray.train.checkpoint import CheckpointStore
 from lepton_ray.train.context import WorkerContext, isolated
 from lepton_ray.train.losses import ShapeError, default_loss, make_loss, model_inputs
 from lepton_ray.train.loop import LoopSpec, train_loop
+from lepton_ray.train.watchdog import Watchdog, WorkerGuard
+from lepton_ray.train.placement import check_paths_reachable
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
 
@@ -263,6 +266,7 @@ class Trainer:
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
+            check_paths_reachable(cfg, self.checkpoint_uri)  # a worker on another node could not read a local path
             self._start_run_dir()
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(
@@ -274,24 +278,30 @@ class Trainer:
             trainer = TorchTrainer(
                 _worker_entry,
                 train_loop_config={"spec": spec},
-                torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+                torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=math.ceil(cfg.train.collective_timeout_s)),
                 scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
                 run_config=ray.train.RunConfig(
                     name=self.run_name,
                     storage_path=str((self.run_dir / "ray").resolve()),
-                    failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+                    # a worker group that cannot start (a lost node's CPUs) fails the run after max_failures tries, not never
+                    failure_config=ray.train.FailureConfig(max_failures=s.max_failures, controller_failure_limit=s.max_failures),
                 ),
             )
             watcher = _Watcher(sink, self.progress, self.run_name)
             watcher.start()
+            watchdog = Watchdog(sink, cfg.train.collective_timeout_s, self.run_dir / "stacks")
+            watchdog.start()
             t0 = time.time()
             try:
                 with _poll_interval(s.poll_interval_s):
                     trainer.fit()
-            except Exception as exc:  # Ray wraps worker errors; keep the worker's message
-                raise TrainingError(f"training run '{self.run_name}' failed: {exc}") from exc
+            except Exception as exc:  # Ray wraps worker errors; keep the worker's message, after the watchdog's
+                stuck = f"{watchdog.diagnosis}\n" if watchdog.diagnosis else ""
+                raise TrainingError(f"training run '{self.run_name}' failed: {stuck}{exc}") from exc
             finally:
+                watchdog.stop()
                 watcher.stop()
+                ray.kill(sink)  # drained; not left to garbage collection (an error's traceback keeps the handle alive)
                 self.services.stop(services)
             return self._result(watcher.records, t0)
         finally:
@@ -377,7 +387,13 @@ def _poll_interval(seconds: float) -> Iterator[None]:
 
 def _worker_entry(config: dict[str, Any]) -> None:
     spec: LoopSpec = config["spec"]
-    train_loop(spec, WorkerContext.from_ray(use_gpu=spec.config["scaling"]["use_gpu"]))
+    ctx = WorkerContext.from_ray(use_gpu=spec.config["scaling"]["use_gpu"])
+    guard = WorkerGuard(spec.sink, ctx.rank)  # heartbeats to the sink's board; SIGTERM -> a just-in-time checkpoint
+    guard.install_sigterm()
+    try:
+        train_loop(spec, ctx, guard)
+    finally:
+        guard.close()
 
 
 class _Watcher(threading.Thread):

@@ -28,7 +28,7 @@ def digits_data(tmp_path_factory) -> dict:
     return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"), "label": "label"}
 
 
-@pytest.mark.parametrize("mode", ["sync", pytest.param("ssp", marks=pytest.mark.slow), "ssp-dynamic"])
+@pytest.mark.parametrize("mode", [pytest.param("sync", marks=pytest.mark.slow), pytest.param("ssp", marks=pytest.mark.slow), "ssp-dynamic"])
 def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits_data, mode):
     marker = tmp_path / "killed"
     cfg = load_config(small_config(

@@ -25,7 +25,7 @@ STRATEGIES = {"allreduce": {"strategy": "allreduce"}, "ps": {"strategy": "ps", "
 def _config(tmp_path: Path, blobs: Path, strategy: str, name: str, delay_s: float) -> dict:
     return small_config(tmp_path, blobs, train={"max_steps": 40}, scaling={"max_failures": 1}, sync=STRATEGIES[strategy],
                         run={"name": name},
-                        model={"factory": "slow_testing_models:slow_mlp",
+                        model={"factory": "faults.fault_models:slow_mlp",
                                "kwargs": {"delay_s": delay_s, "pid_dir": str(tmp_path / f"pids-{name}"), "hidden": [32]}})
 
 
@@ -34,7 +34,8 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("strategy", ["allreduce", pytest.param("ps", marks=pytest.mark.slow)])
+@pytest.mark.slow  # CI keeps tests/integration/test_training.py::test_ray_train_restart_resumes_automatically (a worker dies mid-run)
+@pytest.mark.parametrize("strategy", ["allreduce", "ps"])
 def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(tmp_path, blobs, strategy):
     cfg = load_config(_config(tmp_path, blobs, strategy, "killed", delay_s=0.1))
     trainer = Trainer(cfg, progress=False)

@@ -23,7 +23,7 @@ BASE = {"data": {"train": "data/train.parquet"}}
 
 TRAIN_KEYS = (
     "epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, "
-    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps"
+    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s"
 )
 SECTIONS = "model, data, train, scaling, sync, checkpoint, run, sweep, serve"
 
@@ -212,7 +212,7 @@ def test_unknown_key_with_did_you_mean_hint():
 
 
 def test_unknown_key_without_a_close_match():
-    with raises("scaling.zzzz: unknown key; valid keys in 'scaling' are: num_workers, use_gpu, cpus_per_worker, max_failures, poll_interval_s"):
+    with raises("scaling.zzzz: unknown key; valid keys in 'scaling' are: num_workers, use_gpu, cpus_per_worker, max_failures, poll_interval_s, shared_filesystem"):
         load_config(with_base(scaling={"zzzz": 1}))
 
 

@@ -1,0 +1,81 @@
+"""Models of the fault-injection tests, importable by Ray workers as ``faults.fault_models`` (tests/ is on
+their PYTHONPATH). Each records its worker's pid in ``<pid_dir>/rank<r>.pid`` on its first training forward,
+so a test can signal or look for the training processes (the driver builds the model too, never training it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from torch import nn
+
+from lepton_ray.models.mlp import mlp
+
+
+def _rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
+class Faulty(nn.Module):
+    """An MLP that writes its pid file, sleeps ``delay_s`` per training forward (so a test can act mid-run) and,
+    on rank ``stop_rank``'s ``stop_at``-th training forward, freezes its own process with SIGSTOP, once per
+    ``marker`` file (which records the pid and the time it stopped)."""
+
+    def __init__(self, inner: nn.Module, pid_dir: str, delay_s: float, stop_rank: int, stop_at: int, marker: str):
+        super().__init__()
+        self.inner, self.pid_dir, self.delay_s = inner, pid_dir, delay_s
+        self.stop_rank, self.stop_at, self.marker = stop_rank, stop_at, marker
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 1:
+                with open(os.path.join(self.pid_dir, f"rank{_rank()}.pid"), "w") as fh:
+                    fh.write(str(os.getpid()))
+            if self.marker and self.calls == self.stop_at and _rank() == self.stop_rank:
+                try:
+                    fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, f"{os.getpid()} {time.time()}".encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(self.delay_s)
+        return self.inner(x)
+
+
+def faulty_mlp(input_dim: int, num_outputs: int, pid_dir: str, delay_s: float = 0.0, stop_rank: int = 1, stop_at: int = 0,
+               marker: str = "") -> nn.Module:
+    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at, marker)
+
+
+class Slow(nn.Module):
+    """An MLP whose training forward sleeps ``delay_s`` (so a fault lands mid-run), and whose process writes its
+    pid to ``<pid_dir>/rank<r>`` when built (a restarted worker overwrites it), so a test can kill it from outside."""
+
+    def __init__(self, inner: nn.Module, delay_s: float, pid_dir: str):
+        super().__init__()
+        self.inner, self.delay_s = inner, delay_s
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        path = Path(pid_dir) / f"rank{rank}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(path)
+
+    def forward(self, x):
+        if self.training and self.delay_s:
+            time.sleep(self.delay_s)
+        return self.inner(x)
+
+
+def slow_mlp(input_dim: int, num_outputs: int, delay_s: float, pid_dir: str, hidden=(32,)) -> nn.Module:
+    return Slow(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), delay_s, pid_dir)

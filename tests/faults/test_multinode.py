@@ -1,0 +1,210 @@
+"""A real 2-node Ray cluster (two ``ray start`` on 127.0.0.1, token authentication on): a local path the
+workers on the other node could not read is one config error before any worker starts; with
+``scaling.shared_filesystem: true`` (true here: both nodes are this machine) the run trains across both nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:  # tests/conftest.py's (``conftest`` here is tests/faults' own)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: Callable[[], list[str]], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``ray start ... --block`` in its own process group (stopped by that group's id, nobody else's).
+
+    Tried twice (with fresh ports): Ray gives a new raylet a fixed 30 s to register with the GCS, which a
+    loaded 2-core machine sometimes misses ("The current node timed out during startup")."""
+    for attempt in (1, 2):
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args()], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env)
+        deadline = time.monotonic() + 180
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                if attempt == 2:
+                    raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
+                break
+            time.sleep(0.5)
+        else:
+            return proc
+    raise AssertionError("unreachable")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of this node is still left
+    except ProcessLookupError:
+        pass
+
+
+def _python(code: str, cluster: types.SimpleNamespace, timeout: float = 120) -> str:
+    """Run ``code`` in a fresh Python connected to the cluster (with its token); return its stdout."""
+    script = f"import json, ray\nray.init(address={cluster.address!r}, logging_level='error')\n{code}"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _loopback_name() -> str:
+    """A host name other than 'localhost' that resolves to 127.0.0.1 (Ray rewrites the literal ones)."""
+    for name in (socket.gethostname(), "localhost.localdomain", "ip6-localhost"):
+        try:
+            if name != "localhost" and socket.gethostbyname(name) == "127.0.0.1":
+                return name
+        except OSError:
+            continue
+    pytest.skip("no host name other than 'localhost' resolves to 127.0.0.1 here, so a second Ray node cannot join on loopback")
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Head and one more node, 2 logical CPUs each, token authentication on (a fresh token for this
+    cluster, in RAY_AUTH_TOKEN: nobody's ~/.ray/auth_token is read or written)."""
+    tmp = Path(tempfile.mkdtemp(prefix="lr2n-", dir="/tmp"))  # short: Ray's socket paths live under it
+    port, dashboard = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+
+    def node_args() -> list[str]:  # fresh ports per node: two nodes share this machine
+        return ["--num-cpus=2", "--object-store-memory=300000000", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+    nodes = []
+    try:
+        nodes.append(_start(lambda: ["--head", f"--port={port}", f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1",
+                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                     f"--ray-client-server-port={free_port()}", *node_args()], tmp / "head.log", env))
+        # Ray refuses a second node under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (tests/conftest.py's loopback switch), and
+        # with it on maps "127.0.0.1" (as --address or --node-ip-address) to the machine's routable IP; a host name for
+        # 127.0.0.1 keeps the node on loopback: its node IP is then its source address towards the head, 127.0.0.1.
+        join = f"--address={_loopback_name()}:{port}"
+        nodes.append(_start(lambda: [join, *node_args()], tmp / "worker.log", {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}))
+        cluster = types.SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard}", env=env, nodes=nodes, tmp=tmp)
+        deadline = time.monotonic() + 120
+        while len(ips := json.loads(_python("print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))", cluster))) < 2:
+            assert time.monotonic() < deadline, "the second node never joined"
+            time.sleep(2)
+        assert ips == ["127.0.0.1", "127.0.0.1"]  # both nodes on loopback only
+        yield cluster
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train(cluster: types.SimpleNamespace, tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The README's main job through the CLI against the 2-node cluster, data and runs under tmp_path."""
+    args = ["train", "examples/digits.yaml", "--json", "--no-progress",
+            "--set", f"run.dir={tmp_path / 'runs'}",
+            "--set", f"data.train={tmp_path / 'digits' / 'train.parquet'}",
+            "--set", f"data.eval={tmp_path / 'digits' / 'eval.parquet'}", *overrides]
+    return subprocess.run([str(BIN / "lepton-ray"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=cluster.env)
+
+
+def test_local_paths_on_two_nodes_are_one_config_error(two_nodes, tmp_path):
+    """Exit 2 with one line naming the key and the path, before any worker (or the run directory) exists."""
+    proc = _train(two_nodes, tmp_path)
+    train = tmp_path / "digits" / "train.parquet"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lepton-ray: config error: data.train: '{train}' is on this node's disk (so are data.eval, run.dir), but the Ray"
+        " cluster has 2 nodes and workers on the other nodes cannot read it; use an object-storage URI (s3://bucket/prefix)"
+        " or a filesystem every node mounts at the same path (and set scaling.shared_filesystem: true)")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started: no run directory, no metrics sink, no worker
+
+
+@pytest.mark.slow  # CI keeps the config error on 2 nodes
+def test_shared_filesystem_trains_on_both_nodes(two_nodes, tmp_path):
+    """With scaling.shared_filesystem the same run trains; 2 CPUs per worker on 2-CPU nodes puts one worker on each node."""
+    proc = _train(two_nodes, tmp_path, "--set", "scaling.shared_filesystem=true", "--set", "scaling.cpus_per_worker=2",
+                  "--set", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 2 * (1438 // 64)
+    assert result["checkpoint"] == str(tmp_path / "runs" / "digits" / "checkpoints" / f"step_{result['steps']:08d}")
+    ranks = {int(rank): int(pid) for pid, rank in re.findall(r"pid=(\d+)\) world_rank=(\d+)", proc.stdout + proc.stderr)}
+    node_of_pid = dict(json.loads(_python(
+        "from ray.util.state import list_actors\n"
+        f"print(json.dumps([(a.pid, a.node_id) for a in list_actors(address={two_nodes.dashboard!r}, "
+        "filters=[('class_name', '=', 'RayTrainWorker')], detail=True, limit=100)]))", two_nodes)))
+    assert sorted(ranks) == [0, 1] and node_of_pid[ranks[0]] != node_of_pid[ranks[1]], (ranks, node_of_pid)  # one rank per node
+
+
+def test_ray_job_submit_on_two_nodes_shows_the_config_error(two_nodes):
+    """The README's `ray job submit --working-dir . -- lepton-ray train examples/digits.yaml`: the job fails
+    with the one-line error in its logs (the data it built sits in the head node's copy of the working dir)."""
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", two_nodes.dashboard, "--working-dir", str(REPO), "--",
+         "lepton-ray", "train", "examples/digits.yaml", "--no-progress"],
+        capture_output=True, text=True, timeout=600, env=two_nodes.env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    error = next((line for line in out.splitlines() if line.startswith("lepton-ray: config error: ")), out[-3000:])
+    assert error.startswith("lepton-ray: config error: data.train: '") and "/working_dir_files/" in error, error
+    assert error.endswith("/data/digits/train.parquet' is on this node's disk (so are data.eval, run.dir), but the Ray cluster"
+                          " has 2 nodes and workers on the other nodes cannot read it; use an object-storage URI (s3://bucket/prefix)"
+                          " or a filesystem every node mounts at the same path (and set scaling.shared_filesystem: true)"), error
+    assert "Traceback" not in out
+
+
+def _node(node_id: str, cpus: float, alive: bool = True) -> dict:
+    return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": cpus}}
+
+
+@pytest.mark.parametrize("nodes,overrides,fails", [
+    ([_node("here", 4)], {}, False),                                         # one node: local paths work as ever
+    ([_node("here", 4), _node("other", 4, alive=False)], {}, False),         # a dead node takes no worker
+    ([_node("here", 4), _node("other", 1)], {"scaling": {"cpus_per_worker": 2}}, False),  # no room there for a worker
+    ([_node("here", 0), _node("other", 4)], {}, True),                       # a CPU-less head: every worker is elsewhere
+    ([_node("here", 4), _node("other", 4)], {}, True),
+    ([_node("here", 4), _node("other", 4)], {"scaling": {"shared_filesystem": True}}, False),
+    ([_node("here", 4), _node("other", 4)], {"data": {"train": "s3://b/t", "eval": "s3://b/e"},
+                                             "checkpoint": {"dir": "s3://b/ck"}}, False),
+], ids=["one-node", "dead-node", "no-room", "cpu-less-head", "two-nodes", "shared", "s3"])
+def test_which_clusters_make_a_local_path_an_error(nodes, overrides, fails):
+    """The decision alone, without Ray: is there a node besides the driver's where a worker fits?"""
+    from lepton_ray.config import ConfigError, load_config
+    from lepton_ray.train.placement import check_paths_reachable
+
+    raw = {"data": {"train": "/d/train.parquet"}, "run": {"dir": "/runs"}}
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    config = load_config(raw)
+    checkpoint_root = config.checkpoint.dir or "/runs/run/checkpoints"
+    if fails:
+        with pytest.raises(ConfigError, match=r"^data\.train: '/d/train\.parquet' is on this node's disk \(so are run\.dir\), but the Ray cluster has 2 nodes"):
+            check_paths_reachable(config, checkpoint_root, nodes, "here")
+    else:
+        check_paths_reachable(config, checkpoint_root, nodes, "here")
