@@ -109,11 +109,12 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     sweep_cfg = load_config(plan["config"]).sweep
     trial_id = ray.tune.get_context().get_trial_id()
     raw = trial_config(plan["config"], params, sweep_cfg)
-    s = load_config(raw).scaling
-    group = warm_group(s.num_workers, s.cpus_per_worker, s.use_gpu)  # a new actor's helpers start while the Trainer checks
     raw["run"] = {"name": trial_id, "dir": plan["trials_dir"]}
     if raw["checkpoint"]["dir"] is not None:
         raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
+    cfg = load_config(raw)
+    s = cfg.scaling
+    group = warm_group(s.num_workers, s.cpus_per_worker, s.use_gpu)  # a new actor's helpers start while the Trainer checks
     interval, total = trial_schedule(raw, plan["num_rows"])
     run_dir = Path(plan["trials_dir"]) / trial_id
 
@@ -126,7 +127,6 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"]})
         return
 
-    cfg = load_config(raw)
     try:
         trainer = Trainer(cfg, resume=True, progress=False)
     except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)

@@ -222,18 +222,27 @@ def _wait_for_training(runner: threading.Thread, log: Path) -> None:
         time.sleep(0.05)
 
 
-def _outage_config(tmp_path: Path, bucket: str, own_s3: _S3Server, name: str) -> dict:
-    # memory_cache_bytes 0, no cache_dir: every epoch fetches its shards from S3 again
-    return _ids_config(tmp_path, f"s3://{bucket}/ids", name, epochs=8, memory_cache_bytes=0,
-                       storage_options={"endpoint_url": own_s3.endpoint})
+OUTAGE_EPOCHS = 24  # long enough that the run is still training when the server goes down after its first logged step
+
+
+def _start_outage_run(tmp_path: Path, bucket: str, own_s3: _S3Server, name: str) -> tuple[Trainer, threading.Thread, dict]:
+    """An ``OUTAGE_EPOCHS``-epoch run over 4 shards on ``own_s3``, started in a thread, with its first steps logged.
+    memory_cache_bytes 0, no cache_dir: every epoch fetches its shards from S3 again."""
+    prepare(_ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
+    trainer = Trainer(_ids_config(tmp_path, f"s3://{bucket}/ids", name, epochs=OUTAGE_EPOCHS, memory_cache_bytes=0,
+                                  storage_options={"endpoint_url": own_s3.endpoint}), progress=False)
+    runner, out = _fit_in_thread(trainer)
+    _wait_for_training(runner, tmp_path / f"ids-{name}")
+    metrics, deadline = trainer.run_dir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and '"train_loss"' in metrics.read_text()):  # a logged step: the outage comes after it
+        assert runner.is_alive() and time.monotonic() < deadline, "the run never logged a step"
+        time.sleep(0.05)
+    return trainer, runner, out
 
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_s3_outage_of_seconds_mid_epoch_is_ridden_out_with_every_row_once_per_epoch(tmp_path, bucket, own_s3):
-    prepare(_ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
-    trainer = Trainer(_outage_config(tmp_path, bucket, own_s3, "outage"), progress=False)
-    runner, out = _fit_in_thread(trainer)
-    _wait_for_training(runner, tmp_path / "ids-outage")
+    trainer, runner, out = _start_outage_run(tmp_path, bucket, own_s3, "outage")
     down = time.time()
     own_s3.stop()
     time.sleep(4)
@@ -244,13 +253,13 @@ def test_s3_outage_of_seconds_mid_epoch_is_ridden_out_with_every_row_once_per_ep
     assert "error" not in out, out.get("error")
     result = out["result"]
 
-    assert _ids_by_epoch(tmp_path / "ids-outage", 16) == [list(range(1024))] * 8  # every row exactly once per epoch
+    assert _ids_by_epoch(tmp_path / "ids-outage", 16) == [list(range(1024))] * OUTAGE_EPOCHS  # every row exactly once per epoch
     # the outage fell inside the run: it had trained before the server went down and still trained after it came back,
     # and (no memory cache) it fetched every epoch's shards from S3, so it needed the server across the outage
     steps = sorted((r["time"], r["step"]) for r in result.records if "train_loss" in r)
     assert steps[0][0] < down and steps[-1][0] > up
     end = next(r for r in result.records if r.get("event") == "end")
-    assert end["data_stats"]["remote_bytes"] >= 8 * min(s.bytes for s in trainer.train_info.shards)  # re-read every epoch
+    assert end["data_stats"]["remote_bytes"] >= OUTAGE_EPOCHS * min(s.bytes for s in trainer.train_info.shards)  # re-read every epoch
     # the figures: when the run continued after the outage began (the end of the longest pause between steps)
     gap, resumed_at = max((b[0] - a[0], b[0]) for a, b in zip(steps, steps[1:]))
     print(f"\n[s3 outage] down for {up - down:.1f} s; the run continued {resumed_at - down:.1f} s after the outage began "
@@ -260,10 +269,7 @@ def test_s3_outage_of_seconds_mid_epoch_is_ridden_out_with_every_row_once_per_ep
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.slow  # CI keeps the outage that is ridden out
 def test_s3_left_down_fails_the_run_in_bounded_time_naming_the_endpoint(tmp_path, bucket, own_s3):
-    prepare(_ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
-    trainer = Trainer(_outage_config(tmp_path, bucket, own_s3, "down"), progress=False)
-    runner, out = _fit_in_thread(trainer)
-    _wait_for_training(runner, tmp_path / "ids-down")
+    _, runner, out = _start_outage_run(tmp_path, bucket, own_s3, "down")
     down = time.monotonic()
     own_s3.stop()
     runner.join(timeout=400)
