@@ -49,18 +49,19 @@ def node_local_paths(config: Config, checkpoint_uri: str) -> list[tuple[str, str
             for key, uri in candidates if uri and is_local(uri)]
 
 
-def check_paths_reachable(config: Config, checkpoint_uri: str, nodes: Optional[list[dict[str, Any]]] = None,
+def check_paths_reachable(config: Config, local: list[tuple[str, str]], nodes: Optional[list[dict[str, Any]]] = None,
                           here: Optional[str] = None) -> None:
     """Raise a :class:`ConfigError` when a worker may run on another node than this one and a path it
-    reads or writes is on this node's disk (and ``scaling.shared_filesystem`` is not set).
+    reads or writes (``local``: :func:`node_local_paths`) is on this node's disk (and
+    ``scaling.shared_filesystem`` is not set).
 
+    ``local`` is resolved before Ray connects: under ``ray job submit`` Ray may replace the job's working
+    directory (the driver's cwd) while ``ray.init`` installs the job's runtime env, and a relative path
+    resolved after that fails in ``os.getcwd``.
     ``nodes`` and ``here`` default to ``ray.nodes()`` and this driver's node id (Ray must be connected).
     """
     s = config.scaling
-    if s.shared_filesystem:
-        return
-    local = node_local_paths(config, checkpoint_uri)
-    if not local:
+    if s.shared_filesystem or not local:
         return
     if nodes is None or here is None:
         import ray

@@ -31,7 +31,7 @@ from lepton_ray.train.context import WorkerContext, isolated
 from lepton_ray.train.losses import ShapeError, default_loss, make_loss, model_inputs
 from lepton_ray.train.loop import LoopSpec, train_loop
 from lepton_ray.train.watchdog import Watchdog, WorkerGuard
-from lepton_ray.train.placement import check_paths_reachable
+from lepton_ray.train.placement import check_paths_reachable, node_local_paths
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
 
@@ -152,6 +152,7 @@ class Trainer:
         self.services = STRATEGIES[cfg.sync.strategy].Services(cfg)
         self.services.check(self._model)
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
+        self.node_local_paths = node_local_paths(cfg, self.checkpoint_uri)  # resolved now, against the launch cwd
 
     # ------------------------------------------------------------------ checks
 
@@ -266,7 +267,7 @@ class Trainer:
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
-            check_paths_reachable(cfg, self.checkpoint_uri)  # a worker on another node could not read a local path
+            check_paths_reachable(cfg, self.node_local_paths)  # a worker on another node could not read a local path
             self._start_run_dir()
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(

@@ -196,15 +196,15 @@ def _node(node_id: str, cpus: float, alive: bool = True) -> dict:
 def test_which_clusters_make_a_local_path_an_error(nodes, overrides, fails):
     """The decision alone, without Ray: is there a node besides the driver's where a worker fits?"""
     from lepton_ray.config import ConfigError, load_config
-    from lepton_ray.train.placement import check_paths_reachable
+    from lepton_ray.train.placement import check_paths_reachable, node_local_paths
 
     raw = {"data": {"train": "/d/train.parquet"}, "run": {"dir": "/runs"}}
     for section, values in overrides.items():
         raw[section] = {**raw.get(section, {}), **values}
     config = load_config(raw)
-    checkpoint_root = config.checkpoint.dir or "/runs/run/checkpoints"
+    local = node_local_paths(config, config.checkpoint.dir or "/runs/run/checkpoints")
     if fails:
         with pytest.raises(ConfigError, match=r"^data\.train: '/d/train\.parquet' is on this node's disk \(so are run\.dir\), but the Ray cluster has 2 nodes"):
-            check_paths_reachable(config, checkpoint_root, nodes, "here")
+            check_paths_reachable(config, local, nodes, "here")
     else:
-        check_paths_reachable(config, checkpoint_root, nodes, "here")
+        check_paths_reachable(config, local, nodes, "here")
