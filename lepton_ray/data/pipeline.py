@@ -18,10 +18,14 @@ like ``drop_last``). Hence:
 * every row is used at most once per epoch, and the order is a pure function of
   (data, seed, epoch, world size);
 * the position is ``(epoch, step)``: resuming mid-epoch skips exactly the rows
-  already consumed, reading only the windows it still needs. With a different
-  number of workers the deal changes, so the interrupted epoch's remaining rows
-  are not the same set (some rows repeat or are missed in that epoch); later
-  epochs are exact for the new world size.
+  already consumed, reading only the windows it still needs;
+* resuming at another number of workers (an elastic resize, or ``--resume`` with
+  another ``scaling.num_workers``) rebuilds which rows the earlier world size
+  consumed (a pure function of the data, seed, epoch and the steps each world
+  size took: a :class:`Segment` each) and deals only the rest, in equal
+  contiguous shares (:class:`Plan`). Across any number of resizes every row of
+  the interrupted epoch is used at most once, and all but the last segment's
+  tail (fewer than one batch per worker) exactly once.
 
 With a ``claim`` function (an elastic sync strategy, ``sync.ps.balance: dynamic``)
 the deal is dynamic instead: the epoch's pieces (cut 4x finer than for the fixed
@@ -42,8 +46,8 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +60,7 @@ from lepton_ray.data.schema import Schema, decode
 from lepton_ray.data.source import UNREACHABLE, ParquetSource, Source
 from lepton_ray.storage import arrow_filesystem, filesystem
 
-__all__ = ["Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "list_parquet", "load_arrays",
+__all__ = ["Plan", "Segment", "Shard", "TableInfo", "WorkerStream", "data_exists", "describe", "epoch_units", "list_parquet", "load_arrays",
            "steps_in_epoch"]
 
 log = logging.getLogger(__name__)
@@ -211,6 +215,37 @@ class Unit:
     def rows(self) -> int:
         return self.stop - self.start
 
+    @property
+    def index(self) -> np.ndarray:
+        """The unit's rows, as indices into its row group."""
+        return np.arange(self.start, self.stop)
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """Some rows of one row group, in any order: what is left of a unit after a resize."""
+
+    shard: int
+    row_group: int
+    index: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.index)
+
+
+Piece = Union[Unit, Rows]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of an epoch trained at one world size: each of ``world_size`` workers took ``steps`` batches of
+    ``local_batch`` rows. An epoch interrupted by a resize has a segment per world size it ran at."""
+
+    world_size: int
+    local_batch: int
+    steps: int
+
 
 def _units(info: TableInfo, world_size: int, finer: int = 1) -> list[Unit]:
     """Row groups as units; when there are too few to deal fairly, each is cut into equal pieces
@@ -254,10 +289,10 @@ def steps_in_epoch(info: TableInfo, *, world_size: int, local_batch: int, epoch:
     )
 
 
-def _windows(units: list[Unit], buffer_rows: int) -> list[list[Unit]]:
+def _windows(units: list[Piece], buffer_rows: int) -> list[list[Piece]]:
     """Consecutive units grouped until each group holds at least ``buffer_rows`` rows."""
-    out: list[list[Unit]] = []
-    current: list[Unit] = []
+    out: list[list[Piece]] = []
+    current: list[Piece] = []
     rows = 0
     for u in units:
         current.append(u)
@@ -267,6 +302,94 @@ def _windows(units: list[Unit], buffer_rows: int) -> list[list[Unit]]:
             current, rows = [], 0
     if current:
         out.append(current)
+    return out
+
+
+# --------------------------------------------------------------------------- resizing mid-epoch (pure functions)
+# A worker's share of a segment is a list of windows; it reads each window's rows in a seeded order. So the rows
+# a segment consumed are known from (data, seed, epoch, the segments before it): the first steps x local_batch
+# rows of every worker's read order. Whatever a segment left (a partly read window's other rows, the windows
+# not reached, the tail a fixed-size deal drops) is dealt to the next world size in contiguous, equal shares.
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where an epoch's rows go at one world size, after the segments ``history`` (plain data)."""
+
+    info: TableInfo
+    epoch: int
+    seed: int
+    shuffle: bool
+    buffer_rows: int
+    history: tuple[Segment, ...] = ()
+
+    def share(self, rank: int, world_size: int) -> list[Piece]:
+        """The rows worker ``rank`` of ``world_size`` reads in this segment, window by window."""
+        if not self.history:
+            return list(epoch_units(self.info, rank=rank, world_size=world_size, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle))
+        rest = self.left()
+        total = sum(p.rows for p in rest)
+        base, extra = divmod(total, world_size)
+        lo = rank * base + min(rank, extra)
+        return _slice(rest, lo, lo + base + (rank < extra))
+
+    def windows(self, rank: int, world_size: int) -> list[tuple[list[Piece], np.ndarray]]:
+        """``(pieces, order)`` per window of worker ``rank``'s share: ``order`` permutes the window's rows
+        (concatenated in piece order) into the order they are read."""
+        key = [self.seed, self.epoch, rank] + ([len(self.history)] if self.history else [])
+        out = []
+        for w, window in enumerate(_windows(self.share(rank, world_size), self.buffer_rows)):
+            n = sum(p.rows for p in window)
+            out.append((window, np.random.default_rng([*key, w]).permutation(n) if self.shuffle else np.arange(n)))
+        return out
+
+    def steps(self, world_size: int, local_batch: int) -> int:
+        """Steps of this segment at ``world_size``: the shortest share decides."""
+        if not self.history:
+            return steps_in_epoch(self.info, world_size=world_size, local_batch=local_batch, epoch=self.epoch, seed=self.seed,
+                                  shuffle=self.shuffle)
+        return sum(p.rows for p in self.left()) // world_size // local_batch
+
+    def left(self) -> list[Piece]:
+        """The rows of the epoch the segments in ``history`` did not consume, in a canonical order."""
+        seg = self.history[-1]
+        before = replace(self, history=self.history[:-1])
+        rest: list[Piece] = []
+        for rank in range(seg.world_size):
+            consumed = seg.steps * seg.local_batch
+            for window, order in before.windows(rank, seg.world_size):
+                n = len(order)
+                if consumed >= n:
+                    consumed -= n
+                    continue
+                rest += _select(window, np.sort(order[consumed:])) if consumed else window
+                consumed = 0
+        return rest
+
+
+def _select(window: list[Piece], positions: np.ndarray) -> list[Piece]:
+    """The rows at sorted ``positions`` of a window's concatenated rows, as one :class:`Rows` per piece."""
+    out: list[Piece] = []
+    offset = 0
+    for p in window:
+        mine = positions[(positions >= offset) & (positions < offset + p.rows)] - offset
+        if len(mine):
+            out.append(Rows(p.shard, p.row_group, p.index[mine]))
+        offset += p.rows
+    return out
+
+
+def _slice(pieces: list[Piece], lo: int, hi: int) -> list[Piece]:
+    """Rows ``lo:hi`` of ``pieces`` concatenated."""
+    out: list[Piece] = []
+    offset = 0
+    for p in pieces:
+        a, b = max(lo - offset, 0), min(hi - offset, p.rows)
+        if a < b:
+            out.append(p if (a, b) == (0, p.rows) else Rows(p.shard, p.row_group, p.index[a:b]))
+        offset += p.rows
+        if offset >= hi:
+            break
     return out
 
 
@@ -303,7 +426,24 @@ class WorkerStream:
             self.stats.update(pieces_claimed=0, rows_dropped=0)
         self.source: Source = ParquetSource(info, cfg, self.stats)
         self._steps: dict[int, int] = {}
+        self._history: dict[int, tuple[Segment, ...]] = {}  # an epoch begun at other world sizes: its earlier segments
         self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
+
+    def resume_after(self, epoch: int, history: tuple[Segment, ...]) -> None:
+        """``epoch`` was begun at other world sizes (``history``, oldest first): this stream deals only the rows
+        those segments left, so across the resize every row of the epoch is read at most once, and all but
+        fewer than a batch per worker exactly once. Steps of ``epoch`` count from its start, all segments included."""
+        if self.claim is not None:
+            raise ValueError("the dynamic deal restarts an interrupted epoch; it has no segments to resume after")
+        self._history[epoch] = tuple(history)
+        self._steps.pop(epoch, None)
+
+    def _plan(self, epoch: int) -> Plan:
+        return Plan(self.info, epoch, self.seed, self.cfg.shuffle, self.cfg.shuffle_buffer_rows, self._history.get(epoch, ()))
+
+    def _done(self, epoch: int) -> int:
+        """Steps of ``epoch`` taken at earlier world sizes."""
+        return sum(s.steps for s in self._history.get(epoch, ()))
 
     def steps(self, epoch: int) -> int:
         """Steps of ``epoch``: exact for the fixed deal; with the dynamic deal, the epoch's batches over the
@@ -312,13 +452,19 @@ class WorkerStream:
             if self.claim is not None:
                 self._steps[epoch] = self.info.num_rows // self.local_batch // self.world_size
             else:
-                self._steps[epoch] = steps_in_epoch(self.info, world_size=self.world_size, local_batch=self.local_batch,
-                                                    epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
+                self._steps[epoch] = self._done(epoch) + self._plan(epoch).steps(self.world_size, self.local_batch)
         return self._steps[epoch]
+
+    def cursor(self, epoch: int, step: int) -> dict[str, Any]:
+        """Where this worker is, for a checkpoint: ``step`` steps into ``epoch``, in its current segment, after the
+        epoch's earlier segments. A resume at another world size rebuilds the rows already consumed from it."""
+        done = self._done(epoch)
+        return {"world_size": self.world_size, "local_batch": self.local_batch, "step_in_segment": step - done,
+                "segments": [[s.world_size, s.local_batch, s.steps] for s in self._history.get(epoch, ())]}
 
     # ---- reading (background thread)
 
-    def _read_window(self, window: list[Unit], files: dict[int, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _read_window(self, window: list[Piece], files: dict[int, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(columns, rows)``: the window's row groups (one tensor per column, concatenated if several) and
         the indices of the window's rows in them, in unit order. A row group cut into several units is decoded once."""
         offsets: dict[tuple[int, int], int] = {}
@@ -329,17 +475,16 @@ class WorkerStream:
             if key not in offsets:
                 arrays.append(self.source.row_group(u.shard, u.row_group, files))
                 offsets[key], held = held, held + len(next(iter(arrays[-1].values())))
-            rows.append(np.arange(u.start, u.stop) + offsets[key])
+            rows.append(u.index + offsets[key])
         cols = {k: torch.from_numpy(arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays])) for k in arrays[0]}
         return cols, torch.from_numpy(np.concatenate(rows))
 
     def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
         try:
-            units = epoch_units(self.info, rank=self.rank, world_size=self.world_size, epoch=epoch, seed=self.seed, shuffle=self.cfg.shuffle)
             files: dict[int, Any] = {}
             offset = 0
-            for w, window in enumerate(_windows(units, self.cfg.shuffle_buffer_rows)):
-                n = sum(u.rows for u in window)
+            for window, order in self._plan(epoch).windows(self.rank, self.world_size):
+                n = len(order)
                 lo, hi = max(start_row - offset, 0), min(end_row - offset, n)
                 offset += n
                 if hi <= 0 or lo >= n:  # entirely consumed already (resume) or past the epoch's end
@@ -348,7 +493,7 @@ class WorkerStream:
                     continue
                 cols, rows = self._read_window(window, files)
                 if self.cfg.shuffle:  # the local shuffle buffer: a seeded permutation of the window's rows
-                    rows = rows[torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(n))]
+                    rows = rows[torch.from_numpy(order)]
                 # the rows still to be consumed; the consumer gathers each batch from the columns by these indices
                 _put(out, (cols, rows[lo:hi]), stop)
                 if stop.is_set() or offset >= end_row:
@@ -424,8 +569,9 @@ class WorkerStream:
     def _start(self, epoch: int, start_step: int) -> tuple["queue.Queue[Any]", threading.Event, threading.Thread]:
         out: "queue.Queue[Any]" = queue.Queue(maxsize=self.cfg.prefetch_windows)
         stop = threading.Event()
-        b = self.local_batch
-        producer = threading.Thread(target=self._produce, args=(epoch, start_step * b, self.steps(epoch) * b, out, stop), daemon=True)
+        b, done = self.local_batch, self._done(epoch)  # rows count from the start of this world size's segment
+        producer = threading.Thread(target=self._produce, args=(epoch, (start_step - done) * b, (self.steps(epoch) - done) * b, out, stop),
+                                    daemon=True)
         producer.start()
         return out, stop, producer
 

@@ -230,3 +230,63 @@ def test_dynamic_deal_order_is_seeded_and_resumes_only_at_epoch_start(tmp_path):
     stream = WorkerStream(info, cfg, rank=0, world_size=1, local_batch=32, seed=3, claim=Dealer())
     with pytest.raises(ValueError, match="the dynamic deal starts epochs at step 0, got start_step=2"):
         next(stream.epoch(0, 2))
+
+
+# ---- elastic resize: the rest of an interrupted epoch at another world size
+
+def _resized(root, segments, *, last_world, batch=60, epoch=1, **data):
+    """Rows read in ``epoch`` when it runs ``segments`` ((world size, steps) each, in order), then finishes at
+    ``last_world`` workers; the global batch stays ``batch``. Returns (rows read in order of segment, steps of the epoch)."""
+    from lepton_ray.data.pipeline import Segment
+
+    seen, history, done = [], [], 0
+    for world, steps in [*segments, (last_world, None)]:
+        ss = streams(root, world, local_batch=batch // world, **data)
+        for s in ss:
+            s.resume_after(epoch, tuple(history))
+        total = ss[0].steps(epoch)
+        stop = total if steps is None else done + steps
+        assert all(s.steps(epoch) == total for s in ss) and stop <= total
+        for s in ss:
+            for b in ids_of(s, epoch, start=done)[:stop - done]:
+                assert len(b) == batch // world
+                seen += b
+        history.append(Segment(world, batch // world, stop - done))
+        done = stop
+    return seen, done
+
+
+@pytest.mark.parametrize("segments,last_world", [
+    ([(2, 3)], 1),            # 2 -> 1
+    ([(1, 5)], 2),            # 1 -> 2
+    ([(2, 2), (1, 3)], 2),    # 2 -> 1 -> 2
+    ([(4, 1)], 3),            # a share of rows that does not split evenly
+    ([(2, 0)], 1),            # resized before the epoch's first step
+], ids=["2to1", "1to2", "2to1to2", "4to3", "at-start"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_resize_mid_epoch_reads_every_row_at_most_once(tmp_path, segments, last_world, shuffle):
+    """Across the resize each row of the epoch is read once; only the last world size's tail (fewer than a batch
+    per worker, the drop_last rows every epoch has) is left unread."""
+    n = write_ids(tmp_path / "d", files=3, groups=5, rows=70)  # windows not aligned with batches
+    seen, steps = _resized(tmp_path / "d", segments, last_world=last_world, shuffle=shuffle, shuffle_buffer_rows=150)
+    assert len(seen) == len(set(seen)) == steps * 60
+    assert n - len(seen) < 60 + last_world, (n, len(seen))
+
+
+def test_a_resize_is_a_pure_function_of_the_history(tmp_path):
+    """Two resumes from the same cursor read the same batches; another seed reads others."""
+    write_ids(tmp_path / "d")
+    a, _ = _resized(tmp_path / "d", [(2, 3)], last_world=1)
+    b, _ = _resized(tmp_path / "d", [(2, 3)], last_world=1)
+    c, _ = _resized(tmp_path / "d", [(2, 3)], last_world=1, epoch=2)
+    assert a == b and a != c
+
+
+def test_the_cursor_names_the_segments_of_the_epoch(tmp_path):
+    from lepton_ray.data.pipeline import Segment
+
+    write_ids(tmp_path / "d")
+    (s,) = streams(tmp_path / "d", 1, local_batch=64)
+    s.resume_after(1, (Segment(2, 32, 3),))
+    assert s.cursor(1, 5) == {"world_size": 1, "local_batch": 64, "step_in_segment": 2, "segments": [[2, 32, 3]]}
+    assert s.cursor(2, 0) == {"world_size": 1, "local_batch": 64, "step_in_segment": 0, "segments": []}
