@@ -147,7 +147,8 @@ def test_killed_driver_leaves_no_process_and_resume_continues(tmp_path, blobs, c
 
     done = store.steps()[-1]
     assert done < 200
-    proc = cli("train", str(config), "--resume", "--json", "--no-progress", cwd=tmp_path)
+    # the rest without the per-step delay that kept the run alive for the kill
+    proc = cli("train", str(config), "--resume", "--set", "model.kwargs.delay_s=0.0", "--json", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["steps"] == 200 and result["checkpoint"] == f"{store.uri}/step_00000200"

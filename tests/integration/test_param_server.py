@@ -39,7 +39,8 @@ def _local_batches(trainer, cfg, rank: int, world: int, local_batch: int, n: int
     return out[:n]
 
 
-@pytest.mark.parametrize("mode,momentum", [("sync", 0.9), ("ssp0", 0.0)], ids=["sync", "ssp-staleness0"])
+@pytest.mark.parametrize("mode,momentum", [("sync", 0.9), pytest.param("ssp0", 0.0, marks=pytest.mark.slow)],  # CI: sync
+                         ids=["sync", "ssp-staleness0"])
 def test_ps_equals_single_process(tmp_path, blobs, mode, momentum):
     """2 workers, 2 shards, 20 SGD steps on the same global batches end where one process ends (1e-5).
 
@@ -101,7 +102,7 @@ def _digits_config(tmp_path, digits_data, **sections) -> dict:
     return _config(tmp_path, Path(digits_data["train"]), **base)
 
 
-@pytest.mark.parametrize("mode,bound", [("ssp", 2), ("async", None)])
+@pytest.mark.parametrize("mode,bound", [("ssp", 2), pytest.param("async", None, marks=pytest.mark.slow)])  # CI: ssp
 def test_async_and_ssp_with_a_straggler_converge_on_digits(tmp_path, digits_data, mode, bound):
     """Rank 1 sleeps 20 ms per step (a straggler). ssp (staleness 2): the recorded gap between the fastest
     and the slowest worker reaches 2 and never exceeds it; async (no bound): the fast worker runs further

@@ -84,6 +84,7 @@ def _uninterrupted(tmp_path, blobs, **extra) -> dict[str, torch.Tensor]:
     return final_params(Trainer(cfg, progress=False).fit())
 
 
+@pytest.mark.slow  # CI keeps the same --resume equivalence with checkpoints on S3 (test_resume_with_checkpoints_on_s3)
 def test_resume_after_crash_equals_uninterrupted(tmp_path, blobs):
     """A run killed at step 15 and resumed with --resume from its step-10 checkpoint ends like an uninterrupted run."""
     marker = tmp_path / "crashed"
@@ -154,10 +155,11 @@ def test_resume_with_checkpoints_on_s3(tmp_path, blobs, bucket):
 
 
 def test_fresh_run_never_reuses_a_used_run_name(tmp_path, blobs):
-    """Running the same config twice keeps the first run's checkpoints: the second becomes 't-1'."""
-    cfg = small_config(tmp_path, blobs, train={"max_steps": 5})
-    a = Trainer(cfg, progress=False).fit()
-    b = Trainer(cfg, progress=False).fit()
+    """Running the same config twice keeps the first run's checkpoints: the second becomes 't-1'. (One worker in
+    this process: naming and run files are the driver's, the same for a Ray Train run.)"""
+    cfg = small_config(tmp_path, blobs, train={"max_steps": 5}, scaling={"num_workers": 1})
+    a = Trainer(cfg, progress=False).fit(local=True)
+    b = Trainer(cfg, progress=False).fit(local=True)
     assert Path(a.run_dir).name == "t" and Path(b.run_dir).name == "t-1"
     assert CheckpointStore(a.checkpoint.rsplit("/", 1)[0]).steps() == [5]
     lines = [json.loads(l) for l in (Path(b.run_dir) / "metrics.jsonl").read_text().splitlines()]
