@@ -93,7 +93,7 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in args) + " (or null)"
+        return " or ".join(_describe(a) for a in args) + (" (or null)" if type(None) in typing.get_args(tp) else "")
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
@@ -398,8 +398,16 @@ class ScalingConfig(_Section):
 
     PATH: ClassVar[str] = "scaling"
 
-    num_workers: int = 2
-    """Data-parallel training workers (Ray Train actors)."""
+    num_workers: Union[int, list[int]] = 2
+    """Data-parallel training workers (Ray Train actors). ``[min, max]``: elastic (``allreduce`` only). The run
+    starts with as many workers as the cluster has room for, up to ``max``; when a worker or node is lost it
+    continues with fewer (down to ``min``, a restart under ``max_failures``) and grows back when room returns.
+    Every resize resumes from the newest checkpoint, and the interrupted epoch deals only the rows not yet read,
+    so no row is trained on twice. ``train.batch_size`` stays the global batch at every size. Each restart, and
+    each try to start on a lost node Ray has not yet declared dead, counts against ``max_failures``: allow ~3 per loss."""
+    resize_check_s: float = 60.0
+    """Elastic runs: how often a healthy run checks whether the cluster has room for more workers (Ray Train's
+    ``elastic_resize_monitor_interval_s``). Growing restarts the workers from the newest checkpoint."""
     use_gpu: bool = False
     """One GPU per worker; all-reduce then runs over NCCL."""
     cpus_per_worker: int = 1
@@ -411,6 +419,12 @@ class ScalingConfig(_Section):
     It paces failure detection, the end of a run and every ``ray.train.report`` a sweep trial
     makes (a report waits for the previous one to be collected): Ray's 2.0 s default adds up to
     2 s per evaluation and ~3 s per run. An explicit ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` wins."""
+    worker_start_timeout_s: float = 60.0
+    """How long Ray Train waits for a worker group to start (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``). After a
+    node is lost Ray still counts its CPUs until it declares the node dead (~45 s on the 2-core test machine); a group
+    placed there never starts, and each such try fails only when this runs out and counts against ``max_failures``
+    (lost node -> first step at the smaller size: 77-81 s at 60, 59 s at 20). Keep it above a normal start (~15 s
+    there; pulling images or many GPUs take longer)."""
     shared_filesystem: bool = False
     """Every node of the Ray cluster mounts the run's local paths (``data.train``, ``data.eval``, the
     checkpoint directory) at the same place (NFS, a cluster filesystem, or all nodes on one machine).
@@ -418,11 +432,28 @@ class ScalingConfig(_Section):
     config error before any worker starts (those workers would not find the file); use ``s3://...``
     URIs there, or set this. A single-node cluster needs neither."""
 
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
     def validate(self) -> None:
-        self._require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        if self.elastic:
+            self._require(len(self.num_workers) == 2 and 1 <= self.min_workers <= self.max_workers, "num_workers",
+                          "must be a worker count >= 1 or an elastic [min, max] with 1 <= min <= max")
+        self._require(self.min_workers >= 1, "num_workers", "must be >= 1")
+        self._require(self.resize_check_s > 0, "resize_check_s", "must be > 0 seconds")
         self._require(self.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
         self._require(self.max_failures >= -1, "max_failures", "must be >= 0 (or -1 for unlimited)")
         self._require(0.05 <= self.poll_interval_s <= 60, "poll_interval_s", "must be between 0.05 and 60 seconds")
+        self._require(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "must be > 0 seconds")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -737,12 +768,21 @@ class Config(_Section):
 
     def validate(self) -> None:
         t, s = self.train, self.scaling
-        shares = s.num_workers * t.grad_accum_steps
-        if t.batch_size % shares:
-            raise ConfigError(
-                f"train.batch_size: {t.batch_size} must be divisible by scaling.num_workers x train.grad_accum_steps"
-                f" = {s.num_workers} x {t.grad_accum_steps} = {shares}"
-            )
+        for workers in range(s.min_workers, s.max_workers + 1):  # elastic: at every size the run may take
+            shares = workers * t.grad_accum_steps
+            if t.batch_size % shares:
+                at = f" (elastic {_show(s.num_workers)}: at {workers} workers)" if s.elastic else ""
+                raise ConfigError(
+                    f"train.batch_size: {t.batch_size} must be divisible by scaling.num_workers x train.grad_accum_steps"
+                    f" = {workers} x {t.grad_accum_steps} = {shares}{at}"
+                )
+        if s.elastic and self.sync.strategy != "allreduce":
+            raise ConfigError(f"scaling.num_workers: elastic {_show(s.num_workers)} needs sync.strategy: allreduce (got"
+                              f" '{self.sync.strategy}': parameter-server shards are sized for a fixed worker count); use a"
+                              " fixed worker count")
+        if s.elastic and self.sweep.enabled:
+            raise ConfigError(f"scaling.num_workers: elastic {_show(s.num_workers)} is for training runs; a sweep trial"
+                              " runs at a fixed worker count (e.g. scaling.num_workers: 2)")
         if t.precision == "fp16" and not s.use_gpu:
             raise ConfigError("train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'")
         if self.sweep.enabled:

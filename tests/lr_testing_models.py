@@ -50,9 +50,9 @@ class RecordIds(nn.Module):
 
     def forward(self, x):
         if self.training:
-            import ray.train
+            import torch.distributed as dist
 
-            rank = ray.train.get_context().get_world_rank()
+            rank = dist.get_rank() if dist.is_initialized() else 0  # 0 in a run without a process group (fit(local=True))
             with open(os.path.join(self.log_dir, f"rank{rank}.txt"), "a") as fh:
                 fh.write(" ".join(str(int(i)) for i in x[:, 0].tolist()) + "\n")
         return self.inner(x[:, 1:])

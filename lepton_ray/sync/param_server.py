@@ -139,7 +139,7 @@ class PSServices(Services):
                     name=f"{SHARD_PREFIX}{run_name}:{run_id}:{i}", namespace=NAMESPACE,
                     num_cpus=0, max_restarts=-1,  # Ray restarts a dead shard; it restores the newest checkpoint itself
                 ).remote(
-                    i, pieces, init, world_size=config.scaling.num_workers, mode=ps.mode, staleness=ps.staleness,
+                    i, pieces, init, world_size=config.scaling.max_workers, mode=ps.mode, staleness=ps.staleness,
                     train=train, timeout_s=ps.timeout_s, checkpoint_uri=checkpoint_uri,
                     storage_options=config.checkpoint.storage_options,
                 )

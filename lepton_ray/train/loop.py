@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lepton_ray.config import Config, load_config
-from lepton_ray.data.pipeline import TableInfo, WorkerStream, load_arrays
+from lepton_ray.data.pipeline import Segment, TableInfo, WorkerStream, load_arrays
 from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
@@ -84,30 +84,41 @@ def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, strategy: Strategy, 
     return _Parts(model, net, strategy, optimizer, make_scheduler(cfg, optimizer, total), Precision(cfg.train.precision, ctx.device))
 
 
-def _restore(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec) -> tuple[int, int, int, list[str], Any]:
-    """``(step, epoch, step_in_epoch, notes, checkpoint)`` from the newest committed checkpoint that verifies (a newer
-    torn or corrupted one is skipped, with a note and a warning), or a fresh start."""
+def _resume_point(store: CheckpointStore, ctx: WorkerContext, spec: LoopSpec, stream: WorkerStream,
+                  stepwise: bool) -> tuple[Any, Any, list[str]]:
+    """``(checkpoint, state, notes)``: the newest committed checkpoint that verifies (a newer torn or corrupted one is
+    skipped, with a note and a warning), or ``(None, None, [])``. Resumed at another world size (an elastic resize),
+    ``stream`` is told to deal only the rows of the interrupted epoch that the earlier world sizes left."""
     latest, state, skipped = store.load_latest()
     for why in skipped:
         log.warning("resume: %s", why)
     if latest is None:
-        return 0, 0, 0, [], None
+        return None, None, []
+    meta, cursor, notes = latest.meta, latest.meta.get("data", {}), list(skipped)
+    world = cursor.get("world_size", ctx.world)
+    local_batch = cursor.get("local_batch", stream.local_batch * ctx.world // world)  # the global batch is the config's
+    segments = tuple(Segment(*s) for s in cursor.get("segments", []))
+    if (world, local_batch) != (ctx.world, stream.local_batch) and stepwise and meta["step_in_epoch"]:
+        segments += (Segment(world, local_batch, cursor.get("step_in_segment", meta["step_in_epoch"])),)
+        notes.append(f"resumed with {ctx.world} workers, checkpointed with {world}: the rest of epoch {meta['epoch']} is the"
+                     f" rows the {world} workers had not read, dealt to {ctx.world} (every row once)")
+    if segments:
+        stream.resume_after(meta["epoch"], segments)
+    if cursor.get("fingerprint", spec.train.fingerprint()) != spec.train.fingerprint():
+        notes.append(f"{spec.train.key} changed since the checkpoint (fingerprint {cursor['fingerprint']} -> "
+                     f"{spec.train.fingerprint()}): the data order differs from the interrupted run")
+    return latest, state, notes
+
+
+def _load(p: _Parts, state: dict[str, Any], ctx: WorkerContext) -> None:
     p.strategy.load_state_dict(p.model, p.optimizer, state)
     p.scheduler.load_state_dict(state["scheduler"])
     p.precision.load_state_dict(state.get("scaler", {}))
     set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
-    meta, cursor, notes = latest.meta, latest.meta.get("data", {}), list(skipped)
-    if cursor.get("world_size", ctx.world) != ctx.world:
-        notes.append(f"resumed with {ctx.world} workers, checkpointed with {cursor['world_size']}: the rest of epoch {meta['epoch']} "
-                     f"is dealt anew (rows may repeat or be missed in it); later epochs are exact")
-    if cursor.get("fingerprint", spec.train.fingerprint()) != spec.train.fingerprint():
-        notes.append(f"{spec.train.key} changed since the checkpoint (fingerprint {cursor['fingerprint']} -> "
-                     f"{spec.train.fingerprint()}): the data order differs from the interrupted run")
-    return meta["step"], meta["epoch"], meta["step_in_epoch"], notes, latest
 
 
 def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec, model_io: dict[str, Any], *, step: int,
-          cursor: tuple[int, int], local_batch: int, metrics: dict[str, float]) -> Optional[str]:
+          cursor: tuple[int, int], stream: WorkerStream, metrics: dict[str, float]) -> Optional[str]:
     """Checkpoint (a collective); ``cursor``: the (epoch, step in epoch) a resumed run continues from."""
     rngs: list[Any] = [rng_state()]
     if ctx.world > 1:
@@ -118,9 +129,9 @@ def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec,
     if ctx.rank == 0:
         state.update(scheduler=p.scheduler.state_dict(), rng=rngs, scaler=p.precision.state_dict())
         meta = {"step": step, "epoch": cursor[0], "step_in_epoch": cursor[1], "config": redact_config(spec.config),
-                # the data cursor: every worker has consumed step_in_epoch local batches of this epoch's deal
-                "data": {"world_size": ctx.world, "rows_consumed_per_worker": cursor[1] * local_batch,
-                         "fingerprint": spec.train.fingerprint(), "deal": "fixed" if p.strategy.stepwise else "dynamic"},
+                # the data cursor: which rows of this epoch every worker has consumed, at which world sizes
+                "data": {**stream.cursor(*cursor), "fingerprint": spec.train.fingerprint(),
+                         "deal": "fixed" if p.strategy.stepwise else "dynamic"},
                 "model_io": model_io, "metrics": dict(metrics)}
         uri = store.save(step, state, meta).uri
     if ctx.world > 1:
@@ -185,7 +196,7 @@ class _Run:
             model_io = {"schema": self.spec.train.schema.to_dict(), "loss": self.evaluator.loss.name,
                         "metrics": self.evaluator.metrics, "task": self.cfg.model.task}  # what serving rebuilds the model from
             uri = _save(self.store, self.parts, self.ctx, self.spec, model_io, step=step, cursor=cursor,
-                        local_batch=self.stream.local_batch, metrics=self.last_eval)
+                        stream=self.stream, metrics=self.last_eval)
             if uri:
                 self.buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)
 
@@ -209,16 +220,22 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=ctx.rank, world_size=ctx.world, device=ctx.device), spec.services)
     stream = WorkerStream(spec.train, cfg.data, rank=ctx.rank, world_size=ctx.world, local_batch=t.batch_size // ctx.world,
                           seed=t.seed, device=ctx.device, claim=strategy.claim)  # a strategy may deal the data itself
-    total = t.max_steps if t.max_steps is not None else sum(stream.steps(e) for e in range(t.epochs))
+    store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
+    latest, state, notes = _resume_point(store, ctx, spec, stream, strategy.stepwise)  # before the steps are counted
+    step, epoch, start = (latest.meta["step"], latest.meta["epoch"], latest.meta["step_in_epoch"]) if latest else (0, 0, 0)
+    # the steps of the epochs before this one as taken (a resize changes their count; the dynamic deal counts nominal
+    # steps), and the rest at this world size
+    taken = step - start if strategy.stepwise else sum(stream.steps(e) for e in range(epoch))
+    total = t.max_steps if t.max_steps is not None else taken + sum(stream.steps(e) for e in range(epoch, t.epochs))
     sched = Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
     p = _build(cfg, spec, ctx, strategy, total)
     loss, inputs = make_loss(cfg.model, schema), tuple(c.name for c in schema.inputs)
-    store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
     torch.manual_seed(t.seed + 1000 * (ctx.rank + 1))  # per-rank dropout streams (a resume restores them)
-    step, epoch, start, notes, latest = _restore(store, p, ctx, spec)
+    if latest is not None:
+        _load(p, state, ctx)
     buffer = M.RecordBuffer(spec.sink if ctx.rank == 0 else None)
     if ctx.rank == 0:
-        buffer.add({"event": "start", M.STEP: step, "total_steps": total, "resumed_from": latest.uri if latest else None,
+        buffer.add({"event": "start", M.STEP: step, "total_steps": total, "world_size": ctx.world, "resumed_from": latest.uri if latest else None,
                     "notes": notes, "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
                     **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers

@@ -137,14 +137,14 @@ class Trainer:
             resolve_columns(self.train_info.schema, self.eval_info.schema, "data.eval", d.eval)
         if cfg.train.batch_size > self.train_info.num_rows:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
-        w = cfg.scaling.num_workers
-        if steps_in_epoch(self.train_info, world_size=w, local_batch=cfg.train.batch_size // w, epoch=0,
-                          seed=cfg.train.seed, shuffle=cfg.data.shuffle) == 0:
+        for w in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):  # elastic: every size the run may take
+            if steps_in_epoch(self.train_info, world_size=w, local_batch=cfg.train.batch_size // w, epoch=0,
+                              seed=cfg.train.seed, shuffle=cfg.data.shuffle) > 0:
+                continue
             raise ConfigError(
                 f"train.batch_size: {cfg.train.batch_size} leaves a worker without a full batch of {cfg.train.batch_size // w} rows"
                 f" in epoch 0 ({self.train_info.num_rows} rows in {len(self.train_info.shards)} file(s) dealt to {w} workers);"
-                " use a smaller batch or prepare the data with more row groups"
-            )
+                " use a smaller batch or prepare the data with more row groups")
         self.baseline: dict[str, float] = {}
         """Reference metrics computed on the driver (the unigram bits per byte of the eval split), reported beside the run's."""
         self._with_classes()
@@ -248,7 +248,7 @@ class Trainer:
         """
         if local:
             s = self.config.scaling
-            if s.num_workers != 1 or type(self.services) is not Services:
+            if s.elastic or s.num_workers != 1 or type(self.services) is not Services:
                 raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
                                   f"and a strategy without services (allreduce; got sync.strategy '{self.config.sync.strategy}')")
             from lepton_ray.train.group import LocalGroup
@@ -263,10 +263,10 @@ class Trainer:
 
         cfg = self.config
         s = cfg.scaling
-        started = ensure_ray(min_cpus=s.num_workers * s.cpus_per_worker)
+        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker)
         try:
-            if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
-                raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
+            if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:
+                raise ConfigError(f"scaling.use_gpu: {s.min_workers} workers need {s.min_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
             check_paths_reachable(cfg, self.node_local_paths)  # a worker on another node could not read a local path
             self._start_run_dir()
             here = ray.get_runtime_context().get_node_id()
@@ -280,7 +280,9 @@ class Trainer:
                 _worker_entry,
                 train_loop_config={"spec": spec},
                 torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=math.ceil(cfg.train.collective_timeout_s)),
-                scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+                scaling_config=ray.train.ScalingConfig(num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
+                                                       elastic_resize_monitor_interval_s=s.resize_check_s, use_gpu=s.use_gpu,
+                                                       resources_per_worker=resources),
                 run_config=ray.train.RunConfig(
                     name=self.run_name,
                     storage_path=str((self.run_dir / "ray").resolve()),
@@ -294,7 +296,7 @@ class Trainer:
             watchdog.start()
             t0 = time.time()
             try:
-                with _poll_interval(s.poll_interval_s):
+                with _ray_train_env(s):
                     trainer.fit()
             except Exception as exc:  # Ray wraps worker errors; keep the worker's message, after the watchdog's
                 stuck = f"{watchdog.diagnosis}\n" if watchdog.diagnosis else ""
@@ -370,20 +372,21 @@ def unigram_bits(train: np.ndarray, eval: np.ndarray, classes: int, ignore_index
     return float(-np.log2(p[eval]).mean())
 
 
-_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train hands it from the driver to its controller
+RAY_TRAIN_ENV = {"poll_interval_s": "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                 "worker_start_timeout_s": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"}
+"""``scaling`` keys that are Ray Train settings it reads from the environment (its driver hands them to its controller)."""
 
 
 @contextlib.contextmanager
-def _poll_interval(seconds: float) -> Iterator[None]:
-    """Ray Train's controller poll interval for the ``fit()`` inside (unless the user set the variable)."""
-    if _POLL_ENV in os.environ:
-        yield
-        return
-    os.environ[_POLL_ENV] = repr(float(seconds))
+def _ray_train_env(scaling: Any) -> Iterator[None]:
+    """:data:`RAY_TRAIN_ENV` from ``scaling`` for the ``fit()`` inside; a variable the user set wins."""
+    ours = {var: repr(float(getattr(scaling, key))) for key, var in RAY_TRAIN_ENV.items() if var not in os.environ}
+    os.environ.update(ours)
     try:
         yield
     finally:
-        os.environ.pop(_POLL_ENV, None)
+        for var in ours:
+            os.environ.pop(var, None)
 
 
 def _worker_entry(config: dict[str, Any]) -> None:

@@ -82,9 +82,11 @@ class Board:
         self._retired: set[int] = set()
 
     def beat(self, rank: int, info: dict[str, Any]) -> bool:
-        """A worker's heartbeat (``step``, ``pid``, ``host``, ``node``); True asks it for its stack dump."""
+        """A worker's heartbeat (``step``, ``pid``, ``host``, ``node``, ``world``); True asks it for its stack dump."""
         if info["pid"] in self._retired:  # a process of a group the watchdog gave up on, not yet gone
             return False
+        for gone in [r for r in self._beats if r >= info.get("world", r + 1)]:  # a smaller group (an elastic resize)
+            del self._beats[gone]
         now = time.monotonic()
         old = self._beats.get(rank)
         if old is None or old["pid"] != info["pid"]:  # a new process (a restarted group) starts afresh
@@ -216,7 +218,7 @@ class WorkerGuard:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
         while True:  # the first beat at once: a rank that freezes within its first second is on the board
             try:
-                wanted = ray.get(self.board.beat.remote(self.rank, {**me, "step": self.step}), timeout=10)
+                wanted = ray.get(self.board.beat.remote(self.rank, {**me, "step": self.step, "world": self.world}), timeout=10)
                 if wanted:
                     ray.get(self.board.put_stacks.remote(self.rank, me["pid"], stack_dump()), timeout=10)
             except Exception:  # the board is gone (the run is ending) or slow: try again at the next beat

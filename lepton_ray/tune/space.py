@@ -177,7 +177,7 @@ def max_evaluations(cfg: Config, num_rows: int) -> int:
 def trial_bundles(cfg: Config) -> list[dict[str, float]]:
     """A trial's placement group: one bundle per training worker (bundle 0 is the trial actor, rank 0)."""
     s = cfg.scaling
-    return [{"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})} for _ in range(s.num_workers)]
+    return [{"CPU": float(s.cpus_per_worker), **({"GPU": 1.0} if s.use_gpu else {})} for _ in range(s.max_workers)]
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -203,7 +203,7 @@ def concurrent_trials(cfg: Config, total: dict[str, float], free: dict[str, floa
     """
     s, sc = cfg.sweep, cfg.scaling
     need = trial_resources(cfg)
-    what = f"{sc.num_workers} workers x {sc.cpus_per_worker:g} CPU"
+    what = f"{sc.max_workers} workers x {sc.cpus_per_worker:g} CPU"
     have = ", ".join(f"{total.get(k, 0.0):g} {k}" for k in need)
     at_most = _fits(need, total)
     if at_most < 1:

@@ -114,7 +114,7 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
     cfg = load_config(raw)
     s = cfg.scaling
-    group = warm_group(s.num_workers, s.cpus_per_worker, s.use_gpu)  # a new actor's helpers start while the Trainer checks
+    group = warm_group(s.max_workers, s.cpus_per_worker, s.use_gpu)  # a new actor's helpers start while the Trainer checks
     interval, total = trial_schedule(raw, plan["num_rows"])
     run_dir = Path(plan["trials_dir"]) / trial_id
 
@@ -264,7 +264,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
         raise ConfigError(f"sweep '{name}' under '{sweep_dir}' was started with a different config; "
                           "run it with the same config to continue it, or set another sweep.name")
 
-    started = ensure_ray(min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    started = ensure_ray(min_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker)
     try:
         concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
         plan = {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": num_rows}

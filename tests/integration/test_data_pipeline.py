@@ -94,6 +94,42 @@ def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, buc
     assert interrupted == uninterrupted  # and in the uninterrupted order
 
 
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_resume_at_another_worker_count_mid_epoch_consumes_every_row_exactly_once(tmp_path, bucket, before, after):
+    """Stopped at step 5 of an epoch of 16 with ``before`` workers, resumed to its end with ``after`` (what an elastic
+    resize does): the rest of the epoch is exactly the rows the first workers had not read, so every row once."""
+    prepare(_ids_table(1024), f"s3://{bucket}/ids{before}", num_shards=4, row_group_rows=64, seed=0)
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def cfg(workers: int, max_steps: int) -> dict:
+        return {"model": {"factory": "lr_testing_models:record_ids_mlp", "kwargs": {"log_dir": str(log)}},
+                "data": {"train": f"s3://{bucket}/ids{before}", "label": "label", "shuffle_buffer_rows": 200},
+                "train": {"max_steps": max_steps, "batch_size": 64, "lr": 0.05, "seed": 11, "log_every_steps": 4},
+                "scaling": {"num_workers": workers}, "checkpoint": {"every_n_steps": 0},
+                "run": {"dir": str(tmp_path / "runs"), "name": "resized"}}
+
+    def fit(trainer: Trainer):  # the 1-worker side in this process (the same loop and checkpoints), the other on Ray Train
+        return trainer.fit(local=trainer.config.scaling.num_workers == 1)
+
+    assert fit(Trainer(cfg(before, 5), progress=False)).metrics["steps"] == 5
+    first = _recorded(log, before)
+    for f in log.iterdir():
+        f.unlink()
+    resumed = fit(Trainer(load_config(cfg(after, 16)), resume=True, progress=False))
+    assert resumed.metrics["steps"] == 16
+    start = next(r for r in resumed.records if r.get("event") == "start")
+    assert start["notes"] == [f"resumed with {after} workers, checkpointed with {before}: the rest of epoch 0 is the rows the"
+                              f" {before} workers had not read, dealt to {after} (every row once)"]
+    rest = _recorded(log, after)
+    assert [len(b) for b in first] == [5] * before and [len(b) for b in rest] == [11] * after
+    assert all(len(batch) == 64 // before for rank in first for batch in rank)
+    assert all(len(batch) == 64 // after for rank in rest for batch in rank)
+    every = sorted(i for rank in first + rest for batch in rank for i in batch)
+    assert every == list(range(1024))  # 5 steps at one size + 11 at the other: each row exactly once
+
+
 def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, bucket, s3_endpoint):
     prepare(_ids_table(1024), f"s3://{bucket}/c", num_shards=4, row_group_rows=128, seed=0)
     # memory_cache_bytes=0: every epoch reads its shards again, so this test sees the disk cache serve them

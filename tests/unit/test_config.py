@@ -212,7 +212,7 @@ def test_unknown_key_with_did_you_mean_hint():
 
 
 def test_unknown_key_without_a_close_match():
-    with raises("scaling.zzzz: unknown key; valid keys in 'scaling' are: num_workers, use_gpu, cpus_per_worker, max_failures, poll_interval_s, shared_filesystem"):
+    with raises("scaling.zzzz: unknown key; valid keys in 'scaling' are: num_workers, resize_check_s, use_gpu, cpus_per_worker, max_failures, poll_interval_s, worker_start_timeout_s, shared_filesystem"):
         load_config(with_base(scaling={"zzzz": 1}))
 
 
@@ -428,17 +428,53 @@ def test_nested_section_instance_is_accepted():
     assert cfg.sync.allreduce.bucket_mb == 2.0
 
 
-def test_poll_interval_is_handed_to_ray_train_unless_the_user_set_it(monkeypatch):
-    """scaling.poll_interval_s reaches Ray Train through the variable its driver side propagates, for one fit only."""
+def test_ray_train_settings_are_handed_over_unless_the_user_set_them(monkeypatch):
+    """scaling.poll_interval_s and worker_start_timeout_s reach Ray Train through the variables its driver side
+    propagates, for one fit only; a variable the user set wins."""
     import os
 
-    from lepton_ray.train.trainer import _POLL_ENV, _poll_interval
+    from lepton_ray.train.trainer import _ray_train_env
 
-    monkeypatch.delenv(_POLL_ENV, raising=False)
-    with _poll_interval(0.25):
-        assert os.environ[_POLL_ENV] == "0.25"
-    assert _POLL_ENV not in os.environ
-    monkeypatch.setenv(_POLL_ENV, "3")
-    with _poll_interval(0.25):
-        assert os.environ[_POLL_ENV] == "3"
-    assert os.environ[_POLL_ENV] == "3"
+    poll, start = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    scaling = load_config(with_base(scaling={"poll_interval_s": 0.25, "worker_start_timeout_s": 20})).scaling
+    monkeypatch.delenv(poll, raising=False)
+    monkeypatch.delenv(start, raising=False)
+    with _ray_train_env(scaling):
+        assert (os.environ[poll], os.environ[start]) == ("0.25", "20.0")
+    assert poll not in os.environ and start not in os.environ
+    monkeypatch.setenv(poll, "3")
+    with _ray_train_env(scaling):
+        assert (os.environ[poll], os.environ[start]) == ("3", "20.0")
+    assert os.environ[poll] == "3" and start not in os.environ
+
+
+# --------------------------------------------------------------------------- elastic scaling
+
+
+def test_elastic_num_workers_is_a_min_max_pair():
+    s = load_config(with_base(scaling={"num_workers": [1, 2]})).scaling
+    assert (s.elastic, s.min_workers, s.max_workers) == (True, 1, 2)
+    fixed = load_config(with_base(scaling={"num_workers": 2})).scaling
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers) == (False, 2, 2)
+
+
+@pytest.mark.parametrize("value", [[2, 1], [0, 2], [1, 2, 3]])
+def test_elastic_num_workers_out_of_order_or_range(value):
+    with raises(f"scaling.num_workers: must be a worker count >= 1 or an elastic [min, max] with 1 <= min <= max, got {value}"):
+        load_config(with_base(scaling={"num_workers": value}))
+
+
+def test_elastic_batch_must_split_at_every_size():
+    with raises("train.batch_size: 64 must be divisible by scaling.num_workers x train.grad_accum_steps = 3 x 1 = 3 (elastic [2, 4]: at 3 workers)"):
+        load_config(with_base(train={"batch_size": 64}, scaling={"num_workers": [2, 4]}))
+
+
+def test_elastic_needs_allreduce():
+    with raises("scaling.num_workers: elastic [1, 2] needs sync.strategy: allreduce (got 'ps': parameter-server shards are sized for a"
+                " fixed worker count); use a fixed worker count"):
+        load_config(with_base(sync={"strategy": "ps"}, scaling={"num_workers": [1, 2]}))
+
+
+def test_num_workers_of_another_type():
+    with raises("scaling.num_workers: expected an integer or a list of integers, got 'two'"):
+        load_config(with_base(scaling={"num_workers": "two"}))
