@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lepton_ray.config import Config, load_config
+from lepton_ray.config import Config, TrainConfig, load_config
 from lepton_ray.data.pipeline import Segment, TableInfo, WorkerStream, load_arrays
 from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
@@ -84,16 +84,35 @@ def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, strategy: Strategy, 
     return _Parts(model, net, strategy, optimizer, make_scheduler(cfg, optimizer, total), Precision(cfg.train.precision, ctx.device))
 
 
-def _resume_point(store: CheckpointStore, ctx: WorkerContext, spec: LoopSpec, stream: WorkerStream,
-                  stepwise: bool) -> tuple[Any, Any, list[str]]:
-    """``(checkpoint, state, notes)``: the newest committed checkpoint that verifies (a newer torn or corrupted one is
-    skipped, with a note and a warning), or ``(None, None, [])``. Resumed at another world size (an elastic resize),
-    ``stream`` is told to deal only the rows of the interrupted epoch that the earlier world sizes left."""
+@dataclass
+class _Resume:
+    """Where a run starts: the newest committed checkpoint that verifies (``None``: a fresh start) and its position."""
+
+    checkpoint: Any = None
+    state: Any = None
+    notes: list[str] = field(default_factory=list)
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def total_steps(self, t: TrainConfig, stream: WorkerStream, stepwise: bool) -> int:
+        """The run's optimizer steps: ``train.max_steps``, else the steps of the epochs before this one as taken (a
+        resize changes their count; the dynamic deal counts nominal steps) and the rest at this world size."""
+        if t.max_steps is not None:
+            return t.max_steps
+        taken = self.step - self.step_in_epoch if stepwise else sum(stream.steps(e) for e in range(self.epoch))
+        return taken + sum(stream.steps(e) for e in range(self.epoch, t.epochs))
+
+
+def _resume_point(store: CheckpointStore, ctx: WorkerContext, spec: LoopSpec, stream: WorkerStream, stepwise: bool) -> _Resume:
+    """The newest committed checkpoint that verifies (a newer torn or corrupted one is skipped, with a note and a
+    warning). Resumed at another world size (an elastic resize), ``stream`` is told to deal only the rows of the
+    interrupted epoch that the earlier world sizes left."""
     latest, state, skipped = store.load_latest()
     for why in skipped:
         log.warning("resume: %s", why)
     if latest is None:
-        return None, None, []
+        return _Resume()
     meta, cursor, notes = latest.meta, latest.meta.get("data", {}), list(skipped)
     world = cursor.get("world_size", ctx.world)
     local_batch = cursor.get("local_batch", stream.local_batch * ctx.world // world)  # the global batch is the config's
@@ -107,7 +126,7 @@ def _resume_point(store: CheckpointStore, ctx: WorkerContext, spec: LoopSpec, st
     if cursor.get("fingerprint", spec.train.fingerprint()) != spec.train.fingerprint():
         notes.append(f"{spec.train.key} changed since the checkpoint (fingerprint {cursor['fingerprint']} -> "
                      f"{spec.train.fingerprint()}): the data order differs from the interrupted run")
-    return latest, state, notes
+    return _Resume(latest, state, notes, meta["step"], meta["epoch"], meta["step_in_epoch"])
 
 
 def _load(p: _Parts, state: dict[str, Any], ctx: WorkerContext) -> None:
@@ -221,22 +240,19 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     stream = WorkerStream(spec.train, cfg.data, rank=ctx.rank, world_size=ctx.world, local_batch=t.batch_size // ctx.world,
                           seed=t.seed, device=ctx.device, claim=strategy.claim)  # a strategy may deal the data itself
     store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
-    latest, state, notes = _resume_point(store, ctx, spec, stream, strategy.stepwise)  # before the steps are counted
-    step, epoch, start = (latest.meta["step"], latest.meta["epoch"], latest.meta["step_in_epoch"]) if latest else (0, 0, 0)
-    # the steps of the epochs before this one as taken (a resize changes their count; the dynamic deal counts nominal
-    # steps), and the rest at this world size
-    taken = step - start if strategy.stepwise else sum(stream.steps(e) for e in range(epoch))
-    total = t.max_steps if t.max_steps is not None else taken + sum(stream.steps(e) for e in range(epoch, t.epochs))
+    resume = _resume_point(store, ctx, spec, stream, strategy.stepwise)  # before the steps are counted
+    step, epoch, start, latest = resume.step, resume.epoch, resume.step_in_epoch, resume.checkpoint
+    total = resume.total_steps(t, stream, strategy.stepwise)
     sched = Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
     p = _build(cfg, spec, ctx, strategy, total)
     loss, inputs = make_loss(cfg.model, schema), tuple(c.name for c in schema.inputs)
     torch.manual_seed(t.seed + 1000 * (ctx.rank + 1))  # per-rank dropout streams (a resume restores them)
     if latest is not None:
-        _load(p, state, ctx)
+        _load(p, resume.state, ctx)
     buffer = M.RecordBuffer(spec.sink if ctx.rank == 0 else None)
     if ctx.rank == 0:
         buffer.add({"event": "start", M.STEP: step, "total_steps": total, "world_size": ctx.world, "resumed_from": latest.uri if latest else None,
-                    "notes": notes, "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
+                    "notes": resume.notes, "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
                     **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=p.strategy.lockstep),
