@@ -438,11 +438,11 @@ class ScalingConfig(_Section):
 
     @property
     def min_workers(self) -> int:
-        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+        return self.num_workers[0] if self.elastic else self.num_workers
 
     @property
     def max_workers(self) -> int:
-        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+        return self.num_workers[-1] if self.elastic else self.num_workers
 
     def validate(self) -> None:
         if self.elastic:

@@ -40,6 +40,7 @@ start of an epoch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import queue
@@ -327,7 +328,7 @@ class Plan:
         """The rows worker ``rank`` of ``world_size`` reads in this segment, window by window."""
         if not self.history:
             return list(epoch_units(self.info, rank=rank, world_size=world_size, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle))
-        rest = self.left()
+        rest = self.left
         total = sum(p.rows for p in rest)
         base, extra = divmod(total, world_size)
         lo = rank * base + min(rank, extra)
@@ -348,10 +349,12 @@ class Plan:
         if not self.history:
             return steps_in_epoch(self.info, world_size=world_size, local_batch=local_batch, epoch=self.epoch, seed=self.seed,
                                   shuffle=self.shuffle)
-        return sum(p.rows for p in self.left()) // world_size // local_batch
+        return sum(p.rows for p in self.left) // world_size // local_batch
 
+    @functools.cached_property
     def left(self) -> list[Piece]:
-        """The rows of the epoch the segments in ``history`` did not consume, in a canonical order."""
+        """The rows of the epoch the segments in ``history`` did not consume, in a canonical order. Computed once
+        per plan: every worker's share of the next segment reads it, and each segment's rebuilds the one before."""
         seg = self.history[-1]
         before = replace(self, history=self.history[:-1])
         rest: list[Piece] = []

@@ -248,7 +248,7 @@ class Trainer:
         """
         if local:
             s = self.config.scaling
-            if s.elastic or s.num_workers != 1 or type(self.services) is not Services:
+            if s.num_workers != 1 or type(self.services) is not Services:  # an elastic [min, max] is not 1 either
                 raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
                                   f"and a strategy without services (allreduce; got sync.strategy '{self.config.sync.strategy}')")
             from lepton_ray.train.group import LocalGroup
