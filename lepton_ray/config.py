@@ -36,11 +36,11 @@ __all__ = [
     "ScalingConfig",
     "ServeConfig",
     "SyncConfig",
-    "AllReduceConfig",
-    "PSConfig",
     "AshaConfig",
     "SweepConfig",
     "TrainConfig",
+    "Section",
+    "build_section",
     "load_config",
 ]
 
@@ -152,8 +152,17 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:
-    """Construct section ``cls`` from a mapping, rejecting unknown keys."""
+    """Construct section ``cls`` from a mapping, rejecting unknown keys (an open section keeps them, see ``OPEN``)."""
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    if getattr(cls, "OPEN", None):  # the other keys are sections their owners check (sync.allreduce, sync.fsdp, ...)
+        values = dict(values)
+        extra = {k: values.pop(k) for k in list(values) if k not in names}
+        for key, v in extra.items():
+            if dataclasses.is_dataclass(v):
+                extra[key] = dataclasses.asdict(v)
+            elif not isinstance(v, dict):
+                raise ConfigError(f"{path}.{key}: expected a mapping, got {_show(v)}")
+        values[cls.OPEN] = {**values.get(cls.OPEN, {}), **extra}
     for key in values:
         if key not in names:
             hint = difflib.get_close_matches(str(key), names, n=1)
@@ -162,6 +171,12 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
                 raise ConfigError(f"{key}: unknown section{near}; valid sections are: {', '.join(names)}")
             raise ConfigError(f"{path}.{key}: unknown key{near}; valid keys in '{path}' are: {', '.join(names)}")
     return cls(**values)
+
+
+def build_section(cls: type, values: dict[str, Any]) -> Any:
+    """Section ``cls`` (a ``_Section`` dataclass with its ``PATH``) from a mapping, checked like every section: how
+    a section that lives with its owner (a strategy's options) is read. Raises :class:`ConfigError`."""
+    return _build(cls, values, cls.PATH)
 
 
 class _Section:
@@ -183,6 +198,9 @@ class _Section:
         if not ok:
             raise ConfigError(f"{self.PATH}.{key}: {message}, got {_show(getattr(self, key))}")
 
+
+Section = _Section
+"""The base of every config section: a section that lives with its owner (a strategy's options) derives from it."""
 
 # --------------------------------------------------------------------------- sections
 
@@ -221,17 +239,7 @@ class ModelConfig(_Section):
     """Extra keyword arguments for the model function."""
 
     def validate(self) -> None:
-        from lepton_ray.models import MODELS
-        from lepton_ray.train.losses import LOSSES, METRICS
-
-        if self.loss is not None and ":" not in self.loss:
-            self._require(self.loss in (*LOSSES, "model"), "loss", f"must be one of {', '.join([*LOSSES, 'model'])} or 'package.module:function'")
-        for m in self.metrics or []:
-            if m not in METRICS:
-                raise ConfigError(f"model.metrics: {m!r} is not one of {', '.join(METRICS)}")
-        if self.factory is None:
-            self._require(self.name in MODELS, "name", f"must be one of {', '.join(sorted(MODELS))} (or set model.factory)")
-        else:
+        if self.factory is not None:  # a built-in name, a loss and metrics are checked by their registries
             mod, _, fn = self.factory.partition(":")
             self._require(bool(mod) and bool(fn), "factory", "must look like 'package.module:function'")
         self._require(all(h > 0 for h in self.hidden), "hidden", "every width must be > 0")
@@ -309,8 +317,6 @@ class DataConfig(_Section):
 
 
 def _check_column_spec(path: str, spec: Any) -> None:
-    from lepton_ray.data.schema import CAST_DTYPES
-
     if isinstance(spec, str):
         return
     if not isinstance(spec, dict):
@@ -323,8 +329,8 @@ def _check_column_spec(path: str, spec: Any) -> None:
     shape = spec.get("shape")
     if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ConfigError(f"{path}.shape: expected a list of positive ints such as [1, 8, 8], got {_show(shape)}")
-    if spec.get("dtype") is not None and spec["dtype"] not in CAST_DTYPES:
-        raise ConfigError(f"{path}.dtype: {_show(spec['dtype'])} is not one of {', '.join(CAST_DTYPES)}")
+    if "dtype" in spec and not isinstance(spec["dtype"], (str, type(None))):  # the names: lepton_ray.data.schema
+        raise ConfigError(f"{path}.dtype: expected a dtype name such as float32, got {_show(spec['dtype'])}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -372,6 +378,17 @@ class TrainConfig(_Section):
     the live workers' stacks to ``<run dir>/stacks/`` and kills the stuck ones, so the run restarts
     (``scaling.max_failures``) or fails naming them. Keep it above the longest evaluation or checkpoint."""
 
+    activation_checkpointing: Optional[list[str]] = None
+    """Module class names (e.g. ``[Block]`` for the built-in gpt) whose activations are recomputed in backward
+    instead of kept from forward: less activation memory for ~one more forward of those modules; omitted = off."""
+    compile: bool = False
+    """``torch.compile`` the model (after the strategy wraps it). Where it cannot compile, the run logs why and
+    trains the model as it is (the start record says which)."""
+    init_from: Optional[str] = None
+    """A checkpoint folder (``.../step_NNNNNNNN``, local or URI) whose model weights a fresh run starts from (a seed
+    checkpoint: how a sharded model starts from given weights without any worker building it whole); a resume
+    ignores it. Omitted = the model's own initialisation from ``seed``."""
+
     def validate(self) -> None:
         self._require(self.epochs >= 1, "epochs", "must be >= 1")
         if self.max_steps is not None:
@@ -390,6 +407,8 @@ class TrainConfig(_Section):
         self._require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
         self._require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         self._require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds")
+        if self.activation_checkpointing is not None:
+            self._require(len(self.activation_checkpointing) > 0, "activation_checkpointing", "must name at least one module class (or be omitted)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -457,87 +476,18 @@ class ScalingConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class AllReduceConfig(_Section):
-    """Options of the ``allreduce`` strategy (DDP)."""
-
-    PATH: ClassVar[str] = "sync.allreduce"
-
-    bucket_mb: float = 25.0
-    """DDP gradient bucket size in MiB."""
-    find_unused_parameters: bool = False
-    cpu_transport: Literal["auto", "shm", "gloo"] = "auto"
-    """How CPU workers average gradients. ``shm``: through a shared-memory mapping (every worker on one
-    host; ~3x faster than loopback TCP for a 12.6 MB bucket); ``gloo``: over TCP, DDP's default;
-    ``auto``: shm when every worker can map it, else gloo (the run's start record says which).
-    GPU workers always use NCCL."""
-    shm_dir: str = "/dev/shm"
-    """Where the ``shm`` transport puts its mapping (a tmpfs: 2 x workers x at most 16 MiB, removed at start-up
-    once every worker has it mapped)."""
-
-    def validate(self) -> None:
-        self._require(self.bucket_mb > 0, "bucket_mb", "must be > 0")
-        self._require(bool(self.shm_dir), "shm_dir", "must be a directory path")
-
-
-@dataclass(kw_only=True, slots=True)
-class PSConfig(_Section):
-    """Options of the ``ps`` and ``hybrid`` strategies (sharded parameter-server actors)."""
-
-    PATH: ClassVar[str] = "sync.ps"
-
-    num_shards: int = 2
-    """Parameter-server actors; parameters are spread over them balanced by bytes (embedding tables by rows)."""
-    mode: Literal["sync", "async", "ssp"] = "sync"
-    """sync: each step waits for every worker's gradients (= all-reduce SGD); async: each push is applied
-    when it arrives; ssp: async, but no worker runs more than ``staleness`` steps ahead of the slowest."""
-    staleness: int = 2
-    """ssp only: how many steps the fastest worker may be ahead of the slowest (0 behaves as sync)."""
-    embedding_optimizer: Literal["adagrad", "sgd"] = "adagrad"
-    """Optimizer the shards apply to embedding rows (sparse updates: only the rows a batch touched)."""
-    embedding_lr: Optional[float] = None
-    """Peak learning rate of the embedding rows; omitted = ``train.lr``. Follows the same schedule."""
-    timeout_s: float = 600.0
-    """A push that waits longer than this for the other workers fails the step (instead of hanging)."""
-    balance: Literal["static", "dynamic"] = "static"
-    """How the data reaches the workers (``strategy: ps``, modes async and ssp). static: every worker
-    trains on an equal share in a fixed order (resumable mid-epoch). dynamic: pieces of each epoch go to
-    whichever worker asks first, so a fast worker takes more of them, and a worker held at the ssp bound
-    keeps computing and adds those batches to its next push (work-conserving); the run ends when the
-    data is used up; evaluation and checkpoints happen at epoch ends."""
-    max_batches_per_push: int = 2
-    """balance dynamic: the most batches in one push of a worker held at the ssp bound: up to N - 1
-    computed while it waits, then one on the released parameters; their gradients are summed (each batch
-    weighs what it weighs in sync). 2 keeps a worker twice as fast as the slowest busy; larger sums are
-    larger, staler steps."""
-
-    def validate(self) -> None:
-        self._require(self.num_shards >= 1, "num_shards", "must be >= 1")
-        self._require(self.staleness >= 0, "staleness", "must be >= 0")
-        if self.embedding_lr is not None:
-            self._require(self.embedding_lr > 0, "embedding_lr", "must be > 0")
-        self._require(self.timeout_s > 0, "timeout_s", "must be > 0")
-        self._require(self.max_batches_per_push >= 1, "max_batches_per_push", "must be >= 1")
-
-
-@dataclass(kw_only=True, slots=True)
 class SyncConfig(_Section):
-    """How workers agree on the parameters."""
+    """How workers agree on the parameters: a strategy by name, and the options sections of the strategies
+    (``sync.allreduce``, ``sync.fsdp``, ``sync.ps``, ...), each defined and checked by the strategy that owns it
+    (``lepton_ray.sync``: its registry names the strategies and their sections)."""
 
     PATH: ClassVar[str] = "sync"
+    OPEN: ClassVar[str] = "options"
 
-    strategy: Literal["allreduce", "ps", "hybrid"] = "allreduce"
-    allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
-    ps: PSConfig = field(default_factory=PSConfig)
-    """Parameter-server options (``strategy: ps`` and ``hybrid``)."""
-
-    def validate(self) -> None:
-        from lepton_ray.sync import STRATEGIES
-
-        self._require(
-            self.strategy in STRATEGIES,
-            "strategy",
-            f"is not available in this version (available: {', '.join(sorted(STRATEGIES))})",
-        )
+    strategy: str = "allreduce"
+    """A registered strategy: ``allreduce``, ``fsdp``, ``ps``, ``hybrid`` (``lepton_ray.sync.STRATEGIES``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The strategies' options sections by name, as given (``sync.allreduce.bucket_mb: 4`` is ``options["allreduce"]``)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -776,23 +726,17 @@ class Config(_Section):
                     f"train.batch_size: {t.batch_size} must be divisible by scaling.num_workers x train.grad_accum_steps"
                     f" = {workers} x {t.grad_accum_steps} = {shares}{at}"
                 )
-        if s.elastic and self.sync.strategy != "allreduce":
-            raise ConfigError(f"scaling.num_workers: elastic {_show(s.num_workers)} needs sync.strategy: allreduce (got"
-                              f" '{self.sync.strategy}': parameter-server shards are sized for a fixed worker count); use a"
-                              " fixed worker count")
         if s.elastic and self.sweep.enabled:
             raise ConfigError(f"scaling.num_workers: elastic {_show(s.num_workers)} is for training runs; a sweep trial"
                               " runs at a fixed worker count (e.g. scaling.num_workers: 2)")
         if t.precision == "fp16" and not s.use_gpu:
             raise ConfigError("train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'")
-        if self.sweep.enabled:
-            from lepton_ray.tune.space import check_sweep
-
-            check_sweep(self)  # every key and every value a trial can draw must make a valid config
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :func:`load_config` turns back into an equal config."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["sync"] = {"strategy": self.sync.strategy, **out["sync"]["options"]}
+        return out
 
 
 # --------------------------------------------------------------------------- loading

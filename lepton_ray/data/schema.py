@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from lepton_ray.config import ConfigError
 
-__all__ = ["Column", "Schema", "column_text", "decode", "field_info", "resolve_columns", "LEGACY_INPUT"]
+__all__ = ["CAST_DTYPES", "Column", "Schema", "check_config", "column_text", "decode", "field_info", "resolve_columns", "LEGACY_INPUT"]
 
 LEGACY_INPUT = "x"
 """The name of the one input built from ``data.features`` (the columns concatenated as float32)."""
@@ -64,6 +64,14 @@ class Column:
     def from_dict(cls, d: dict[str, Any]) -> "Column":
         return cls(name=d["name"], columns=tuple(d["columns"]), dtype=d["dtype"], shape=tuple(d["shape"]),
                    num_classes=d.get("num_classes"))
+
+
+def check_config(cfg: Any) -> None:
+    """Every ``dtype`` in ``data.inputs`` / ``data.targets`` is one a column converts to (:data:`CAST_DTYPES`)."""
+    for section in ("inputs", "targets"):
+        for name, spec in (getattr(cfg.data, section) or {}).items():
+            if isinstance(spec, dict) and spec.get("dtype") is not None and spec["dtype"] not in CAST_DTYPES:
+                raise ConfigError(f"data.{section}.{name}.dtype: {spec['dtype']!r} is not one of {', '.join(CAST_DTYPES)}")
 
 
 def column_text(c: Column) -> str:

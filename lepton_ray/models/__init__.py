@@ -11,11 +11,11 @@ import inspect
 import math
 from torch import nn
 
-from lepton_ray.config import ConfigError, ModelConfig
+from lepton_ray.config import Config, ConfigError, ModelConfig
 from lepton_ray.data.schema import Schema
 from lepton_ray.imports import import_object
 
-__all__ = ["MODELS", "build_model", "flat_io"]
+__all__ = ["MODELS", "build_model", "check_config", "flat_io"]
 
 
 def _registry() -> dict[str, str]:
@@ -25,6 +25,13 @@ def _registry() -> dict[str, str]:
 
 MODELS: dict[str, str] = _registry()
 """Built-in model name -> ``module:function`` (imported when built)."""
+
+
+def check_config(cfg: Config) -> None:
+    """``model.name`` is a built-in model (unless ``model.factory`` names a user function)."""
+    m = cfg.model
+    if m.factory is None and m.name not in MODELS:
+        raise ConfigError(f"model.name: must be one of {', '.join(sorted(MODELS))} (or set model.factory), got {m.name!r}")
 
 
 def flat_io(schema: Schema) -> tuple[int, int]:

@@ -81,19 +81,23 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)]),
             ln_f=nn.LayerNorm(n_embd, bias=bias),
         ))
-        self.apply(self._init_weights)
+        self.n_layer = n_layer
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation, in place: here, and where a sharded strategy materialises the parameters shard by
+        shard (``fsdp`` builds the model on the meta device)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections: the residual
             if name.endswith("c_proj.weight"):     # stream's variance stays ~constant however many blocks add to it
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layer))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]

@@ -39,7 +39,7 @@ from torch import nn
 from lepton_ray.config import ModelConfig, load_config
 from lepton_ray.data.schema import LEGACY_INPUT, Column, Schema
 from lepton_ray.storage import filesystem, is_local, join
-from lepton_ray.train.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointStore
+from lepton_ray.train.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointStore, model_state
 
 __all__ = ["Bundle", "BundleError", "check_name", "load_bundle", "load_checkpoint", "write_bundle", "BUNDLE_FILE", "WEIGHTS_FILE"]
 
@@ -202,7 +202,7 @@ def load_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Bundle:
                 raise BundleError(f"no committed checkpoint at '{uri}' (no {MANIFEST}, no step_* checkpoint under it)")
         else:
             ckpt = store.get(step)
-        state = store.load(ckpt, ["model"])["model"]
+        state = model_state(store.open(ckpt))  # whole, or consolidated here from every rank's shards
     except CheckpointError as exc:
         raise BundleError(str(exc)) from None
     meta = ckpt.meta

@@ -4,25 +4,59 @@ gloo on CPU, NCCL on GPU (Ray Train picks the backend from ``use_gpu``). On CPU,
 host average their gradients through shared memory instead of gloo's loopback TCP
 (``sync.allreduce.cpu_transport``, see :mod:`lepton_ray.sync.shm`).
 DDP averages gradients in buckets during ``backward``, so :meth:`step` is a plain optimizer step.
+
+``sync.allreduce.shard_optimizer: true`` is ZeRO-1: torch's ``ZeroRedundancyOptimizer`` keeps each
+parameter's optimizer state (AdamW: 8 of its 16 bytes) on one worker only, which steps it and broadcasts
+the new values. A checkpoint gathers the state on rank 0 (``consolidate_state_dict``), so it resumes at
+any world size.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ContextManager, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, ContextManager, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from lepton_ray.config import AllReduceConfig
-from lepton_ray.sync.base import Strategy, WorkerInfo, optimizer_step
+from lepton_ray.config import Section
+from lepton_ray.sync.base import Strategy, WorkerInfo, options
 from lepton_ray.sync.shm import SharedMemoryAllReduce, SharedMemoryUnavailable, bucket_capacity
+from lepton_ray.train.optim import optimizer_class
 
-__all__ = ["AllReduce", "build_ddp"]
+__all__ = ["AllReduce", "AllReduceConfig", "build_ddp"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class AllReduceConfig(Section):
+    """Options of the ``allreduce`` strategy (DDP); ``hybrid`` all-reduces its dense part with them too."""
+
+    PATH: ClassVar[str] = "sync.allreduce"
+
+    bucket_mb: float = 25.0
+    """DDP gradient bucket size in MiB."""
+    find_unused_parameters: bool = False
+    cpu_transport: Literal["auto", "shm", "gloo"] = "auto"
+    """How CPU workers average gradients. ``shm``: through a shared-memory mapping (every worker on one
+    host; ~3x faster than loopback TCP for a 12.6 MB bucket); ``gloo``: over TCP, DDP's default;
+    ``auto``: shm when every worker can map it, else gloo (the run's start record says which).
+    GPU workers always use NCCL."""
+    shm_dir: str = "/dev/shm"
+    """Where the ``shm`` transport puts its mapping (a tmpfs: 2 x workers x at most 16 MiB, removed at start-up
+    once every worker has it mapped)."""
+    shard_optimizer: bool = False
+    """ZeRO-1: each worker keeps the optimizer state of its share of the parameters only (AdamW: 8 bytes per
+    parameter, divided by the workers), steps that share and broadcasts it. Same updates as unsharded."""
+
+    def validate(self) -> None:
+        self._require(self.bucket_mb > 0, "bucket_mb", "must be > 0")
+        self._require(bool(self.shm_dir), "shm_dir", "must be a directory path")
 
 
 def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduced: list[torch.Tensor],
@@ -62,23 +96,33 @@ def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduc
     return ddp, shm, {"allreduce_transport": "shm"}
 
 
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
 class AllReduce(Strategy):
     name = "allreduce"
+    sections = (AllReduceConfig,)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        self._model = model
+        self.opts = options(AllReduceConfig, self.config)
         self._ddp: Optional[DistributedDataParallel] = None
         self._shm: Optional[SharedMemoryAllReduce] = None
-        self._describe: dict[str, str] = {}
-        if not (dist.is_available() and dist.is_initialized()) or self.worker.world_size == 1:
+        self._describe: dict[str, Any] = {}
+        if not _distributed(self.worker.world_size):
             return model
         self._ddp, self._shm, self._describe = build_ddp(
-            model, self.worker, self.config.sync.allreduce, list(model.parameters()),
+            model, self.worker, self.opts, list(model.parameters()),
             gradient_as_bucket_view=True)  # grads live in the comm buckets: one copy fewer per step
         return self._ddp
 
-    def unwrap(self) -> nn.Module:
-        return self._model
+    def optimizer(self) -> torch.optim.Optimizer:
+        if not (self.opts.shard_optimizer and _distributed(self.worker.world_size)):
+            return super().optimizer()
+        params = list(self.model.parameters())
+        cls, kwargs = optimizer_class(self.config, params)
+        self._describe["optimizer_sharded"] = "zero-1"
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
 
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)
@@ -87,7 +131,12 @@ class AllReduce(Strategy):
         return self._ddp.no_sync() if self._ddp is not None else super().no_sync()
 
     def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
-        optimizer_step(optimizer, list(self._model.parameters()), precision, self.config.train.grad_clip_norm)
+        precision.step(optimizer, self.model.parameters(), self.config.train.grad_clip_norm)
+
+    def save(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            optimizer.consolidate_state_dict(to=0)  # a collective: every rank sends its shard of the state to rank 0
+        super().save(ckpt, optimizer)
 
     def close(self) -> None:
         if self._shm is not None:

@@ -1,14 +1,21 @@
-"""The sync-strategy interface: how workers agree on the parameters.
+"""The sync-strategy contract: how workers agree on the parameters.
 
-The training loop (``lepton_ray/train/loop.py``) knows only this interface.
-A strategy wraps the model once, tells the loop whether gradients of a
-micro-batch should be communicated, applies the optimizer step, and saves or
-restores whatever state of its own it has. A new strategy is a new file plus an
-entry in ``lepton_ray.sync.STRATEGIES``.
+The training loop (``lepton_ray/train/loop.py``) knows only this interface, never a strategy. A strategy
 
-The driver side is separate (:class:`Services`, the strategy's ``Services`` class): it checks the
-model before Ray starts and starts what outlives a worker group (parameter-server actors); what
-``start`` returns reaches every worker's strategy as ``services``.
+- builds the model it trains from a factory (on the meta device and then shard by shard, where it shards),
+  and wraps it (``build``; ``model`` is the plain module for evaluation and checkpoints),
+- makes the optimizer over what this worker holds of the parameters (``optimizer``),
+- says whether a micro-batch's gradients are communicated (``no_sync``) and applies the step (``step``),
+- saves and loads its state through a checkpoint folder that every rank writes its own part into (``save``,
+  ``load``: whole files with ``put``/``get``, sharded state with ``put_sharded``/``load_sharded``),
+- releases what it holds (``close``).
+
+Workers advance in lock step unless a strategy says otherwise through its :class:`Pace` (only the parameter
+server does: its elastic pace lives with it in ``param_server.py``). What a strategy needs on the driver
+(actors that outlive a worker group) is its :class:`Services`. A strategy's options are its own section of
+the config (``sync.<name>``), a dataclass it reads with :func:`options`. A new strategy is a new file under
+``sync/`` plus its line in ``lepton_ray.sync.STRATEGIES``; the contract test holds every registered strategy
+to "equals single-process training".
 """
 
 from __future__ import annotations
@@ -16,14 +23,30 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Optional, TypeVar
 
 import torch
 from torch import nn
 
-from lepton_ray.config import Config
+from lepton_ray.config import Config, build_section
+from lepton_ray.train.optim import make_optimizer
+from lepton_ray.train.precision import Precision
 
-__all__ = ["Services", "Strategy", "WorkerInfo", "optimizer_step", "fused_kwargs"]
+__all__ = ["Pace", "Services", "Strategy", "WorkerInfo", "options"]
+
+T = TypeVar("T")
+
+
+def options(section: type[T], config: Config) -> T:
+    """The options section ``section`` (its ``PATH`` is ``sync.<key>``) of ``config``, built and checked.
+
+    >>> from lepton_ray.sync.allreduce import AllReduceConfig
+    >>> from lepton_ray.config import load_config
+    >>> options(AllReduceConfig, load_config({"data": {"train": "t"}, "sync": {"allreduce": {"bucket_mb": 4}}})).bucket_mb
+    4.0
+    """
+    key = section.PATH.split(".", 1)[1]  # type: ignore[attr-defined]
+    return build_section(section, config.sync.options.get(key, {}))
 
 
 @dataclass(frozen=True)
@@ -35,65 +58,72 @@ class WorkerInfo:
     device: torch.device
 
 
-def fused_kwargs(params: list[torch.Tensor], *, scaled: bool = False) -> dict[str, bool]:
-    """``{"fused": True}`` when torch's fused (single-kernel) SGD / AdamW can update ``params``, else ``{}``.
+class Pace:
+    """How the workers advance; this default is lock step: every worker computes one batch, steps, and the run's step
+    is one more. The loop asks the pace, never the strategy's kind, when it may step, evaluate and checkpoint."""
 
-    The fused kernels update parameter, gradient and optimizer state in one pass over memory: on this
-    project's 2-core CPU machine SGD with momentum over 3.16 M parameters takes 0.94-1.04 ms per step
-    instead of 1.39-1.46 ms, AdamW 2.0 ms instead of 13.3 ms. Not used for sparse-gradient tables,
-    non-float parameters, devices other than CPU/CUDA, or with fp16 gradient scaling (``scaled``).
+    lockstep = True
+    """Every worker runs the same steps in step: a collective may run every step (the loss all-reduce, a
+    just-in-time checkpoint on SIGTERM). False where a per-step collective would re-synchronise the workers."""
+    stepwise = True
+    """Every worker takes the same steps, so evaluation and checkpoints may happen after any step (and an epoch's
+    data is a fixed deal); False: only at epoch ends, where every worker meets after :meth:`drain`."""
+    claim: Optional[Callable[[int, int], Optional[int]]] = None
+    """A strategy that deals the data itself: ``claim(epoch, pieces)`` returns the next undealt piece; None = a fixed deal."""
 
-    >>> fused_kwargs([torch.zeros(3, requires_grad=True)])
-    {'fused': True}
-    >>> fused_kwargs([torch.zeros(3, dtype=torch.int64)])
-    {}
-    """
-    ok = not scaled and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return {"fused": True} if ok and params else {}
+    def held(self, batches: int) -> bool:
+        """After each batch (``batches`` since the last step): True = compute another before stepping."""
+        return False
 
+    def advance(self, step: int) -> int:
+        """The run's step after this worker's optimizer step."""
+        return step + 1
 
-def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], precision: Any, clip_norm: Optional[float]) -> None:
-    """Unscale (fp16), clip the global grad norm, step: ``precision.step``, shared by every strategy."""
-    precision.step(optimizer, params, clip_norm)
+    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> Optional[int]:
+        """At an epoch end where every worker meets: apply what is pending; returns the run's step (None: unchanged)."""
+        return None
 
 
 class Strategy(ABC):
-    """One way of synchronising data-parallel workers."""
+    """One way of synchronising data-parallel workers (the lock-step contract; see the module docstring)."""
 
     name: str = ""
-
-    lockstep: bool = True
-    """Workers advance in lock step, so the loop may run a collective every step (the loss all-reduce).
-    False for asynchronous strategies, where a per-step collective would re-synchronise the workers."""
-
-    stepwise: bool = True
-    """Every worker takes the same steps, so the loop may evaluate and checkpoint after any step. False when
-    workers take different numbers of batches (the elastic parameter server): then only at epoch ends,
-    where every worker meets, after :meth:`drain`."""
-
-    def __init__(self, config: Config, worker: WorkerInfo, services: Any = None):
-        self.config = config
-        self.worker = worker
-        self.services = services
-
     Services: ClassVar[type["Services"]]
     """The strategy's driver side (set below for the base class: no services)."""
+    sections: ClassVar[tuple[type, ...]] = ()
+    """The options sections this strategy reads (``sync.<key>`` dataclasses), checked when a config is."""
+    elastic: ClassVar[bool] = True
+    """Can resume at another world size (``scaling.num_workers: [min, max]``)."""
 
-    @property
-    def claim(self) -> Optional[Callable[[int, int], Optional[int]]]:
-        """For a strategy that deals the data itself: ``claim(epoch, pieces)`` returning the next undealt
-        piece of ``epoch`` (``None`` when all are dealt); ``None`` = a fixed equal deal."""
-        return None
+    def __init__(self, config: Config, worker: WorkerInfo, services: Any = None):
+        self.config, self.worker, self.services = config, worker, services
+        self.pace = Pace()
+        self.model: nn.Module = None  # type: ignore[assignment]  # set by build
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        """Before anything is built: raise ``ConfigError`` for options this strategy cannot run with."""
 
     # ------------------------------------------------------------------ worker side
 
-    @abstractmethod
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Return the module the loop calls for training forward passes."""
+    def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """Build the model (``factory()`` returns it initialised, on the CPU) and return the module the loop calls for
+        training forward passes; :attr:`model` is then the plain model. Every rank calls it (it may be a collective)."""
+        self.model = factory().to(self.worker.device)
+        return self.wrap(self.model)
 
     @abstractmethod
-    def unwrap(self) -> nn.Module:
-        """The plain model (for evaluation and checkpoints)."""
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the loop trains, around ``model`` (lock-step replicas: DDP)."""
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer (``train.optimizer``) over what this worker holds of the parameters."""
+        return make_optimizer(self.config, list(self.model.parameters()))
+
+    def precision(self) -> Precision:
+        """The step's precision (autocast and gradient scaling) for ``train.precision``; a strategy with mixed precision
+        of its own (FSDP's policy) returns an fp32 one."""
+        return Precision(self.config.train.precision, self.worker.device)
 
     def no_sync(self) -> ContextManager[Any]:
         """Context for a micro-batch whose gradients are only accumulated locally."""
@@ -101,46 +131,30 @@ class Strategy(ABC):
 
     @abstractmethod
     def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
-        """Apply one optimizer step from the accumulated gradients (the sum of ``batches`` batch-mean
-        gradients; more than 1 only for elastic strategies)."""
-
-    def held(self, batches: int) -> bool:
-        """After each batch (``batches`` computed since the last step): True = compute another batch and add
-        it to the next step instead of stepping now (a strategy that waits on others may defer its step)."""
-        return False
-
-    def advance(self, step: int) -> int:
-        """The run's step after this worker's optimizer step ``step`` (lock-step: ``step + 1``)."""
-        return step + 1
-
-    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> Optional[int]:
-        """Every worker, at the same epoch end, before an evaluation or checkpoint: apply the ``batches``
-        computed but not yet stepped, wait for every worker; returns the run's step (None: unchanged).
-        ``last``: no more steps follow."""
-        return None
+        """Apply one optimizer step from the accumulated gradients (the sum of ``batches`` batch-mean gradients; more
+        than 1 only where the pace holds steps back)."""
 
     def describe(self) -> dict[str, Any]:
-        """Worker, after :meth:`wrap`: how this strategy communicates (e.g. ``allreduce_transport``),
-        merged into the run's start record in ``metrics.jsonl``."""
+        """After :meth:`build`: how this strategy communicates, merged into the run's start record."""
         return {}
 
     def step_metrics(self) -> dict[str, float]:
         """Communication metrics since the previous call, merged into rank 0's per-step record."""
         return {}
 
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Every rank, at a checkpoint (a collective may run here): the state this rank saves, by file name.
+    def save(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Every rank, at a checkpoint (a collective may run here): write this rank's part into ``ckpt`` (a
+        :class:`~lepton_ray.train.checkpoint.CheckpointWriter`). Lock-step replicas are equal, so rank 0 writes the
+        model and the optimizer whole; a sharded strategy writes every rank's shards with ``put_sharded``."""
+        if self.worker.rank == 0:
+            ckpt.put("model", self.model.state_dict())
+            ckpt.put("optimizer", optimizer.state_dict())
 
-        Lock-step replicas are equal, so rank 0 saves the model and the optimizer and the others nothing. A
-        strategy whose parameters live elsewhere (parameter servers) refreshes the model first and adds its own
-        ``strategy`` state; a memory-sharded one (FSDP2) gathers or returns each rank's shard here.
-        """
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()} if self.worker.rank == 0 else {}
-
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Every rank, on resume: restore what :meth:`state_dict` saved (the checkpoint's files by name)."""
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    def load(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Every rank, on resume: restore what :meth:`save` wrote (``ckpt``: a ``CheckpointReader``), whatever the
+        world size that wrote it."""
+        self.model.load_state_dict(ckpt.get("model"))
+        optimizer.load_state_dict(ckpt.get("optimizer"))
 
     def close(self) -> None:
         """Release what the worker side holds (shared memory, threads)."""

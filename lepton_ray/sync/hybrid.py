@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lepton_ray.config import ConfigError
-from lepton_ray.sync.allreduce import build_ddp
-from lepton_ray.sync.base import optimizer_step
-from lepton_ray.sync.param_server import ParamServer, PSServices, embedding_modules
+from lepton_ray.config import Config, ConfigError
+from lepton_ray.sync.allreduce import AllReduceConfig, build_ddp
+from lepton_ray.sync.base import options
+from lepton_ray.sync.param_server import ParamServer, PSConfig, PSServices, embedding_modules
 from lepton_ray.sync.shm import SharedMemoryAllReduce
 
 __all__ = ["Hybrid"]
@@ -51,11 +51,12 @@ class Hybrid(ParamServer):
 
     name = "hybrid"
     Services = HybridServices
+    sections = (AllReduceConfig, PSConfig)
     embeddings_only = True
 
-    @property
-    def lockstep(self) -> bool:  # type: ignore[override]
-        return True  # DDP's all-reduce is a collective every step anyway
+    def __init__(self, config: Config, worker: Any, services: Any = None):
+        super().__init__(config, worker, services)
+        self.pace.lockstep = True  # DDP's all-reduce is a collective every step anyway
 
     def wrap(self, model: nn.Module) -> nn.Module:
         super().wrap(model)
@@ -64,7 +65,7 @@ class Hybrid(ParamServer):
         self._describe: dict[str, str] = {}
         if dist.is_available() and dist.is_initialized() and self.worker.world_size > 1:
             dense = [p for n, p in model.named_parameters() if n not in self._tables]  # DDP all-reduces only these
-            self._ddp, self._shm, self._describe = build_ddp(model, self.worker, self.config.sync.allreduce, dense)
+            self._ddp, self._shm, self._describe = build_ddp(model, self.worker, options(AllReduceConfig, self.config), dense)
             return self._ddp
         return model
 
@@ -81,5 +82,5 @@ class Hybrid(ParamServer):
 
     def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         self._push(optimizer.param_groups[0]["lr"])  # embedding rows to the shards (clears their local grads)
-        dense = [p for n, p in self._model.named_parameters() if n not in self._tables]
-        optimizer_step(optimizer, dense, precision, None)
+        dense = [p for n, p in self.model.named_parameters() if n not in self._tables]
+        precision.step(optimizer, dense, None)

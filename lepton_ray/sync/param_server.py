@@ -41,18 +41,62 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lepton_ray.config import ConfigError
-from lepton_ray.sync.base import Services, Strategy
+from lepton_ray.config import Config, ConfigError, Section
+from lepton_ray.sync.base import Pace, Services, Strategy, options
 from lepton_ray.sync.ps_shard import Piece, ShardServer, plan_shards
+from lepton_ray.train.optim import make_optimizer
 
-__all__ = ["ParamServer", "PSServices", "embedding_modules", "NAMESPACE", "SHARD_PREFIX"]
+__all__ = ["ParamServer", "PSConfig", "PSServices", "embedding_modules", "NAMESPACE", "SHARD_PREFIX"]
+
+
+@dataclass(kw_only=True, slots=True)
+class PSConfig(Section):
+    """Options of the ``ps`` and ``hybrid`` strategies (sharded parameter-server actors)."""
+
+    PATH: ClassVar[str] = "sync.ps"
+
+    num_shards: int = 2
+    """Parameter-server actors; parameters are spread over them balanced by bytes (embedding tables by rows)."""
+    mode: Literal["sync", "async", "ssp"] = "sync"
+    """sync: each step waits for every worker's gradients (= all-reduce SGD); async: each push is applied
+    when it arrives; ssp: async, but no worker runs more than ``staleness`` steps ahead of the slowest."""
+    staleness: int = 2
+    """ssp only: how many steps the fastest worker may be ahead of the slowest (0 behaves as sync)."""
+    embedding_optimizer: Literal["adagrad", "sgd"] = "adagrad"
+    """Optimizer the shards apply to embedding rows (sparse updates: only the rows a batch touched)."""
+    embedding_lr: Optional[float] = None
+    """Peak learning rate of the embedding rows; omitted = ``train.lr``. Follows the same schedule."""
+    timeout_s: float = 600.0
+    """A push that waits longer than this for the other workers fails the step (instead of hanging)."""
+    balance: Literal["static", "dynamic"] = "static"
+    """How the data reaches the workers (``strategy: ps``, modes async and ssp). static: every worker
+    trains on an equal share in a fixed order (resumable mid-epoch). dynamic: pieces of each epoch go to
+    whichever worker asks first, so a fast worker takes more of them, and a worker held at the ssp bound
+    keeps computing and adds those batches to its next push (work-conserving); the run ends when the
+    data is used up; evaluation and checkpoints happen at epoch ends."""
+    max_batches_per_push: int = 2
+    """balance dynamic: the most batches in one push of a worker held at the ssp bound: up to N - 1
+    computed while it waits, then one on the released parameters; their gradients are summed (each batch
+    weighs what it weighs in sync). 2 keeps a worker twice as fast as the slowest busy; larger sums are
+    larger, staler steps."""
+
+    def validate(self) -> None:
+        self._require(self.num_shards >= 1, "num_shards", "must be >= 1")
+        self._require(self.staleness >= 0, "staleness", "must be >= 0")
+        if self.embedding_lr is not None:
+            self._require(self.embedding_lr > 0, "embedding_lr", "must be > 0")
+        self._require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        self._require(self.max_batches_per_push >= 1, "max_batches_per_push", "must be >= 1")
+
+
 
 NAMESPACE = "lepton_ray"
 """Ray namespace of the shard actors; their names start with :data:`SHARD_PREFIX`."""
@@ -97,7 +141,7 @@ class PSServices(Services):
             if name in tables or not self.embeddings_only
         ]
         try:
-            return plan_shards(params, self.config.sync.ps.num_shards)
+            return plan_shards(params, options(PSConfig, self.config).num_shards)
         except ValueError as exc:
             raise ConfigError(f"sync.ps.num_shards: {exc}") from None
 
@@ -110,7 +154,7 @@ class PSServices(Services):
             )
         if config.train.precision == "fp16":
             raise ConfigError(f"train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy '{self.name}'; use 'bf16' or 'fp32'")
-        ps = config.sync.ps
+        ps = options(PSConfig, config)
         if ps.balance == "dynamic" and (self.name != "ps" or ps.mode == "sync"):
             why = "sync.strategy 'hybrid' all-reduces every step" if self.name != "ps" else "sync.ps.mode 'sync' steps in lock step"
             raise ConfigError(f"sync.ps.balance: 'dynamic' needs sync.strategy 'ps' with sync.ps.mode 'async' or 'ssp' ({why});"
@@ -124,7 +168,7 @@ class PSServices(Services):
         model = build()
         plan = self._plan(model)
         params = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
-        t, ps = config.train, config.sync.ps
+        t, ps = config.train, options(PSConfig, config)
         train = {"optimizer": t.optimizer, "lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay,
                  "embedding_optimizer": ps.embedding_optimizer, "embedding_lr": ps.embedding_lr}
         run_id = uuid.uuid4().hex[:8]
@@ -154,48 +198,58 @@ class PSServices(Services):
             ray.kill(shard, no_restart=True)
 
 
+class _ElasticPace(Pace):
+    """``balance: dynamic`` (async / ssp): the data is dealt to whichever worker is free, a worker held at the ssp
+    bound adds batches to its next push, and the run's step counts every worker's batches."""
+
+    lockstep = stepwise = False
+
+    def __init__(self, ps: "ParamServer"):
+        self.ps = ps
+        dealer = ps.services["shards"][0] if ps.services else None
+
+        def claim(epoch: int, pieces: int) -> Optional[int]:
+            """Ask shard 0 for the next piece of ``epoch``."""
+            import ray
+
+            return ray.get(dealer.claim.remote(epoch, pieces))
+
+        self.claim = claim if dealer is not None else None
+
+    def held(self, batches: int) -> bool:
+        return self.ps.held(batches)
+
+    def advance(self, step: int) -> int:
+        return max(step, self.ps.progress())
+
+    def drain(self, optimizer: torch.optim.Optimizer, batches: int, *, last: bool) -> Optional[int]:
+        return self.ps.drain(optimizer, batches, last=last)
+
+
 class ParamServer(Strategy):
     """Every parameter on the shards (``sync.strategy: ps``)."""
 
     name = "ps"
     Services = PSServices
+    sections = (PSConfig,)
+    elastic = False  # the shards are sized for a fixed worker count
     embeddings_only = False  # hybrid: only the embedding tables live on the shards
 
-    @property
-    def claim(self) -> Optional[Callable[[int, int], Optional[int]]]:
-        """``sync.ps.balance: dynamic``: ``claim(epoch, pieces)`` asks shard 0 for the next piece of ``epoch``."""
-        if self.config.sync.ps.balance != "dynamic" or not self.services:
-            return None
-        dealer = self.services["shards"][0]
-
-        def claim(epoch: int, pieces: int) -> Optional[int]:
-            import ray
-
-            return ray.get(dealer.claim.remote(epoch, pieces))
-
-        return claim
+    def __init__(self, config: Config, worker: Any, services: Any = None):
+        super().__init__(config, worker, services)
+        self.opts = options(PSConfig, config)
+        self.elastic_deal = self.opts.balance == "dynamic" and self.opts.mode != "sync"
+        if self.elastic_deal:
+            self.pace = _ElasticPace(self)
+        else:
+            self.pace.lockstep = self.opts.mode == "sync"  # async / ssp: no per-step collective
 
     # ------------------------------------------------------------------ worker side
 
-    @property
-    def lockstep(self) -> bool:  # type: ignore[override]
-        return self.config.sync.ps.mode == "sync"
-
-    @property
-    def elastic(self) -> bool:
-        """``balance: dynamic`` (and not ``sync``): data dealt to whoever is free, workers take different numbers of batches."""
-        return self.config.sync.ps.balance == "dynamic" and self.config.sync.ps.mode != "sync"
-
-    @property
-    def stepwise(self) -> bool:  # type: ignore[override]
-        return not self.elastic
-
-    def advance(self, step: int) -> int:
-        """Elastic: the run's step counts every worker's batches (:meth:`progress`)."""
-        return max(step, self.progress()) if self.elastic else step + 1
+    def optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.config, list(self.model.parameters()), sparse=True)  # the tables' gradients are sparse
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        self._model = model
         self._shards = self.services["shards"]
         plan: list[list[Piece]] = self.services["plan"]
         params = dict(model.named_parameters())
@@ -214,9 +268,6 @@ class ParamServer(Strategy):
         if not self.embeddings_only:
             self._pull_dense()
         return model
-
-    def unwrap(self) -> nn.Module:
-        return self._model
 
     def _get(self, refs: list) -> list:
         """``ray.get`` that names the dead shard instead of a bare actor error, and counts the wait."""
@@ -296,7 +347,7 @@ class ParamServer(Strategy):
                 dense = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads]).numpy()
                 self._metrics["ps_bytes_pushed"] += dense.nbytes
             self._metrics["ps_bytes_pushed"] += sum(a.nbytes + b.nbytes for a, b in sparse[i].values())
-            refs.append(shard.push.remote(self.worker.rank, self._step, lr, dense, sparse[i], batches, not self.elastic, advance))
+            refs.append(shard.push.remote(self.worker.rank, self._step, lr, dense, sparse[i], batches, not self.elastic_deal, advance))
         replies = self._get(refs)
         if advance:
             self._step += 1
@@ -319,7 +370,7 @@ class ParamServer(Strategy):
     def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         self._await_release()  # a push never goes past the staleness bound
         self._push(optimizer.param_groups[0]["lr"], batches)
-        if self.config.sync.ps.max_batches_per_push == 1:
+        if self.opts.max_batches_per_push == 1:
             self._await_release()  # no batch on stale parameters: wait here, as with balance 'static'
 
     # ------------------------------------------------------------------ elastic (balance: dynamic)
@@ -329,13 +380,13 @@ class ParamServer(Strategy):
         ssp release, the batches computed on the parameters it has add up, ``sync.ps.max_batches_per_push``
         - 1 at most (then it waits for the release); once released, one more batch is computed on the fresh
         parameters, and that push goes out."""
-        if not self.elastic or not self._release:
+        if not self.elastic_deal or not self._release:
             return False
         import ray
 
         refs = [ref for _, ref in self._release]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        if len(ready) < len(refs) and batches < self.config.sync.ps.max_batches_per_push - 1:
+        if len(ready) < len(refs) and batches < self.opts.max_batches_per_push - 1:
             return True
         self._await_release()
         return True
@@ -383,23 +434,25 @@ class ParamServer(Strategy):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def save(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Rank 0 fetches every shard's state and refreshes the local model first, so the saved model is complete."""
         if self.worker.rank != 0:
-            return {}
+            return
         states = self._get([s.state.remote() for s in self._shards])
-        with torch.no_grad():  # refresh the local model: the checkpoint's model must be the shards' parameters
-            params = dict(self._model.named_parameters())
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
             for pieces, state in zip(self.services["plan"], states):
                 for p in pieces:
                     if p.sparse:
                         params[p.name][p.row_start : p.row_start + p.shape[0]].copy_(state["tables"][p.name])
                     else:
                         params[p.name].copy_(state["dense"][p.name])
-        return {**super().state_dict(model, optimizer), "strategy": {"shards": states}}
+        super().save(ckpt, optimizer)
+        ckpt.put("strategy", {"shards": states})
 
-    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        super().load_state_dict(model, optimizer, state)
-        state = state["strategy"]
+    def load(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
+        super().load(ckpt, optimizer)
+        state = ckpt.get("strategy")
         if self.worker.rank == 0:
             self._get([s.restore.remote(st) for s, st in zip(self._shards, state["shards"])])
         if self.worker.world_size > 1 and dist.is_available() and dist.is_initialized():

@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from lepton_ray.sync.base import fused_kwargs
+from lepton_ray.train.optim import fused_kwargs
 
 __all__ = ["Piece", "PSStateError", "ShardServer", "plan_shards"]
 

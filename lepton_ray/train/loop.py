@@ -23,13 +23,14 @@ from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
 from lepton_ray.train import metrics as M
-from lepton_ray.train.checkpoint import CheckpointStore, rng_state, set_rng_state
+from lepton_ray.train.checkpoint import CheckpointReader, CheckpointStore, load_model, open_checkpoint, rng_state, set_rng_state
 from lepton_ray.train.context import WorkerContext
 from lepton_ray.train.losses import Evaluator, default_metrics, make_loss, model_inputs
-from lepton_ray.train.optim import make_optimizer, make_scheduler
+from lepton_ray.train.memory import checkpoint_activations, memory_bytes, peak_memory
+from lepton_ray.train.optim import make_scheduler
 from lepton_ray.train.precision import Precision
 from lepton_ray.train.schedule import Due, Schedule
-from lepton_ray.train.step import forward_backward
+from lepton_ray.train.step import compile_model, forward_backward
 from lepton_ray.train.watchdog import Preempted, WorkerGuard
 
 __all__ = ["LoopSpec", "train_loop", "evaluate"]
@@ -62,34 +63,54 @@ class _Parts:
     precision: Precision
 
 
+def _max_over_ranks(values: list[float], ctx: WorkerContext) -> list[float]:
+    """Each value's maximum over the ranks (a collective; as is with one worker)."""
+    if ctx.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def evaluate(model: nn.Module, data: dict[str, torch.Tensor], evaluator: Evaluator, inputs: tuple[str, ...],
              precision: Precision, ctx: WorkerContext, batch: int) -> dict[str, float]:
-    """``eval_*`` metrics over every rank's rows (a collective: every rank calls it)."""
+    """``eval_*`` metrics over every rank's rows (a collective: every rank calls it). Every rank runs as many forward
+    passes as the rank with the most rows (a sharded model all-gathers in each): one with no rows left runs one row and
+    drops its output."""
     model.eval()
     evaluator.reset()
     rows = len(next(iter(data.values())))
+    passes = int(_max_over_ranks([-(-rows // batch)], ctx)[0])
     with torch.no_grad(), precision.autocast():
-        for i in range(0, rows, batch):
+        for i in range(0, passes * batch, batch):
             part = {k: v[i:i + batch] for k, v in data.items()}
+            if not len(next(iter(part.values()))):
+                model(model_inputs({k: v[:1] for k, v in data.items()}, inputs, evaluator.loss.name))
+                continue
             evaluator.update(model(model_inputs(part, inputs, evaluator.loss.name)), part)
     model.train()
     return {f"{M.EVAL_PREFIX}{k}": v for k, v in evaluator.result(ctx.world, ctx.device).items()}
 
 
-def _build(cfg: Config, spec: LoopSpec, ctx: WorkerContext, strategy: Strategy, total: int) -> _Parts:
-    torch.manual_seed(cfg.train.seed)  # same seed everywhere: every replica starts equal
-    model = build_model(cfg.model, spec.train.schema).to(ctx.device)
-    net = strategy.wrap(model)
-    optimizer = make_optimizer(cfg, model)
-    return _Parts(model, net, strategy, optimizer, make_scheduler(cfg, optimizer, total), Precision(cfg.train.precision, ctx.device))
+def _build(cfg: Config, spec: LoopSpec, strategy: Strategy, total: int, fresh: bool) -> _Parts:
+    """The model as the strategy builds it (whole and wrapped, or sharded), the optimizer, schedule and precision.
+    ``fresh``: not a resume, so ``train.init_from`` (a seed checkpoint) sets the starting weights."""
+    t = cfg.train
+    torch.manual_seed(t.seed)  # same seed everywhere: every replica starts equal
+    net = strategy.build(lambda: checkpoint_activations(build_model(cfg.model, spec.train.schema), t.activation_checkpointing))
+    if fresh and t.init_from:
+        load_model(open_checkpoint(t.init_from, cfg.checkpoint.storage_options), strategy.model)
+    if t.compile:
+        net = compile_model(net)
+    optimizer = strategy.optimizer()
+    return _Parts(strategy.model, net, strategy, optimizer, make_scheduler(cfg, optimizer, total), strategy.precision())
 
 
 @dataclass
 class _Resume:
     """Where a run starts: the newest committed checkpoint that verifies (``None``: a fresh start) and its position."""
 
-    checkpoint: Any = None
-    state: Any = None
+    checkpoint: Optional[CheckpointReader] = None
     notes: list[str] = field(default_factory=list)
     step: int = 0
     epoch: int = 0
@@ -106,13 +127,15 @@ class _Resume:
 
 def _resume_point(store: CheckpointStore, ctx: WorkerContext, spec: LoopSpec, stream: WorkerStream, stepwise: bool) -> _Resume:
     """The newest committed checkpoint that verifies (a newer torn or corrupted one is skipped, with a note and a
-    warning). Resumed at another world size (an elastic resize), ``stream`` is told to deal only the rows of the
-    interrupted epoch that the earlier world sizes left."""
-    latest, state, skipped = store.load_latest()
+    warning; the ranks share the checks and agree). Resumed at another world size (an elastic resize), ``stream`` is
+    told to deal only the rows of the interrupted epoch that the earlier world sizes left."""
+    agree = (lambda ok: bool(_max_over_ranks([0.0 if ok else 1.0], ctx)[0] == 0.0)) if ctx.world > 1 else (lambda ok: ok)
+    reader, skipped = store.open_latest(ctx.rank, ctx.world, agree)
     for why in skipped:
         log.warning("resume: %s", why)
-    if latest is None:
+    if reader is None:
         return _Resume()
+    latest = reader.checkpoint
     meta, cursor, notes = latest.meta, latest.meta.get("data", {}), list(skipped)
     world = cursor.get("world_size", ctx.world)
     local_batch = cursor.get("local_batch", stream.local_batch * ctx.world // world)  # the global batch is the config's
@@ -126,14 +149,15 @@ def _resume_point(store: CheckpointStore, ctx: WorkerContext, spec: LoopSpec, st
     if cursor.get("fingerprint", spec.train.fingerprint()) != spec.train.fingerprint():
         notes.append(f"{spec.train.key} changed since the checkpoint (fingerprint {cursor['fingerprint']} -> "
                      f"{spec.train.fingerprint()}): the data order differs from the interrupted run")
-    return _Resume(latest, state, notes, meta["step"], meta["epoch"], meta["step_in_epoch"])
+    return _Resume(reader, notes, meta["step"], meta["epoch"], meta["step_in_epoch"])
 
 
-def _load(p: _Parts, state: dict[str, Any], ctx: WorkerContext) -> None:
-    p.strategy.load_state_dict(p.model, p.optimizer, state)
-    p.scheduler.load_state_dict(state["scheduler"])
-    p.precision.load_state_dict(state.get("scaler", {}))
-    set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
+def _load(p: _Parts, ckpt: CheckpointReader, ctx: WorkerContext) -> None:
+    p.strategy.load(ckpt, p.optimizer)
+    p.scheduler.load_state_dict(ckpt.get("scheduler"))
+    p.precision.load_state_dict(ckpt.get("scaler") if ckpt.has("scaler") else {})
+    rngs = ckpt.get("rng")
+    set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
 
 
 def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec, model_io: dict[str, Any], *, step: int,
@@ -144,15 +168,22 @@ def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec,
         rngs = [None] * ctx.world
         dist.all_gather_object(rngs, rng_state())
     uri = None
-    state = p.strategy.state_dict(p.model, p.optimizer)  # every rank: a strategy may run a collective here
+    ckpt = store.writer(step)
+    p.strategy.save(ckpt, p.optimizer)  # every rank writes its part (a collective may run here)
     if ctx.rank == 0:
-        state.update(scheduler=p.scheduler.state_dict(), rng=rngs, scaler=p.precision.state_dict())
+        for name, obj in (("scheduler", p.scheduler.state_dict()), ("rng", rngs), ("scaler", p.precision.state_dict())):
+            ckpt.put(name, obj)
+    written = [ckpt.files]
+    if ctx.world > 1:
+        written = [None] * ctx.world
+        dist.all_gather_object(written, ckpt.files)
+    if ctx.rank == 0:
         meta = {"step": step, "epoch": cursor[0], "step_in_epoch": cursor[1], "config": redact_config(spec.config),
                 # the data cursor: which rows of this epoch every worker has consumed, at which world sizes
                 "data": {**stream.cursor(*cursor), "fingerprint": spec.train.fingerprint(),
-                         "deal": "fixed" if p.strategy.stepwise else "dynamic"},
+                         "deal": "fixed" if p.strategy.pace.stepwise else "dynamic"},
                 "model_io": model_io, "metrics": dict(metrics)}
-        uri = store.save(step, state, meta).uri
+        uri = store.commit(step, {k: v for files in written for k, v in files.items()}, meta).uri  # one manifest commits every rank's files
     if ctx.world > 1:
         dist.barrier()  # nobody runs ahead of a checkpoint that may still fail
     return uri
@@ -237,28 +268,30 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     # ---- data: this worker's share, streamed in a seeded, resumable order (global batch = all workers' batches)
     strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=ctx.rank, world_size=ctx.world, device=ctx.device), spec.services)
+    pace = strategy.pace  # lock step, unless the strategy paces its workers itself (the elastic parameter server)
     stream = WorkerStream(spec.train, cfg.data, rank=ctx.rank, world_size=ctx.world, local_batch=t.batch_size // ctx.world,
-                          seed=t.seed, device=ctx.device, claim=strategy.claim)  # a strategy may deal the data itself
+                          seed=t.seed, device=ctx.device, claim=pace.claim)  # a strategy may deal the data itself
     store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
-    resume = _resume_point(store, ctx, spec, stream, strategy.stepwise)  # before the steps are counted
+    resume = _resume_point(store, ctx, spec, stream, pace.stepwise)  # before the steps are counted
     step, epoch, start, latest = resume.step, resume.epoch, resume.step_in_epoch, resume.checkpoint
-    total = resume.total_steps(t, stream, strategy.stepwise)
+    total = resume.total_steps(t, stream, pace.stepwise)
     sched = Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
-    p = _build(cfg, spec, ctx, strategy, total)
+    p = _build(cfg, spec, strategy, total, fresh=latest is None)
     loss, inputs = make_loss(cfg.model, schema), tuple(c.name for c in schema.inputs)
     torch.manual_seed(t.seed + 1000 * (ctx.rank + 1))  # per-rank dropout streams (a resume restores them)
     if latest is not None:
-        _load(p, resume.state, ctx)
+        _load(p, latest, ctx)
     buffer = M.RecordBuffer(spec.sink if ctx.rank == 0 else None)
     if ctx.rank == 0:
-        buffer.add({"event": "start", M.STEP: step, "total_steps": total, "world_size": ctx.world, "resumed_from": latest.uri if latest else None,
-                    "notes": resume.notes, "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
-                    **p.strategy.describe()}, now=True)
+        buffer.add({"event": "start", M.STEP: step, "total_steps": total, "world_size": ctx.world,
+                    "resumed_from": latest.checkpoint.uri if latest else None, "notes": resume.notes,
+                    "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
+                    "compiled": getattr(p.net, "compiled", False), **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
-    run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=p.strategy.lockstep),
+    run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=pace.lockstep),
                _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {})
     guard = guard or WorkerGuard()
-    guard.start(ctx.world, ctx.device, jit=p.strategy.lockstep and p.strategy.stepwise)  # jit: may checkpoint at any step
+    guard.start(ctx.world, ctx.device, jit=pace.lockstep and pace.stepwise)  # jit: may checkpoint at any step
 
     try:  # a run stopped at a report (a sweep trial ASHA stops) or failed leaves no threads or shared memory behind
         pending, announced = 0, False  # pending: batches whose gradients are accumulated but not yet stepped
@@ -270,20 +303,23 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                                                     precision=p.precision, strategy=p.strategy)
                 run.window.batches += 1
                 pending += 1
-                if p.strategy.held(pending):
+                if pace.held(pending):
                     continue
                 p.strategy.step(p.optimizer, p.precision, pending)
+                if not announced:  # what each worker holds, with gradients and optimizer state allocated (max over ranks)
+                    held = memory_bytes(p.model, p.optimizer)
+                    held = dict(zip(held, _max_over_ranks(list(held.values()), ctx) if pace.lockstep else held.values()))
+                    if ctx.rank == 0:
+                        buffer.add({"event": "first_step", M.STEP: pace.advance(step), "time": time.time(), **held}, now=True)
+                    announced = True
                 p.optimizer.zero_grad(set_to_none=True)
-                before, step, pending = step, p.strategy.advance(step), 0
+                before, step, pending = step, pace.advance(step), 0
                 p.scheduler.last_epoch = step - 1  # the run's step sets the learning rate, however it advanced
                 p.scheduler.step()
-                if ctx.rank == 0 and not announced:
-                    buffer.add({"event": "first_step", M.STEP: step, "time": time.time()}, now=True)
-                    announced = True
                 if sched.log(before, step):
                     run.record(step, epoch)
                 preempted = guard.at_step(step)  # every rank: the ranks that got SIGTERM (an all-reduce every ~0.5 s)
-                if p.strategy.stepwise:
+                if pace.stepwise:
                     end_of_epoch = pos + 1 == stream.steps(epoch)
                     due = sched.at_step(step, end_of_epoch)
                     run.act(Due(due.evaluate, due.save or bool(preempted)), step, epoch, (epoch + 1, 0) if end_of_epoch else (epoch, pos + 1))
@@ -296,9 +332,9 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                     stopped = True
                     break
             last = stopped or (t.max_steps is None and epoch + 1 >= t.epochs)
-            due = Due() if p.strategy.stepwise else sched.at_epoch_end(begin, begin + stream.steps(epoch), last=last)
+            due = Due() if pace.stepwise else sched.at_epoch_end(begin, begin + stream.steps(epoch), last=last)
             if due:  # workers that take different numbers of batches meet here: finish what is pending first
-                step = p.strategy.drain(p.optimizer, pending, last=last) or step
+                step = pace.drain(p.optimizer, pending, last=last) or step
                 if pending:
                     p.optimizer.zero_grad(set_to_none=True)
                     pending = 0
@@ -310,10 +346,12 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
             epoch, start = epoch + 1, 0
 
         run.losses.flush()
+        peak = peak_memory(ctx.device)
+        peak = _max_over_ranks([peak], ctx)[0] if pace.lockstep else peak
         if ctx.rank == 0:
-            latest = store.latest()
-            buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": latest.uri if latest else None,
-                        "data_stats": dict(stream.stats)}, now=True)
+            newest = store.latest()
+            buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": newest.uri if newest else None,
+                        "data_stats": dict(stream.stats), "peak_memory_bytes": int(peak)}, now=True)
             buffer.flush(wait=True)
     finally:
         stream.close()

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lepton_ray.config import Config, ConfigError
 from lepton_ray.imports import import_object
 from lepton_ray.train.metrics import binary_auc
 
-__all__ = ["LOSSES", "METRICS", "Evaluator", "Loss", "ShapeError", "cross_entropy", "default_metrics", "make_loss",
+__all__ = ["LOSSES", "METRICS", "check_config", "Evaluator", "Loss", "ShapeError", "cross_entropy", "default_metrics", "make_loss",
            "model_inputs", "targets_of", "default_loss"]
 
 Batch = dict[str, torch.Tensor]
@@ -79,6 +80,16 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": cross_entropy
 
 METRICS = ("accuracy", "auc", "mse", "bits_per_byte")
 """Built-in eval metrics (``eval_loss`` is always reported)."""
+
+
+def check_config(cfg: Config) -> None:
+    """``model.loss`` and ``model.metrics`` name registered losses and metrics."""
+    m = cfg.model
+    if m.loss is not None and ":" not in m.loss and m.loss not in (*LOSSES, "model"):
+        raise ConfigError(f"model.loss: must be one of {', '.join([*LOSSES, 'model'])} or 'package.module:function', got {m.loss!r}")
+    for name in m.metrics or []:
+        if name not in METRICS:
+            raise ConfigError(f"model.metrics: {name!r} is not one of {', '.join(METRICS)}")
 
 
 def model_inputs(batch: Batch, input_names: tuple[str, ...], loss: str) -> Union[torch.Tensor, Batch]:

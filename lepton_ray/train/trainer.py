@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
 from lepton_ray.data.pipeline import TableInfo, data_exists, describe, load_arrays, steps_in_epoch
@@ -26,7 +27,7 @@ from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
 from lepton_ray.sync import STRATEGIES, Services
 from lepton_ray.train import metrics as M
-from lepton_ray.train.checkpoint import CheckpointStore
+from lepton_ray.train.checkpoint import CheckpointStore, load_model, open_checkpoint
 from lepton_ray.train.context import WorkerContext, isolated
 from lepton_ray.train.losses import ShapeError, default_loss, make_loss, model_inputs
 from lepton_ray.train.loop import LoopSpec, train_loop
@@ -124,7 +125,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
     ):
-        self.config = config if isinstance(config, Config) else load_config(config)
+        self.config = check_config(config if isinstance(config, Config) else load_config(config))
         self.resume = resume
         self.progress = progress
         cfg = self.config
@@ -162,7 +163,10 @@ class Trainer:
         in this process (``fit(local=True)``, a sweep trial) starts from the state a fresh worker has."""
         with isolated():
             torch.manual_seed(self.config.train.seed)
-            return build_model(self.config.model, self.train_info.schema)
+            model = build_model(self.config.model, self.train_info.schema)
+        if self.config.train.init_from:  # a seed checkpoint: services (parameter servers) start from its weights too
+            load_model(open_checkpoint(self.config.train.init_from, self.config.checkpoint.storage_options), model)
+        return model
 
     def _values(self, info: TableInfo, column: Column) -> np.ndarray:
         """Every value of one target column of a split, flattened."""
@@ -249,8 +253,9 @@ class Trainer:
         if local:
             s = self.config.scaling
             if s.num_workers != 1 or type(self.services) is not Services:  # an elastic [min, max] is not 1 either
+                plain = ", ".join(n for n, c in STRATEGIES.items() if c.Services is Services)
                 raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
-                                  f"and a strategy without services (allreduce; got sync.strategy '{self.config.sync.strategy}')")
+                                  f"and a strategy without services ({plain}; got sync.strategy '{self.config.sync.strategy}')")
             from lepton_ray.train.group import LocalGroup
 
             group = LocalGroup(s.use_gpu)

@@ -45,13 +45,17 @@ _METRICS = {"classification": ("eval_accuracy", "eval_loss"), "regression": ("ev
 def sweepable_keys() -> list[str]:
     """Every leaf key path of the config a sweep may vary (``train.lr``, ``sync.allreduce.bucket_mb``, ...)."""
 
+    from lepton_ray.sync import SECTIONS  # the strategies' own sections: sync.allreduce, sync.fsdp, ...
+
     def walk(cls: type, prefix: str) -> list[str]:
         hints = typing.get_type_hints(cls)
         keys = []
         for f in dataclasses.fields(cls):
             if not prefix and f.name in _NOT_SWEPT:
                 continue
-            if dataclasses.is_dataclass(hints[f.name]):
+            if f.name == getattr(cls, "OPEN", None):
+                keys += [k for key, section in SECTIONS.items() for k in walk(section, f"{prefix}{key}.")]
+            elif dataclasses.is_dataclass(hints[f.name]):
                 keys += walk(hints[f.name], f"{prefix}{f.name}.")
             else:
                 keys.append(f"{prefix}{f.name}")
@@ -140,9 +144,11 @@ def check_sweep(cfg: Config) -> None:
         combos = [{k: v} for k, d in s.space.items() for v in _candidates(d)]
     else:
         combos = _corners(s.space)
+    from lepton_ray.checks import check_config
+
     for params in combos:
         try:
-            load_config(trial_config(base, params, s))
+            check_config(load_config(trial_config(base, params, s)))
         except ConfigError as exc:
             drawn = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
             raise ConfigError(f"sweep.space: a trial with {drawn} would be invalid: {exc}") from None

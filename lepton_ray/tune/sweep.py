@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import ray
 from ray import tune
 
+from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
@@ -235,7 +236,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
     >>> result.best["eval_accuracy"] > 0.93, result.best["checkpoint"]  # doctest: +SKIP
     (True, '.../sweeps/digits_sweep/trials/..._00002/checkpoints/step_00000180')
     """
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = check_config(config if isinstance(config, Config) else load_config(config))
     s = cfg.sweep
     if not s.enabled:
         raise ConfigError("sweep.space: nothing to sweep; add e.g. sweep: {space: {train.lr: {loguniform: [1.0e-4, 1.0]}}}")

@@ -187,7 +187,8 @@ def test_truncated_file_is_detected(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError) as exc:
         store.load(ckpt)
-    assert str(exc.value) == f"'{ckpt.uri}/model.pt' does not match its manifest (size or SHA-256 differ)"
+    size = len(path.read_bytes())
+    assert str(exc.value) == f"'{ckpt.uri}/model.pt' does not match its manifest (size {size}, expected {size + 10})"
 
 
 def test_manifest_of_another_format_is_refused(tmp_path):

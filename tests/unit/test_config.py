@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lepton_ray.checks import check_config
 from lepton_ray.config import (
-    AllReduceConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -18,18 +18,26 @@ from lepton_ray.config import (
     apply_overrides,
     load_config,
 )
+from lepton_ray.sync.allreduce import AllReduceConfig
+from lepton_ray.sync.base import options
 
 BASE = {"data": {"train": "data/train.parquet"}}
 
 TRAIN_KEYS = (
     "epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, "
-    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s"
+    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s, "
+    "activation_checkpointing, compile, init_from"
 )
 SECTIONS = "model, data, train, scaling, sync, checkpoint, run, sweep, serve"
 
 
 def with_base(**sections) -> dict:
     return {**BASE, **sections}
+
+
+def checked(raw) -> Config:
+    """Load, then check the names the registries own (models, losses, strategies and their options sections)."""
+    return check_config(load_config(raw))
 
 
 def raises(message: str):
@@ -145,7 +153,7 @@ def test_overrides_apply_on_top_of_yaml(tmp_path):
     assert cfg.train.lr == 0.05
     assert cfg.model.hidden == [8, 4]
     assert cfg.train.epochs == 2  # untouched key of an overridden section stays
-    assert cfg.sync.allreduce.bucket_mb == 4.0
+    assert options(AllReduceConfig, cfg).bucket_mb == 4.0
     assert cfg.run.name == "other"
 
 
@@ -219,9 +227,9 @@ def test_unknown_key_without_a_close_match():
 def test_unknown_key_in_nested_section():
     with raises(
         "sync.allreduce.bucket: unknown key (did you mean 'bucket_mb'?); "
-        "valid keys in 'sync.allreduce' are: bucket_mb, find_unused_parameters, cpu_transport, shm_dir"
+        "valid keys in 'sync.allreduce' are: bucket_mb, find_unused_parameters, cpu_transport, shm_dir, shard_optimizer"
     ):
-        load_config(with_base(sync={"allreduce": {"bucket": 4}}))
+        checked(with_base(sync={"allreduce": {"bucket": 4}}))
 
 
 def test_unknown_section():
@@ -263,7 +271,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 )
 def test_wrong_type(sections, message):
     with raises(message):
-        load_config(with_base(**sections))
+        checked(with_base(**sections))
 
 
 def test_wrong_type_for_a_list_reads_naturally():
@@ -278,9 +286,10 @@ def test_wrong_type_in_dataclass_constructor():
 
 def test_ints_widen_to_floats():
     cfg = load_config(with_base(train={"lr": 1, "momentum": 0, "min_lr_ratio": 1}, sync={"allreduce": {"bucket_mb": 4}}))
-    for value in (cfg.train.lr, cfg.train.momentum, cfg.train.min_lr_ratio, cfg.sync.allreduce.bucket_mb):
+    bucket = options(AllReduceConfig, cfg).bucket_mb
+    for value in (cfg.train.lr, cfg.train.momentum, cfg.train.min_lr_ratio, bucket):
         assert type(value) is float
-    assert (cfg.train.lr, cfg.train.momentum, cfg.train.min_lr_ratio, cfg.sync.allreduce.bucket_mb) == (1.0, 0.0, 1.0, 4.0)
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.min_lr_ratio, bucket) == (1.0, 0.0, 1.0, 4.0)
     assert type(load_config(BASE, ["train.grad_clip_norm=2"]).train.grad_clip_norm) is float
     assert type(TrainConfig(lr=2).lr) is float
 
@@ -289,8 +298,25 @@ def test_ints_widen_to_floats():
 
 
 def test_invalid_enum():
-    with raises("sync.strategy: 'allreduc' is not one of allreduce, ps, hybrid"):
-        load_config(with_base(sync={"strategy": "allreduc"}))
+    with raises("sync.strategy: 'allreduc' is not one of allreduce, fsdp, ps, hybrid (did you mean 'allreduce'?)"):
+        checked(with_base(sync={"strategy": "allreduc"}))
+
+
+def test_unknown_strategy_section():
+    with raises("sync.fsdb: unknown key (did you mean 'fsdp'?); valid keys in 'sync' are: strategy, allreduce, fsdp, ps"):
+        checked(with_base(sync={"strategy": "fsdp", "fsdb": {"reshard_after_forward": False}}))
+
+
+def test_config_py_imports_no_registry():
+    """config.py checks shapes only; the names are checked by the registries that own them (no import cycle)."""
+    import ast
+
+    import lepton_ray.config
+
+    tree = ast.parse(Path(lepton_ray.config.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + \
+               [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert [m for m in imported if m and m.startswith("lepton_ray")] == []
 
 
 @pytest.mark.parametrize(
@@ -305,15 +331,7 @@ def test_invalid_enum():
 )
 def test_invalid_enums(sections, message):
     with raises(message):
-        load_config(with_base(**sections))
-
-
-def test_known_but_unavailable_strategy(monkeypatch):
-    from lepton_ray.sync import STRATEGIES
-
-    monkeypatch.delitem(STRATEGIES, "hybrid")  # a build without one of the schema's strategies
-    with raises("sync.strategy: is not available in this version (available: allreduce, ps), got 'hybrid'"):
-        load_config(with_base(sync={"strategy": "hybrid"}))
+        checked(with_base(**sections))
 
 
 # --------------------------------------------------------------------------- ranges
@@ -350,7 +368,7 @@ def test_known_but_unavailable_strategy(monkeypatch):
 )
 def test_out_of_range(sections, message):
     with raises(message):
-        load_config(with_base(**sections))
+        checked(with_base(**sections))
 
 
 def test_data_train_is_required():
@@ -425,7 +443,8 @@ def test_load_config_from_config_applies_overrides_without_mutating_source():
 
 def test_nested_section_instance_is_accepted():
     cfg = Config(data=DataConfig(train="x"), sync={"allreduce": AllReduceConfig(bucket_mb=2)})
-    assert cfg.sync.allreduce.bucket_mb == 2.0
+    assert options(AllReduceConfig, cfg).bucket_mb == 2.0
+    assert load_config(cfg.to_dict()) == cfg
 
 
 def test_ray_train_settings_are_handed_over_unless_the_user_set_them(monkeypatch):
@@ -469,10 +488,10 @@ def test_elastic_batch_must_split_at_every_size():
         load_config(with_base(train={"batch_size": 64}, scaling={"num_workers": [2, 4]}))
 
 
-def test_elastic_needs_allreduce():
-    with raises("scaling.num_workers: elastic [1, 2] needs sync.strategy: allreduce (got 'ps': parameter-server shards are sized for a"
-                " fixed worker count); use a fixed worker count"):
-        load_config(with_base(sync={"strategy": "ps"}, scaling={"num_workers": [1, 2]}))
+def test_elastic_needs_a_strategy_that_resizes():
+    with raises("scaling.num_workers: elastic [1, 2] needs a strategy that resumes at any worker count (allreduce, fsdp);"
+                " sync.strategy 'ps' does not; use a fixed worker count"):
+        checked(with_base(sync={"strategy": "ps"}, scaling={"num_workers": [1, 2]}))
 
 
 def test_num_workers_of_another_type():

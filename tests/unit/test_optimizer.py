@@ -1,4 +1,4 @@
-"""Unit tests for lepton_ray.train.loop.make_optimizer: fused kernels where torch has them, same updates."""
+"""Unit tests for lepton_ray.train.optim.make_optimizer: fused kernels where torch has them, same updates."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def model() -> nn.Module:
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_fp32_on_cpu_uses_the_fused_kernel(name):
-    opt = make_optimizer(cfg(optimizer=name), model())
+    opt = make_optimizer(cfg(optimizer=name), list(model().parameters()))
     assert opt.param_groups[0]["fused"] is True
 
 
@@ -30,7 +30,7 @@ def test_fp32_on_cpu_uses_the_fused_kernel(name):
 def test_fused_updates_match_the_default_implementation(name):
     """Ten steps of the fused optimizer land where torch's default (for-loop) implementation lands."""
     fused_model, plain_model = model(), model()
-    fused = make_optimizer(cfg(optimizer=name), fused_model)
+    fused = make_optimizer(cfg(optimizer=name), list(fused_model.parameters()))
     plain_cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
     kw = {"momentum": 0.9} if name == "sgd" else {}
     plain = plain_cls(plain_model.parameters(), lr=0.1, weight_decay=0.01, foreach=False, **kw)
@@ -46,14 +46,14 @@ def test_fused_updates_match_the_default_implementation(name):
 
 
 def test_fp16_gradient_scaling_keeps_the_default_kernel():
-    opt = make_optimizer(cfg(precision="fp16", scaling={"use_gpu": True}), model())
+    opt = make_optimizer(cfg(precision="fp16", scaling={"use_gpu": True}), list(model().parameters()))
     assert not opt.param_groups[0]["fused"]
 
 
 def test_sparse_embedding_tables_keep_the_default_kernel():
     """Fused kernels take no sparse gradients; a table set sparse (as the PS strategies do) must still train."""
     emb = nn.Embedding(10, 4, sparse=True)
-    opt = make_optimizer(cfg(weight_decay=0.0), nn.Sequential(emb))  # torch: no weight decay on sparse gradients
+    opt = make_optimizer(cfg(weight_decay=0.0), list(emb.parameters()), sparse=True)  # torch: no weight decay on sparse gradients
     assert not opt.param_groups[0]["fused"]
     emb(torch.tensor([1, 3])).sum().backward()
     before = emb.weight.detach().clone()

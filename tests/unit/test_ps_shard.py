@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lepton_ray import ConfigError, Trainer, load_config
+from lepton_ray.checks import check_config
 from lepton_ray.data.synthetic import click_table
 from lepton_ray.sync.ps_shard import PSStateError, ShardServer, plan_shards
 from lepton_ray.train.metrics import binary_auc
@@ -193,7 +194,7 @@ def test_a_restored_shard_refuses_pushes_from_the_future():
 )
 def test_invalid_ps_options(ps, message):
     with raises(message):
-        load_config({"data": {"train": "x"}, "sync": {"strategy": "ps", "ps": ps}})
+        check_config(load_config({"data": {"train": "x"}, "sync": {"strategy": "ps", "ps": ps}}))
 
 
 def _cfg(blobs, **sync) -> dict:
@@ -237,7 +238,7 @@ def test_dynamic_balance_needs_ps_with_async_or_ssp(tmp_path, strategy, mode, wh
 
 def test_balance_must_be_static_or_dynamic():
     with raises("sync.ps.balance: 'even' is not one of static, dynamic"):
-        load_config({"data": {"train": "x"}, "sync": {"strategy": "ps", "ps": {"balance": "even"}}})
+        check_config(load_config({"data": {"train": "x"}, "sync": {"strategy": "ps", "ps": {"balance": "even"}}}))
 
 
 # --------------------------------------------------------------------------- recommender, click data, AUC

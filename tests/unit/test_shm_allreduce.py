@@ -141,9 +141,8 @@ def test_one_rank_is_refused():
 
 
 def _build_worker(rank: int, world: int, store: str, out: str, shm_dir: str) -> None:
-    from lepton_ray.config import AllReduceConfig
     from lepton_ray.sync import WorkerInfo
-    from lepton_ray.sync.allreduce import build_ddp
+    from lepton_ray.sync.allreduce import AllReduceConfig, build_ddp
 
     _init(rank, world, store)
     results = {}
