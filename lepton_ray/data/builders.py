@@ -11,8 +11,8 @@ with the same signature as :func:`digits`.
 
 from __future__ import annotations
 
+import io
 import os
-import uuid
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
 from lepton_ray.imports import import_object
-from lepton_ray.storage import arrow_filesystem, filesystem
+from lepton_ray.storage import atomic_write, filesystem
 
 __all__ = ["BUILDERS", "build_data", "digits", "digits_images", "write_table"]
 
 
 def write_table(table: pa.Table, uri: str, storage_options: Optional[dict] = None, *, row_group_size: Optional[int] = None) -> None:
-    """Write one Parquet file atomically: a temporary name first, then a rename.
+    """Write one Parquet file atomically (:func:`~lepton_ray.storage.atomic_write`).
 
     ``row_group_size``: rows per row group (the unit workers share a split by); omitted = pyarrow's default.
     """
@@ -35,9 +35,9 @@ def write_table(table: pa.Table, uri: str, storage_options: Optional[dict] = Non
     parent = os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
-    pq.write_table(table, tmp, filesystem=arrow_filesystem(fs), row_group_size=row_group_size)
-    fs.mv(tmp, path)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size)
+    atomic_write(fs, path, buf.getvalue())
 
 
 def _load_digits(builder: str, eval: Optional[str], eval_fraction: float, seed: int) -> tuple[Any, dict[str, np.ndarray]]:

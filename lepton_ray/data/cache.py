@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+import fsspec
+
+from lepton_ray.storage import atomic_write
 
 __all__ = ["ShardCache"]
 
@@ -43,6 +46,7 @@ class ShardCache:
 
     def __init__(self, directory: str, max_bytes: int):
         self.dir = Path(directory).expanduser()
+        self.fs = fsspec.filesystem("file")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._verified: set[str] = set()
@@ -67,9 +71,7 @@ class ShardCache:
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
             raise IOError(f"fetched shard does not match its manifest (expected {size} bytes, sha256 {sha256[:12]}...)")
         self._evict(len(data))
-        tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(self.fs, str(path), data)
         self._verified.add(sha256)
         self.stats["fetched_bytes"] += len(data)
         return path

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
 from lepton_ray.data.schema import field_info
-from lepton_ray.storage import filesystem, is_local, join
+from lepton_ray.storage import atomic_write, filesystem, join
 
 __all__ = ["MANIFEST", "FORMAT", "prepare", "read_manifest", "SHARD_PREFIX"]
 
@@ -64,21 +63,9 @@ def _read_source(source: Union[str, os.PathLike, pa.Table]) -> pa.Table:
         raise ConfigError(f"prepare: the files under '{path}' do not share one schema: {exc}") from None
 
 
-def _put(fs: Any, path: str, data: bytes, local: bool) -> None:
-    """Write ``data`` atomically: aside then rename on a local disk, one PUT on object storage."""
-    if local:
-        tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
 def _write_split(table: pa.Table, dest: str, split: str, num_shards: int, row_group_rows: int,
                  compression: str, storage_options: Optional[dict]) -> dict[str, Any]:
     fs, root = filesystem(dest, storage_options)
-    local = is_local(dest)
     fs.makedirs(root, exist_ok=True)
     try:
         fs.rm_file(f"{root}/{MANIFEST}")  # re-preparing: un-commit the old split before touching its shards
@@ -92,7 +79,7 @@ def _write_split(table: pa.Table, dest: str, split: str, num_shards: int, row_gr
         pq.write_table(part, buf, row_group_size=row_group_rows, compression=None if compression == "none" else compression)
         data = buf.getvalue()
         name = f"{SHARD_PREFIX}{i:05d}.parquet"
-        _put(fs, f"{root}/{name}", data, local)
+        atomic_write(fs, f"{root}/{name}", data)
         meta = pq.ParquetFile(io.BytesIO(data)).metadata
         shards.append({
             "path": name,
@@ -109,7 +96,7 @@ def _write_split(table: pa.Table, dest: str, split: str, num_shards: int, row_gr
         "shards": shards,
         "created": time.time(),
     }
-    _put(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=1).encode(), local)
+    atomic_write(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=1).encode())  # commits the split
     return manifest
 
 

@@ -12,9 +12,10 @@ A bundle is a directory (local or any storage URI) holding
 The form is re-applied when the bundle is loaded (quantizing or compiling the fp32
 weights is deterministic and fast), so the weights file is always plain fp32 tensors.
 
-Writing is atomic: on a local disk the bundle is written to a hidden sibling directory
-and renamed into place; on object storage ``bundle.json`` is written last, in one PUT,
-and a bundle without it does not exist.
+Writing is atomic: ``bundle.json`` is written last, in one atomic write (a rename on a
+local disk, one PUT on object storage, :func:`~lepton_ray.storage.atomic_write`), after
+the old one is removed; a bundle without it does not exist, and it names the SHA-256 of
+the weights it goes with.
 
 A checkpoint URI (``.../checkpoints/step_00000660``, or the checkpoint root for the
 newest one) can be used wherever a bundle is expected: it loads as an fp32 bundle.
@@ -24,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -38,7 +36,7 @@ from torch import nn
 
 from lepton_ray.config import ModelConfig, load_config
 from lepton_ray.data.schema import LEGACY_INPUT, Column, Schema
-from lepton_ray.storage import filesystem, is_local, join
+from lepton_ray.storage import atomic_write, filesystem, join
 from lepton_ray.train.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointStore, model_state
 
 __all__ = ["Bundle", "BundleError", "check_name", "load_bundle", "load_checkpoint", "write_bundle", "BUNDLE_FILE", "WEIGHTS_FILE"]
@@ -236,33 +234,13 @@ def write_bundle(bundle: Bundle, uri: str, *, report: Optional[dict[str, Any]] =
         files[REPORT_FILE] = json.dumps(report, indent=1).encode()
     files[BUNDLE_FILE] = json.dumps(meta, indent=1).encode()  # last: it commits the bundle
     fs, path = filesystem(uri, storage_options)
-    if is_local(uri):
-        parent, name = os.path.split(path.rstrip("/"))
-        os.makedirs(parent or ".", exist_ok=True)
-        tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-        os.makedirs(tmp)
-        try:
-            for fname, data in files.items():
-                with open(os.path.join(tmp, fname), "wb") as fh:
-                    fh.write(data)
-            if os.path.exists(path):
-                if not overwrite:
-                    raise BundleError(f"'{uri}' already exists")
-                old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex}")
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        if fs.exists(f"{path}/{BUNDLE_FILE}"):
-            if not overwrite:
-                raise BundleError(f"'{uri}' already exists")
-            fs.rm_file(f"{path}/{BUNDLE_FILE}")  # un-commit the old bundle first
-        for fname, data in files.items():
-            fs.pipe_file(f"{path}/{fname}", data)
+    fs.makedirs(path, exist_ok=True)
+    if fs.exists(f"{path}/{BUNDLE_FILE}"):
+        if not overwrite:
+            raise BundleError(f"'{uri}' already exists")
+        fs.rm_file(f"{path}/{BUNDLE_FILE}")  # un-commit the old bundle before touching its files
+    for fname, data in files.items():  # bundle.json last: its one atomic write commits the bundle
+        atomic_write(fs, f"{path}/{fname}", data)
     return uri
 
 
