@@ -140,12 +140,6 @@ class _Reader(FileSystemReader):
         self.fs, self.path = dcp_fs, path
 
 
-def _to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 class CheckpointWriter:
     """One rank's part of the checkpoint of ``step``; :attr:`files` (name -> size and SHA-256) goes to the commit.
 
@@ -159,10 +153,10 @@ class CheckpointWriter:
         store.fs.makedirs(self.dir, exist_ok=True)
 
     def put(self, name: str, obj: Any) -> None:
-        data = _to_bytes(obj)
         with self.store.fs.open(f"{self.dir}/{name}.pt", "wb") as fh:
-            fh.write(data)
-        self.files[f"{name}.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            stream = _Hashing(fh)  # streamed to storage as serialised: no second copy of the state in memory
+            torch.save(obj, stream)
+        self.files[f"{name}.pt"] = {"bytes": stream.n, "sha256": stream.sha.hexdigest()}
 
     def put_sharded(self, name: str, state: dict[str, Any]) -> None:
         fs = _DCPFileSystem(self.store.fs, self.dir, self.files)

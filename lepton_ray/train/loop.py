@@ -72,6 +72,13 @@ def _max_over_ranks(values: list[float], ctx: WorkerContext) -> list[float]:
     return t.tolist()
 
 
+def _held(p: _Parts, ctx: WorkerContext, together: bool) -> dict[str, int]:
+    """What a worker holds once gradients and optimizer state exist, and its peak memory so far: the maximum over the
+    ranks (``together``: a collective; otherwise this rank's own)."""
+    held = {**memory_bytes(p.model, p.optimizer), "peak_memory_bytes": peak_memory(ctx.device)}
+    return {k: int(v) for k, v in zip(held, _max_over_ranks(list(held.values()), ctx) if together else held.values())}
+
+
 def evaluate(model: nn.Module, data: dict[str, torch.Tensor], evaluator: Evaluator, inputs: tuple[str, ...],
              precision: Precision, ctx: WorkerContext, batch: int) -> dict[str, float]:
     """``eval_*`` metrics over every rank's rows (a collective: every rank calls it). Every rank runs as many forward
@@ -306,16 +313,14 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                 if pace.held(pending):
                     continue
                 p.strategy.step(p.optimizer, p.precision, pending)
-                if not announced:  # what each worker holds, with gradients and optimizer state allocated (max over ranks)
-                    held = memory_bytes(p.model, p.optimizer)
-                    held = dict(zip(held, _max_over_ranks(list(held.values()), ctx) if pace.lockstep else held.values()))
-                    if ctx.rank == 0:
-                        buffer.add({"event": "first_step", M.STEP: pace.advance(step), "time": time.time(), **held}, now=True)
-                    announced = True
+                held = None if announced else _held(p, ctx, pace.lockstep)  # before zero_grad: the gradients exist
                 p.optimizer.zero_grad(set_to_none=True)
                 before, step, pending = step, pace.advance(step), 0
                 p.scheduler.last_epoch = step - 1  # the run's step sets the learning rate, however it advanced
                 p.scheduler.step()
+                if held is not None and ctx.rank == 0:
+                    buffer.add({"event": "first_step", M.STEP: step, "time": time.time(), **held}, now=True)
+                announced = True
                 if sched.log(before, step):
                     run.record(step, epoch)
                 preempted = guard.at_step(step)  # every rank: the ranks that got SIGTERM (an all-reduce every ~0.5 s)
