@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""How much lepton_ray costs on top of what it wraps: training throughput and startup.
+"""How much lepton_ray costs on top of what it wraps: training throughput and startup, for an MLP and a gpt.
 
-Everything is measured in ONE run of this script, on the same synthetic data (a
-seeded Parquet file in a temporary directory) and the same model: an MLP
-512 -> 2048 -> 1024 -> 10 (3.16 M parameters), fp32, SGD (momentum 0.9, constant
-lr), 2 workers with 1 CPU thread each, the same global batch, and the same
-per-step batches: the baselines hold the data in memory and index each step's
-rows in lepton_ray's data order (seeded per-epoch deal of row-group units,
-shuffle-buffer windows; see ``epoch_plan``), which the script checks batch for
-batch against ``lepton_ray.data.WorkerStream`` before timing anything. lepton_ray
-streams the same rows from the Parquet file, as it always does.
+Everything is measured in ONE run of this script (``--parts mlp,gpt``, the default, runs both parts; a part is
+a separate set of runs on its own data), on seeded synthetic data (Parquet files in a temporary directory),
+with 2 workers of 1 CPU thread each. Within a part both sides train the same model with the same optimizer,
+precision (fp32) and global batch on the same per-step batches: the baselines hold the data in memory and
+index each step's rows in lepton_ray's data order (seeded per-epoch deal of row-group units, shuffle-buffer
+windows; see ``epoch_plan``), which the script checks batch for batch against
+``lepton_ray.data.WorkerStream`` for each data set before timing anything. lepton_ray streams the same rows
+from the Parquet file, as it always does.
+
+MLP part: an MLP 512 -> 2048 -> 1024 -> 10 (3.16 M parameters), SGD (momentum 0.9, constant lr), on
+fixed-size-list float features and int64 labels.
 
 1. Steady-state throughput (samples/s over steps ``--warmup``..``--steps``):
    lepton_ray ``sync.strategy: allreduce`` (``Trainer(config).fit()``, rates
@@ -26,19 +28,49 @@ streams the same rows from the Parquet file, as it always does.
    on the same data and writes ``time.time()`` after its first optimizer step.
    Bar: lepton / bare <= 1.10 (lepton_ray adds at most 10 %).
 
+gpt part: lepton_ray's built-in gpt (``lepton_ray.models.gpt.GPT``: 4 blocks, 4 heads, 128 dims, byte vocabulary
+256, block size T = 128; ~0.84 M parameters), AdamW (lr 2e-3, weight decay 0.1, constant lr, no clipping,
+``fused=True``: lepton_ray uses the fused kernel on CPU, for DTensor shards too), cross entropy of the logits
+[B, T, 256] against the next bytes [B, T], global batch 32 rows (``--gpt-batch-size``), on seeded byte text
+(words of a small seeded vocabulary, Zipf-distributed) stored as ``input`` / ``target`` columns of
+``fixed_size_list<uint8>[T]``, the text builder's layout. Both baselines are ``gpt_train_steps`` below,
+written once from torch's documented APIs (not tuned against lepton_ray), in two ``torch.multiprocessing``
+processes over gloo with ``torch.set_num_threads(1)``; the model is built by ``GPT(...)`` after
+``torch.manual_seed(0)``, as lepton_ray's loop builds it (FSDP: on the meta device, then per-rank initialised
+shards; the init values do not matter for throughput, only the architecture).
+
+3. gpt ``sync.strategy: allreduce`` tokens/s (steady state over steps ``--gpt-warmup``..``--gpt-steps``, samples/s
+   x T) against plain DDP (``DistributedDataParallel(model)`` with its defaults). Bar: lepton / plain >= 0.95.
+   lepton_ray runs with its defaults (shared-memory gradient transport, as in 1.).
+
+4. gpt ``sync.strategy: fsdp`` tokens/s against plain FSDP2: ``fully_shard(block, reshard_after_forward=True)``
+   for every ``Block`` of ``model.transformer.h``, then ``fully_shard(model, reshard_after_forward=True)`` (the root:
+   embeddings, tied head, final norm), default mixed-precision policy (fp32) and no offload, on a 1-D CPU device
+   mesh over the 2 ranks; lepton_ray runs with its defaults (units = the blocks, ``reshard_after_forward: true``).
+   Bar: lepton / plain >= 0.95.
+
+   The gpt's first-step training loss is printed for each side (mean over ranks): lepton allreduce and plain DDP
+   start from the same weights on the same batches, so theirs agree to float rounding, a check that both sides
+   train the same model on the same rows.
+
 Ray is started once (``ray.init(num_cpus=4)``), so both sides pay the same
 cluster start (i.e. none). Before every run the script waits until the previous
 run's processes are gone (``settle``), so no side starts during another's
 teardown. Every measurement is repeated ``--repeats`` times, the sides
-alternating (and the order flipping every repeat), and the median is reported. An untimed bare TorchTrainer run first warms the driver's lazy imports.
+alternating (and the order flipping every repeat), and the median is reported. An untimed bare TorchTrainer
+run first warms the driver's lazy imports (MLP part).
 The bare TorchTrainer's steady-state throughput is printed too (for information:
 it separates what Ray Train costs from what lepton_ray adds).
 
-    .venv/bin/python benchmarks/train_overhead.py [--steps 300] [--batch-size 256] [--repeats 5]
+    .venv/bin/python benchmarks/train_overhead.py [--parts mlp,gpt] [--steps 300] [--batch-size 256] [--repeats 5]
+        [--gpt-steps 120] [--gpt-warmup 20] [--gpt-batch-size 32]
+    .venv/bin/python benchmarks/train_overhead.py --parts gpt --repeats 1 --gpt-steps 30 --gpt-warmup 5   # smoke test
 
 On this 2-core machine a single run's samples/s varies by +-5 % from run to run (plain
 DDP alone ranged 6225..6880 in one invocation), so the defaults are 300 steps and 5
-alternating repeats (12-13 minutes measured); fewer repeats give a ratio that is mostly noise.
+alternating repeats (12-13 minutes measured for the MLP part); fewer repeats give a ratio that is mostly noise.
+The gpt part adds 4 runs per repeat of 120 steps each (not yet timed on an idle machine: expect it to take about
+as long as the MLP part).
 
 Exit status 0 whether or not the bars are met (the table says PASS/FAIL);
 ``--strict`` makes a missed bar exit 1.
@@ -55,6 +87,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +107,22 @@ SEED = 0
 LR, MOMENTUM = 0.01, 0.9
 THROUGHPUT_BAR, STARTUP_BAR = 0.95, 1.10
 
+GPT_T, GPT_VOCAB = 128, 256
+GPT_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 128}
+GPT_LR, GPT_WEIGHT_DECAY = 2e-3, 0.1
 
-# --------------------------------------------------------------------------- shared by the baselines
+# batch key -> Parquet column, for the baselines; the same names as lepton_ray's data config gives the batch
+MLP_COLUMNS = {"x": "x", "label": "label"}
+GPT_COLUMNS = {"tokens": "input", "next": "target"}
+# lepton_ray's data section (less ``train``) for each data set
+MLP_DATA = {"label": "label"}
+GPT_DATA = {"inputs": {"tokens": "input"}, "targets": {"next": "target"}}
 
 
-def write_data(path: Path, rows: int, row_group_rows: int | None) -> None:
+# --------------------------------------------------------------------------- the data sets, and lepton_ray's order
+
+
+def write_mlp_data(path: Path, rows: int, row_group_rows: int | None) -> None:
     """Seeded synthetic classification data: one fixed-size-list feature column + int64 labels."""
     rng = np.random.default_rng(SEED)
     x = rng.standard_normal((rows, FEATURES), dtype=np.float32)
@@ -88,23 +132,35 @@ def write_data(path: Path, rows: int, row_group_rows: int | None) -> None:
     pq.write_table(pa.table({"x": col, "label": y}), path, row_group_size=row_group_rows)
 
 
-def read_data(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pq.read_table(path, columns=["x", "label"])
-    x = table.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, FEATURES).copy()
-    y = table.column("label").to_numpy().copy()
-    return torch.from_numpy(x), torch.from_numpy(y)
+def write_gpt_data(path: Path, rows: int, row_group_rows: int | None) -> None:
+    """Seeded byte text with some structure (Zipf-distributed words of a 512-word seeded vocabulary, space-separated),
+    cut like the text builder's rows: ``input`` bytes 0..T-1 and ``target`` bytes 1..T, both ``fixed_size_list<uint8>[T]``."""
+    rng = np.random.default_rng(SEED)
+    words = [bytes(rng.integers(97, 123, int(rng.integers(2, 9))).astype(np.uint8)) for _ in range(512)]
+    need = rows * (GPT_T + 1)
+    text = b""
+    while len(text) < need:
+        text += b" ".join(words[i] for i in (rng.zipf(1.3, need // 4) - 1) % len(words)) + b". "
+    arr = np.frombuffer(text, np.uint8, count=need).reshape(rows, GPT_T + 1)
+
+    def col(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).ravel(), pa.uint8()), GPT_T)
+
+    pq.write_table(pa.table({"input": col(arr[:, :-1]), "target": col(arr[:, 1:])}), path, row_group_size=row_group_rows)
 
 
-def build_mlp() -> nn.Module:
-    """The same layers, in the same order, with the same seed as lepton_ray's built-in ``mlp``."""
-    torch.manual_seed(SEED)
-    layers: list[nn.Module] = []
-    width = FEATURES
-    for h in HIDDEN:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, CLASSES))
-    return nn.Sequential(*layers)
+def read_data(path: str, columns: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The whole file in memory, one tensor per batch key (a fixed-size list of n values is [N, n]), dtypes as stored."""
+    table = pq.read_table(path, columns=list(columns.values()))
+    out = {}
+    for key, name in columns.items():
+        a = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(a.type):
+            v = a.flatten().to_numpy(zero_copy_only=False).reshape(len(a), a.type.list_size).copy()
+        else:
+            v = a.to_numpy(zero_copy_only=False).copy()
+        out[key] = torch.from_numpy(v)
+    return out
 
 
 def epoch_plan(row_groups: list[int], *, rank: int, world: int, local_batch: int, epoch: int,
@@ -141,33 +197,38 @@ def epoch_plan(row_groups: list[int], *, rank: int, world: int, local_batch: int
     return np.concatenate(out)[: steps * local_batch].reshape(steps, local_batch)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, row_groups: list[int], global_batch: int, rank: int, world: int):
-    """This rank's batches, epoch after epoch, forever, in lepton_ray's order."""
+def batches(cols: dict[str, torch.Tensor], row_groups: list[int], global_batch: int, rank: int, world: int):
+    """This rank's batches ({key: rows}), epoch after epoch, forever, in lepton_ray's order."""
     epoch = 0
     while True:
         for idx in torch.from_numpy(epoch_plan(row_groups, rank=rank, world=world, local_batch=global_batch // world, epoch=epoch)):
-            yield x[idx], y[idx]
+            yield {k: v[idx] for k, v in cols.items()}
         epoch += 1
 
 
-def check_order(data: str, global_batch: int, epochs: int = 2) -> None:
-    """Fail loudly unless the baselines' batches are exactly lepton_ray's (WorkerStream, every rank, ``epochs`` epochs)."""
+def check_order(data: str, columns: dict[str, str], data_cfg: dict[str, Any], global_batch: int, epochs: int = 2) -> None:
+    """Fail loudly unless the baselines' batches are exactly lepton_ray's (WorkerStream, every rank, ``epochs`` epochs):
+    the same keys, dtypes, shapes and rows. ``data_cfg``: lepton_ray's data section for the file, less ``train``."""
     import lepton_ray.data.pipeline as P
     from lepton_ray.config import DataConfig
 
-    cfg = DataConfig(train=data, label="label")
+    cfg = DataConfig(train=data, **data_cfg)
     info = P.describe("data.train", data, cfg)
-    x, y = read_data(data)
+    cols = read_data(data, columns)
     row_groups = row_groups_of(data)
     for rank in range(WORLD):
         stream = P.WorkerStream(info, cfg, rank=rank, world_size=WORLD, local_batch=global_batch // WORLD, seed=SEED)
         for epoch in range(epochs):
             plan = epoch_plan(row_groups, rank=rank, world=WORLD, local_batch=global_batch // WORLD, epoch=epoch)
             got = list(stream.epoch(epoch))
-            same = len(got) == len(plan) and all(torch.equal(b["x"], x[idx]) and torch.equal(b["label"], y[idx]) for b, idx in zip(got, torch.from_numpy(plan)))
+            same = len(got) == len(plan) and all(
+                b.keys() == cols.keys() and all(b[k].dtype == v.dtype and torch.equal(b[k], v[idx]) for k, v in cols.items())
+                for b, idx in zip(got, torch.from_numpy(plan)))
             if not same:
-                raise SystemExit(f"benchmark out of date: the baselines' batches differ from lepton_ray's WorkerStream (rank {rank}, "
-                                 f"epoch {epoch}); update epoch_plan() in {__file__} to lepton_ray's current data order")
+                raise SystemExit(f"benchmark out of date: the baselines' batches of {Path(data).name} differ from lepton_ray's "
+                                 f"WorkerStream (rank {rank}, epoch {epoch}); update epoch_plan() or read_data() in {__file__} "
+                                 f"to lepton_ray's current data order and batch layout")
+        stream.close()
 
 
 def row_groups_of(data: str) -> list[int]:
@@ -175,18 +236,33 @@ def row_groups_of(data: str) -> list[int]:
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
+# --------------------------------------------------------------------------- the baselines' training loops
+
+
+def build_mlp() -> nn.Module:
+    """The same layers, in the same order, with the same seed as lepton_ray's built-in ``mlp``."""
+    torch.manual_seed(SEED)
+    layers: list[nn.Module] = []
+    width = FEATURES
+    for h in HIDDEN:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, CLASSES))
+    return nn.Sequential(*layers)
+
+
 def train_steps(rank: int, world: int, data: str, steps: int, global_batch: int, stamp: str | None) -> list[float]:
-    """The plain DDP loop both baselines run; returns time.time() after every optimizer step."""
+    """The plain DDP MLP loop (plain DDP and the bare TorchTrainer); returns time.time() after every optimizer step."""
     torch.set_num_threads(1)
-    x, y = read_data(data)
+    cols = read_data(data, MLP_COLUMNS)
     row_groups = row_groups_of(data)
     model = build_mlp()
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     ddp.train()
     times: list[float] = []
-    for step, (xb, yb) in zip(range(steps), batches(x, y, row_groups, global_batch, rank, world)):
-        loss = F.cross_entropy(ddp(xb), yb)
+    for step, b in zip(range(steps), batches(cols, row_groups, global_batch, rank, world)):
+        loss = F.cross_entropy(ddp(b["x"]), b["label"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -194,6 +270,57 @@ def train_steps(rank: int, world: int, data: str, steps: int, global_batch: int,
         if step == 0 and stamp and rank == 0:
             Path(stamp).write_text(repr(times[0]))
     return times
+
+
+def gpt_train_steps(rank: int, world: int, data: str, steps: int, global_batch: int, kind: str) -> tuple[list[float], list[float]]:
+    """The plain gpt loops, ``kind`` "ddp" (DistributedDataParallel with its defaults) or "fsdp" (FSDP2: ``fully_shard``
+    each Block, then the root, ``reshard_after_forward=True``); fp32, fused AdamW, constant lr, no clipping.
+    Returns (time.time() after every optimizer step, every step's loss averaged over the ranks, gathered after timing)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lepton_ray.models.gpt import GPT
+
+    torch.set_num_threads(1)
+    cols = read_data(data, GPT_COLUMNS)
+    row_groups = row_groups_of(data)
+    torch.manual_seed(SEED)
+    if kind == "ddp":
+        model = GPT(GPT_T, GPT_VOCAB, **GPT_SHAPE)
+        net: nn.Module = DistributedDataParallel(model)
+    elif kind == "fsdp":
+        with torch.device("meta"):
+            model = GPT(GPT_T, GPT_VOCAB, **GPT_SHAPE)
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        model.to_empty(device="cpu")
+        torch.manual_seed(SEED + rank)  # each rank draws its own shards
+        with warnings.catch_warnings():  # "DTensor random operators may not have complete support on cpu device mesh"
+            warnings.filterwarnings("ignore", message="DTensor random operators")
+            model.init_weights()
+        net = model
+    else:
+        raise ValueError(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=GPT_LR, weight_decay=GPT_WEIGHT_DECAY, fused=True)
+    net.train()
+    times: list[float] = []
+    losses: list[torch.Tensor] = []
+    for _, b in zip(range(steps), batches(cols, row_groups, global_batch, rank, world)):
+        logits = net(b["tokens"])
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), b["next"].view(-1).long())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.time())
+        losses.append(loss.detach())
+    mean = torch.stack(losses)
+    dist.all_reduce(mean)  # after the timed steps
+    return times, (mean / world).tolist()
+
+
+# --------------------------------------------------------------------------- measuring
 
 
 def _cpu_busy(interval: float = 1.0) -> float:
@@ -239,16 +366,19 @@ def median_step_rate(points: list[tuple[int, float]], warmup: int, global_batch:
     return global_batch / statistics.median(per_step)
 
 
-# --------------------------------------------------------------------------- plain DDP (torch.multiprocessing)
+# --------------------------------------------------------------------------- plain PyTorch (torch.multiprocessing)
 
 
-def _plain_worker(rank: int, world: int, port: int, data: str, steps: int, global_batch: int, out: str) -> None:
+def _plain_worker(rank: int, world: int, port: int, kind: str, data: str, steps: int, global_batch: int, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        times = train_steps(rank, world, data, steps, global_batch, None)
+        if kind == "mlp":
+            times, losses = train_steps(rank, world, data, steps, global_batch, None), []
+        else:  # "gpt_ddp" | "gpt_fsdp"
+            times, losses = gpt_train_steps(rank, world, data, steps, global_batch, kind.removeprefix("gpt_"))
         if rank == 0:
-            Path(out).write_text(json.dumps(times))
+            Path(out).write_text(json.dumps({"times": times, "losses": losses}))
     finally:
         dist.destroy_process_group()
 
@@ -259,11 +389,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_plain(data: str, steps: int, global_batch: int, warmup: int, tmp: Path) -> tuple[float, float]:
-    out = tmp / f"plain_{time.monotonic_ns()}.json"
-    mp.spawn(_plain_worker, args=(WORLD, _free_port(), data, steps, global_batch, str(out)), nprocs=WORLD, join=True)
-    points = [(i + 1, t) for i, t in enumerate(json.loads(out.read_text()))]
-    return steady_rate(points, warmup, global_batch), median_step_rate(points, warmup, global_batch)
+def run_plain(kind: str, data: str, steps: int, global_batch: int, warmup: int, tmp: Path) -> dict[str, Any]:
+    """One plain run (``kind``: "mlp", "gpt_ddp" or "gpt_fsdp"): steady and median-step samples/s, per-step losses."""
+    out = tmp / f"plain_{kind}_{time.monotonic_ns()}.json"
+    mp.spawn(_plain_worker, args=(WORLD, _free_port(), kind, data, steps, global_batch, str(out)), nprocs=WORLD, join=True)
+    got = json.loads(out.read_text())
+    points = [(i + 1, t) for i, t in enumerate(got["times"])]
+    return {"rate": steady_rate(points, warmup, global_batch), "rate_med": median_step_rate(points, warmup, global_batch),
+            "losses": got["losses"]}
 
 
 # --------------------------------------------------------------------------- bare Ray Train V2 TorchTrainer
@@ -303,33 +436,183 @@ def run_bare(data: str, steps: int, global_batch: int, warmup: int, tmp: Path) -
 # --------------------------------------------------------------------------- lepton_ray
 
 
-def run_lepton(data: str, steps: int, global_batch: int, warmup: int, tmp: Path, n: int, transport: str = "auto") -> dict[str, Any]:
+def mlp_config(data: str, steps: int, global_batch: int) -> dict[str, Any]:
+    return {
+        "model": {"name": "mlp", "hidden": HIDDEN},
+        "data": {"train": data, **MLP_DATA},
+        "train": {"max_steps": steps, "batch_size": global_batch, "optimizer": "sgd", "lr": LR, "momentum": MOMENTUM,
+                  "schedule": "constant", "precision": "fp32", "seed": SEED},
+    }
+
+
+def gpt_config(data: str, steps: int, global_batch: int) -> dict[str, Any]:
+    return {
+        "model": {"name": "gpt", "kwargs": {**GPT_SHAPE, "dropout": 0.0, "vocab_size": GPT_VOCAB}, "loss": "cross_entropy"},
+        "data": {"train": data, **GPT_DATA},
+        "train": {"max_steps": steps, "batch_size": global_batch, "optimizer": "adamw", "lr": GPT_LR,
+                  "weight_decay": GPT_WEIGHT_DECAY, "schedule": "constant", "precision": "fp32", "seed": SEED},
+    }
+
+
+def run_lepton(base: dict[str, Any], sync: dict[str, Any], name: str, global_batch: int, warmup: int, tmp: Path) -> dict[str, Any]:
+    """One ``Trainer(config).fit()`` of ``base`` (model, data, train) with ``sync``, 2 workers x 1 CPU, no checkpoints."""
     import lepton_ray
 
     config = {
-        "model": {"name": "mlp", "hidden": HIDDEN},
-        "data": {"train": data, "label": "label"},
-        "train": {"max_steps": steps, "batch_size": global_batch, "optimizer": "sgd", "lr": LR, "momentum": MOMENTUM,
-                  "schedule": "constant", "precision": "fp32", "seed": SEED},
+        **base,
         "scaling": {"num_workers": WORLD, "cpus_per_worker": 1},
-        "sync": {"strategy": "allreduce", "allreduce": {"cpu_transport": transport}},
+        "sync": sync,
         "checkpoint": {"every_n_steps": 0, "keep_last": 1},
-        "run": {"name": f"bench{n}_{transport}", "dir": str(tmp / "lepton_runs")},
+        "run": {"name": name, "dir": str(tmp / "lepton_runs")},
     }
     t0 = time.time()
     result = lepton_ray.Trainer(config, progress=False).fit()
     first = next(r for r in result.records if r.get("event") == "first_step")
     start = next(r for r in result.records if r.get("event") == "start")
-    points = [(r["step"], r["time"]) for r in result.records if "samples_per_s" in r and "time" in r]
+    steps = [r for r in result.records if "samples_per_s" in r and "time" in r]
+    points = [(r["step"], r["time"]) for r in steps]
     return {
         "ttfs": first["time"] - t0,
         "ttfs_own": result.metrics["time_to_first_step_s"],
         "rate": steady_rate(points, warmup, global_batch),
         "rate_med": median_step_rate(points, warmup, global_batch),
-        "data_wait": statistics.fmean(r.get("data_wait_frac", 0.0) for r in result.records if "samples_per_s" in r and r["step"] > warmup),
+        "data_wait": statistics.fmean(r.get("data_wait_frac", 0.0) for r in steps if r["step"] > warmup),
         "rate_first_to_last": result.metrics["samples_per_s"],
         "transport": start.get("allreduce_transport", "?"),
+        "start": start,
+        "first_loss": next((r["train_loss"] for r in steps if r["step"] == 1 and "train_loss" in r), float("nan")),
     }
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def _alternate(order: list[str], repeats: int):
+    """(repeat, side) in alternating order, flipped every repeat, each after :func:`settle`."""
+    settled: list[float] = []
+    for rep in range(repeats):
+        for side in (order if rep % 2 == 0 else order[::-1]):
+            settled.append(settle())
+            yield rep, side, settled
+
+
+def prepare(part: str, args: argparse.Namespace, tmp: Path) -> str:
+    """Write ``part``'s data set and check that the baselines' batches are exactly lepton_ray's; returns its path."""
+    data = str(tmp / f"{part}.parquet")
+    if part == "mlp":
+        write_mlp_data(Path(data), args.rows, args.row_group_rows)
+        check_order(data, MLP_COLUMNS, MLP_DATA, args.batch_size)
+    else:
+        write_gpt_data(Path(data), args.gpt_rows, args.row_group_rows)
+        check_order(data, GPT_COLUMNS, GPT_DATA, args.gpt_batch_size)
+    return data
+
+
+def bench_mlp(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tuple], list[str], list[float]]:
+    """The MLP part on ``data`` (from :func:`prepare`): (table rows, info lines, settle times)."""
+    row_groups = row_groups_of(data)
+    bare_steps = args.bare_steps if args.bare_steps is not None else args.steps
+    print("MLP: warming the driver with one untimed bare TorchTrainer run", flush=True)
+    run_bare(data, 2, args.batch_size, args.warmup, tmp)
+    base = mlp_config(data, args.steps, args.batch_size)
+
+    lep: list[dict[str, Any]] = []
+    lep_gloo: list[dict[str, Any]] = []
+    bare: list[tuple[float, float | None]] = []
+    plain: list[dict[str, Any]] = []
+    settled: list[float] = []
+    for rep, side, settled in _alternate(["lepton", "lepton_gloo", "bare", "plain"], args.repeats):
+        if side == "lepton":
+            lep.append(run_lepton(base, {"strategy": "allreduce", "allreduce": {"cpu_transport": "auto"}}, f"bench{rep}_auto",
+                                  args.batch_size, args.warmup, tmp))
+            r = lep[-1]
+            print(f"  [{rep}] lepton_ray : first step {r['ttfs']:6.2f}s  steady {r['rate']:8.1f} samples/s"
+                  f"  (gradients via {r['transport']})", flush=True)
+        elif side == "lepton_gloo":
+            lep_gloo.append(run_lepton(base, {"strategy": "allreduce", "allreduce": {"cpu_transport": "gloo"}}, f"bench{rep}_gloo",
+                                       args.batch_size, args.warmup, tmp))
+            print(f"  [{rep}] lepton_ray, cpu_transport gloo: steady {lep_gloo[-1]['rate']:8.1f} samples/s", flush=True)
+        elif side == "bare":
+            bare.append(run_bare(data, bare_steps, args.batch_size, args.warmup, tmp))
+            ttfs, rate = bare[-1]
+            print(f"  [{rep}] bare Ray   : first step {ttfs:6.2f}s  steady {rate or float('nan'):8.1f} samples/s", flush=True)
+        else:
+            plain.append(run_plain("mlp", data, args.steps, args.batch_size, args.warmup, tmp))
+            print(f"  [{rep}] plain DDP  :                     steady {plain[-1]['rate']:8.1f} samples/s", flush=True)
+
+    med = statistics.median
+    lep_rate, plain_rate = med(r["rate"] for r in lep), med(p["rate"] for p in plain)
+    lep_med, plain_med = med(r["rate_med"] for r in lep), med(p["rate_med"] for p in plain)
+    lep_ttfs, bare_ttfs = med(r["ttfs"] for r in lep), med(b[0] for b in bare)
+    bare_rates = [b[1] for b in bare if b[1] is not None]
+    rows = [("MLP samples/s (vs plain DDP)", lep_rate, plain_rate, ">=", THROUGHPUT_BAR, "{:.1f}"),
+            ("MLP first step s (vs bare Ray)", lep_ttfs, bare_ttfs, "<=", STARTUP_BAR, "{:.2f}")]
+    info = [f"MLP {FEATURES}-{'-'.join(map(str, HIDDEN))}-{CLASSES}, SGD, global batch {args.batch_size}, {args.steps} steps "
+            f"(steady state = steps {args.warmup}..{args.steps}); data: {args.rows} rows in {len(row_groups)} Parquet row "
+            f"group(s) of {max(row_groups)} rows at most",
+            f"  lepton_ray's own time_to_first_step_s (from TorchTrainer.fit): {med(r['ttfs_own'] for r in lep):.2f}s;"
+            f" its first-to-last samples_per_s: {med(r['rate_first_to_last'] for r in lep):.1f}"]
+    gloo_rate = med(r["rate"] for r in lep_gloo)
+    info.append(f"  gradients via {'/'.join(sorted({r['transport'] for r in lep}))} (sync.allreduce.cpu_transport: auto); with"
+                f" cpu_transport: gloo, as DDP does (info): {gloo_rate:.1f} samples/s, ratio to plain DDP {gloo_rate / plain_rate:.3f}")
+    if bare_rates:
+        info.append(f"  bare Ray TorchTrainer steady samples/s (info): {med(bare_rates):.1f}"
+                    f" (bare/plain {med(bare_rates) / plain_rate:.3f}, lepton/bare {lep_rate / med(bare_rates):.3f})")
+    info += [f"  lepton_ray's loop waited for data {100 * med(r['data_wait'] for r in lep):.1f}% of the steady-state time (data_wait_frac)",
+             f"  from the median step time instead (robust to other load): lepton {lep_med:.1f}, plain {plain_med:.1f},"
+             f" ratio {lep_med / plain_med:.3f}",
+             f"  runs: lepton {[round(r['rate'], 1) for r in lep]}, lepton gloo {[round(r['rate'], 1) for r in lep_gloo]},"
+             f" plain {[round(p['rate'], 1) for p in plain]} samples/s;"
+             f" first step lepton {[round(r['ttfs'], 2) for r in lep]} s, bare {[round(b[0], 2) for b in bare]} s"]
+    return rows, info, settled
+
+
+def bench_gpt(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tuple], list[str], list[float]]:
+    """The gpt part on ``data`` (from :func:`prepare`): (table rows, info lines, settle times)."""
+    row_groups = row_groups_of(data)
+    base = gpt_config(data, args.gpt_steps, args.gpt_batch_size)
+    steps, batch, warmup = args.gpt_steps, args.gpt_batch_size, args.gpt_warmup
+    sync = {"lepton_ddp": {"strategy": "allreduce"}, "lepton_fsdp": {"strategy": "fsdp", "fsdp": {"reshard_after_forward": True}}}
+    label = {"lepton_ddp": "lepton_ray allreduce", "plain_ddp": "plain DDP", "lepton_fsdp": "lepton_ray fsdp", "plain_fsdp": "plain FSDP2"}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in label}
+    settled: list[float] = []
+    for rep, side, settled in _alternate(list(label), args.repeats):
+        if side.startswith("lepton"):
+            r = run_lepton(base, sync[side], f"gpt{rep}_{side}", batch, warmup, tmp)
+        else:
+            r = run_plain(side.replace("plain", "gpt"), data, steps, batch, warmup, tmp)
+            r["first_loss"] = r["losses"][0]
+        runs[side].append(r)
+        how = f"  (gradients via {r['transport']})" if side == "lepton_ddp" else ""
+        how = f"  ({r['start'].get('fsdp_units', '?')} FSDP units + root)" if side == "lepton_fsdp" else how
+        print(f"  [{rep}] gpt {label[side]:<21}: steady {r['rate'] * GPT_T:9.0f} tokens/s, first-step loss {r['first_loss']:.4f}{how}",
+              flush=True)
+
+    med = statistics.median
+    tok = {side: med(r["rate"] for r in rs) * GPT_T for side, rs in runs.items()}
+    tok_med = {side: med(r["rate_med"] for r in rs) * GPT_T for side, rs in runs.items()}
+    loss1 = {side: med(r["first_loss"] for r in rs) for side, rs in runs.items()}
+    rows = [("gpt tokens/s allreduce (vs plain DDP)", tok["lepton_ddp"], tok["plain_ddp"], ">=", THROUGHPUT_BAR, "{:.0f}"),
+            ("gpt tokens/s fsdp (vs plain FSDP2)", tok["lepton_fsdp"], tok["plain_fsdp"], ">=", THROUGHPUT_BAR, "{:.0f}")]
+    units = sorted({r["start"].get("fsdp_units", "?") for r in runs["lepton_fsdp"]}, key=str)
+    info = [f"gpt {GPT_SHAPE['n_layer']}x{GPT_SHAPE['n_head']}x{GPT_SHAPE['n_embd']} (T {GPT_T}, vocab {GPT_VOCAB}), fused AdamW,"
+            f" global batch {batch} rows = {batch * GPT_T} tokens, {steps} steps (steady state = steps {warmup}..{steps});"
+            f" data: {args.gpt_rows} rows in {len(row_groups)} Parquet row group(s) of {max(row_groups)} rows at most",
+            f"  lepton_ray allreduce gradients via {'/'.join(sorted({r['transport'] for r in runs['lepton_ddp']}))};"
+            f" fsdp units {units} + the root (the plain FSDP2 shards the {GPT_SHAPE['n_layer']} Blocks + the root)",
+            f"  first-step loss (mean over ranks): lepton allreduce {loss1['lepton_ddp']:.5f}, plain DDP {loss1['plain_ddp']:.5f}"
+            f" (same weights and batches: equal up to rounding); lepton fsdp {loss1['lepton_fsdp']:.5f}, plain FSDP2"
+            f" {loss1['plain_fsdp']:.5f} (per-rank shard init: close, not equal)",
+            f"  lepton_ray's loop waited for data {100 * med(r['data_wait'] for r in runs['lepton_ddp']):.1f}% (allreduce),"
+            f" {100 * med(r['data_wait'] for r in runs['lepton_fsdp']):.1f}% (fsdp) of the steady-state time",
+            f"  from the median step time instead (robust to other load): allreduce {tok_med['lepton_ddp']:.0f} vs DDP"
+            f" {tok_med['plain_ddp']:.0f} (ratio {tok_med['lepton_ddp'] / tok_med['plain_ddp']:.3f}); fsdp {tok_med['lepton_fsdp']:.0f}"
+            f" vs FSDP2 {tok_med['plain_fsdp']:.0f} (ratio {tok_med['lepton_fsdp'] / tok_med['plain_fsdp']:.3f}) tokens/s",
+            "  runs (tokens/s): " + ", ".join(f"{label[s]} {[round(r['rate'] * GPT_T) for r in rs]}" for s, rs in runs.items())]
+    if abs(loss1["lepton_ddp"] - loss1["plain_ddp"]) > 1e-3:
+        info.append("  WARNING: lepton allreduce's and plain DDP's first-step losses differ: the two sides do not train the same"
+                    " model on the same batches; the comparison is not like for like")
+    return rows, info, settled
 
 
 # --------------------------------------------------------------------------- main
@@ -337,24 +620,37 @@ def run_lepton(data: str, steps: int, global_batch: int, warmup: int, tmp: Path,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per throughput run (default 300)")
-    ap.add_argument("--warmup", type=int, default=20, help="steps excluded from steady state (default 20)")
-    ap.add_argument("--batch-size", type=int, default=256, help="global batch (default 256)")
-    ap.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; medians are reported (default 5)")
-    ap.add_argument("--rows", type=int, default=16384, help="rows of synthetic training data (default 16384)")
-    ap.add_argument("--row-group-rows", type=int, default=None,
-                    help="Parquet row-group size of the data file (default: pyarrow's, i.e. one row group at this size)")
+    ap.add_argument("--parts", default="mlp,gpt", help="comma-separated parts to run: mlp, gpt (default both)")
+    ap.add_argument("--steps", type=int, default=300, help="MLP: optimizer steps per throughput run (default 300)")
+    ap.add_argument("--warmup", type=int, default=20, help="MLP: steps excluded from steady state (default 20)")
+    ap.add_argument("--batch-size", type=int, default=256, help="MLP: global batch (default 256)")
+    ap.add_argument("--rows", type=int, default=16384, help="MLP: rows of synthetic training data (default 16384)")
     ap.add_argument("--bare-steps", type=int, default=None,
-                    help="steps of each bare TorchTrainer run (default: --steps, which also gives its throughput)")
+                    help="MLP: steps of each bare TorchTrainer run (default: --steps, which also gives its throughput)")
+    ap.add_argument("--gpt-steps", type=int, default=120, help="gpt: optimizer steps per throughput run (default 120)")
+    ap.add_argument("--gpt-warmup", type=int, default=20, help="gpt: steps excluded from steady state (default 20)")
+    ap.add_argument("--gpt-batch-size", type=int, default=32, help=f"gpt: global batch in rows of {GPT_T} tokens (default 32)")
+    ap.add_argument("--gpt-rows", type=int, default=8192, help=f"gpt: rows of {GPT_T + 1} bytes of synthetic text (default 8192)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; medians are reported (default 5)")
+    ap.add_argument("--row-group-rows", type=int, default=None,
+                    help="Parquet row-group size of the data files (default: pyarrow's, i.e. one row group at these sizes)")
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="first wait up to S seconds for the 1-min load average to fall below 0.3 (shared machines)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
     args = ap.parse_args()
-    if args.steps <= args.warmup + 1:
-        ap.error(f"--steps must exceed --warmup + 1 ({args.warmup + 1})")
-    if args.batch_size % WORLD or args.batch_size > args.rows:
-        ap.error(f"--batch-size must be divisible by {WORLD} and <= --rows")
-    bare_steps = args.bare_steps if args.bare_steps is not None else args.steps
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - {"mlp", "gpt"}:
+        ap.error(f"--parts: a comma-separated subset of mlp, gpt; got {args.parts!r}")
+    if "mlp" in parts:
+        if args.steps <= args.warmup + 1:
+            ap.error(f"--steps must exceed --warmup + 1 ({args.warmup + 1})")
+        if args.batch_size % WORLD or args.batch_size > args.rows:
+            ap.error(f"--batch-size must be divisible by {WORLD} and <= --rows")
+    if "gpt" in parts:
+        if args.gpt_steps <= args.gpt_warmup + 1:
+            ap.error(f"--gpt-steps must exceed --gpt-warmup + 1 ({args.gpt_warmup + 1})")
+        if args.gpt_batch_size % WORLD or args.gpt_batch_size > args.gpt_rows:
+            ap.error(f"--gpt-batch-size must be divisible by {WORLD} and <= --gpt-rows")
 
     import ray
 
@@ -365,77 +661,36 @@ def main() -> int:
     if load0 > 0.5:
         print(f"warning: 1-min load average is {load0:.2f} before the benchmark starts; figures will be noisy", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="lepton_bench_"))
+    rows: list[tuple] = []
+    info: list[str] = []
+    settled: list[float] = []
     try:
-        data = str(tmp / "train.parquet")
-        write_data(Path(data), args.rows, args.row_group_rows)
-        check_order(data, args.batch_size)  # the baselines train on exactly lepton_ray's batches
-        row_groups = row_groups_of(data)
+        data = {part: prepare(part, args, tmp) for part in parts}  # every data set checked before anything is timed
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # "local": never join a cluster someone else started
-        print(f"ray up ({time.monotonic() - wall0:.1f}s); warming the driver with one untimed bare TorchTrainer run", flush=True)
-        run_bare(data, 2, args.batch_size, args.warmup, tmp)
-
-        lep: list[dict[str, Any]] = []
-        lep_gloo: list[dict[str, Any]] = []
-        settled: list[float] = []
-        bare: list[tuple[float, float | None]] = []
-        plain: list[tuple[float, float]] = []
-        order = ["lepton", "lepton_gloo", "bare", "plain"]
-        for rep in range(args.repeats):
-            for side in (order if rep % 2 == 0 else order[::-1]):
-                settled.append(settle())
-                if side == "lepton":
-                    lep.append(run_lepton(data, args.steps, args.batch_size, args.warmup, tmp, rep))
-                    r = lep[-1]
-                    print(f"  [{rep}] lepton_ray : first step {r['ttfs']:6.2f}s  steady {r['rate']:8.1f} samples/s"
-                          f"  (gradients via {r['transport']})", flush=True)
-                elif side == "lepton_gloo":
-                    lep_gloo.append(run_lepton(data, args.steps, args.batch_size, args.warmup, tmp, rep, transport="gloo"))
-                    r = lep_gloo[-1]
-                    print(f"  [{rep}] lepton_ray, cpu_transport gloo: steady {r['rate']:8.1f} samples/s", flush=True)
-                elif side == "bare":
-                    bare.append(run_bare(data, bare_steps, args.batch_size, args.warmup, tmp))
-                    ttfs, rate = bare[-1]
-                    print(f"  [{rep}] bare Ray   : first step {ttfs:6.2f}s  steady {rate or float('nan'):8.1f} samples/s", flush=True)
-                else:
-                    plain.append(run_plain(data, args.steps, args.batch_size, args.warmup, tmp))
-                    print(f"  [{rep}] plain DDP  :                     steady {plain[-1][0]:8.1f} samples/s", flush=True)
+        print(f"ray up ({time.monotonic() - wall0:.1f}s)", flush=True)
+        for part in parts:
+            r, i, s = (bench_mlp if part == "mlp" else bench_gpt)(args, tmp, data[part])
+            rows, info, settled = rows + r, info + i, settled + s
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = statistics.median
-    lep_rate, plain_rate = med(r["rate"] for r in lep), med(p[0] for p in plain)
-    lep_med, plain_med = med(r["rate_med"] for r in lep), med(p[1] for p in plain)
-    lep_ttfs, bare_ttfs = med(r["ttfs"] for r in lep), med(b[0] for b in bare)
-    bare_rates = [b[1] for b in bare if b[1] is not None]
-    tp_ratio, st_ratio = lep_rate / plain_rate, lep_ttfs / bare_ttfs
-    tp_ok, st_ok = tp_ratio >= THROUGHPUT_BAR, st_ratio <= STARTUP_BAR
-
     print()
-    print(f"MLP {FEATURES}-{'-'.join(map(str, HIDDEN))}-{CLASSES}, {WORLD} workers x 1 thread, global batch {args.batch_size}, "
-          f"{args.steps} steps (steady state = steps {args.warmup}..{args.steps}), median of {args.repeats}")
-    print(f"data: {args.rows} rows in {len(row_groups)} Parquet row group(s) of {max(row_groups)} rows at most")
-    print(f"{'measure':<34}{'lepton_ray':>12}{'baseline':>12}{'ratio':>8}{'bar':>9}  result")
-    print(f"{'steady samples/s (vs plain DDP)':<34}{lep_rate:>12.1f}{plain_rate:>12.1f}{tp_ratio:>8.3f}{'>= ' + str(THROUGHPUT_BAR):>9}  {'PASS' if tp_ok else 'FAIL'}")
-    print(f"{'time to first step s (vs bare Ray)':<34}{lep_ttfs:>12.2f}{bare_ttfs:>12.2f}{st_ratio:>8.3f}{'<= ' + str(STARTUP_BAR):>9}  {'PASS' if st_ok else 'FAIL'}")
-    print(f"  lepton_ray's own time_to_first_step_s (from TorchTrainer.fit): {med(r['ttfs_own'] for r in lep):.2f}s;"
-          f" its first-to-last samples_per_s: {med(r['rate_first_to_last'] for r in lep):.1f}")
-    gloo_rate = med(r["rate"] for r in lep_gloo)
-    print(f"  gradients via {'/'.join(sorted({r['transport'] for r in lep}))} (sync.allreduce.cpu_transport: auto); with"
-          f" cpu_transport: gloo, as DDP does (info): {gloo_rate:.1f} samples/s, ratio to plain DDP {gloo_rate / plain_rate:.3f}")
-    if bare_rates:
-        print(f"  bare Ray TorchTrainer steady samples/s (info): {med(bare_rates):.1f}"
-              f" (bare/plain {med(bare_rates) / plain_rate:.3f}, lepton/bare {lep_rate / med(bare_rates):.3f})")
-    print(f"  lepton_ray's loop waited for data {100 * med(r['data_wait'] for r in lep):.1f}% of the steady-state time (data_wait_frac)")
-    print(f"  from the median step time instead (robust to other load): lepton {lep_med:.1f}, plain {plain_med:.1f},"
-          f" ratio {lep_med / plain_med:.3f}")
-    print(f"  runs: lepton {[round(r['rate'], 1) for r in lep]}, lepton gloo {[round(r['rate'], 1) for r in lep_gloo]}, plain {[round(p[0], 1) for p in plain]} samples/s;"
-          f" first step lepton {[round(r['ttfs'], 2) for r in lep]} s, bare {[round(b[0], 2) for b in bare]} s")
-    print(f"  before each run the machine settled (previous run's processes gone, < 15 % busy) for {statistics.fmean(settled):.1f}s"
+    print(f"{WORLD} workers x 1 CPU thread, fp32, median of {args.repeats} alternating run(s) per side")
+    print(f"{'measure':<40}{'lepton_ray':>12}{'baseline':>12}{'ratio':>8}{'bar':>9}  result")
+    ok = True
+    for name, lep, baseline, cmp, bar, fmt in rows:
+        ratio = lep / baseline
+        passed = ratio >= bar if cmp == ">=" else ratio <= bar
+        ok = ok and passed
+        print(f"{name:<40}{fmt.format(lep):>12}{fmt.format(baseline):>12}{ratio:>8.3f}{cmp + ' ' + str(bar):>9}  {'PASS' if passed else 'FAIL'}")
+    for line in info:
+        print(line)
+    print(f"before each run the machine settled (previous run's processes gone, < 15 % busy) for {statistics.fmean(settled):.1f}s"
           f" on average, {max(settled):.1f}s at most (limit 20 s)")
     print(f"total wall time {time.monotonic() - wall0:.1f}s; 1-min load average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}"
           " (this machine has {} cores: a start value well above 0 means other processes shared them)".format(os.cpu_count()))
-    return 1 if args.strict and not (tp_ok and st_ok) else 0
+    return 1 if args.strict and not ok else 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from lepton_ray.config import Config, ConfigError, Section
 from lepton_ray.sync.base import Strategy, options
+from lepton_ray.train.memory import mmap_threshold
 from lepton_ray.train.precision import Precision
 
 __all__ = ["FSDP", "FSDPConfig", "shard_units"]
@@ -113,6 +114,10 @@ class FSDP(Strategy):
             for unit in units:
                 fully_shard(unit, reshard_after_forward=opts.reshard_after_forward, **kw)
             fully_shard(model, **kw)  # the root: what no unit holds (embeddings, the head, final norms)
+            if device.type == "cpu":  # each unit's gathered parameters and gradients: mapped, and unmapped when freed
+                smallest = min((sum(p.numel() * p.element_size() for p in u.parameters()) for u in units), default=0)
+                if smallest >= 8 * 2**20 and mmap_threshold(min(smallest // 2, 32 * 2**20)):
+                    self._describe["malloc_mmap_threshold"] = min(smallest // 2, 32 * 2**20)
         model.to_empty(device="cpu" if opts.cpu_offload else device)
         # random init of DTensor shards on CPU draws each rank's shard from the local generator: a per-rank
         # stream keeps the shards of one tensor different (equal shards would be repeated rows)
