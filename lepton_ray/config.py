@@ -6,10 +6,14 @@ field is type-checked and range-checked at construction, so a typo fails before
 Ray starts, with a message that names the key path, the bad value and what is
 valid::
 
-    >>> load_config({"data": {"train": "train.parquet"}, "sync": {"strategy": "allreduc"}})
+    >>> load_config({"data": {"train": "train.parquet"}, "train": {"lrr": 0.1}})
     Traceback (most recent call last):
     ...
-    lepton_ray.config.ConfigError: sync.strategy: 'allreduc' is not one of allreduce, ps, hybrid
+    lepton_ray.config.ConfigError: train.lrr: unknown key (did you mean 'lr'?); valid keys in 'train' are: epochs, ...
+
+This module checks shapes, types and ranges and imports no registry; the names a config refers to (a model, a
+loss, a strategy and its ``sync.<key>`` section, a sweep's keys) are checked by their registries through
+:func:`lepton_ray.checks.check_config`, which ``Trainer`` and ``sweep`` call first.
 """
 
 from __future__ import annotations
@@ -418,7 +422,7 @@ class ScalingConfig(_Section):
     PATH: ClassVar[str] = "scaling"
 
     num_workers: Union[int, list[int]] = 2
-    """Data-parallel training workers (Ray Train actors). ``[min, max]``: elastic (``allreduce`` only). The run
+    """Data-parallel training workers (Ray Train actors). ``[min, max]``: elastic (a strategy that resumes at any size: ``allreduce``, ``fsdp``). The run
     starts with as many workers as the cluster has room for, up to ``max``; when a worker or node is lost it
     continues with fewer (down to ``min``, a restart under ``max_failures``) and grows back when room returns.
     Every resize resumes from the newest checkpoint, and the interrupted epoch deals only the rows not yet read,

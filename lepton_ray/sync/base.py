@@ -179,5 +179,10 @@ class Services:
     def stop(self, services: Any) -> None:
         """After the run: stop what :meth:`start` started."""
 
+    @classmethod
+    def starts_actors(cls) -> bool:
+        """Whether :meth:`start` starts processes of its own (a run then needs Ray: no ``--local``)."""
+        return cls.start is not Services.start
+
 
 Strategy.Services = Services

@@ -31,11 +31,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from lepton_ray.config import Config, ConfigError, Section
-from lepton_ray.sync.base import Strategy, options
+from lepton_ray.sync.base import Services, Strategy, options
 from lepton_ray.train.memory import mmap_threshold
 from lepton_ray.train.precision import Precision
 
-__all__ = ["FSDP", "FSDPConfig", "shard_units"]
+__all__ = ["FSDP", "FSDPConfig", "FSDPServices", "shard_units"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -89,8 +89,16 @@ def _initialise(model: nn.Module) -> None:
             m.reset_parameters()
 
 
+class FSDPServices(Services):
+    """Nothing to start; on the driver, before Ray starts: the units name module classes the model has."""
+
+    def check(self, build: Callable[[], nn.Module]) -> None:
+        shard_units(build(), options(FSDPConfig, self.config).units)
+
+
 class FSDP(Strategy):
     name = "fsdp"
+    Services = FSDPServices
     sections = (FSDPConfig,)
 
     @classmethod
@@ -98,6 +106,9 @@ class FSDP(Strategy):
         if config.train.precision == "fp16":
             raise ConfigError("train.precision: 'fp16' (gradient scaling) is not supported with sync.strategy 'fsdp'; use 'bf16'"
                               " (FSDP's mixed precision: bf16 compute, fp32 reduction) or 'fp32'")
+        if options(FSDPConfig, config).cpu_offload and not config.scaling.use_gpu:
+            raise ConfigError("sync.fsdp.cpu_offload: keeps GPU workers' shards in host memory; these workers are CPU workers"
+                              " (scaling.use_gpu: false), whose shards are in host memory already")
 
     def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
         opts = options(FSDPConfig, self.config)

@@ -25,7 +25,7 @@ from lepton_ray.data.pipeline import TableInfo, data_exists, describe, load_arra
 from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
-from lepton_ray.sync import STRATEGIES, Services
+from lepton_ray.sync import STRATEGIES
 from lepton_ray.train import metrics as M
 from lepton_ray.train.checkpoint import CheckpointStore, load_model, open_checkpoint
 from lepton_ray.train.context import WorkerContext, isolated
@@ -252,8 +252,8 @@ class Trainer:
         """
         if local:
             s = self.config.scaling
-            if s.num_workers != 1 or type(self.services) is not Services:  # an elastic [min, max] is not 1 either
-                plain = ", ".join(n for n, c in STRATEGIES.items() if c.Services is Services)
+            if s.num_workers != 1 or self.services.starts_actors():  # an elastic [min, max] is not 1 either
+                plain = ", ".join(n for n, c in STRATEGIES.items() if not c.Services.starts_actors())
                 raise ConfigError(f"--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 (got {s.num_workers}) "
                                   f"and a strategy without services ({plain}; got sync.strategy '{self.config.sync.strategy}')")
             from lepton_ray.train.group import LocalGroup

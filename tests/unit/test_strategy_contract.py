@@ -1,6 +1,6 @@
 """The strategy contract, without Ray: the training loop under a plain torch.multiprocessing + gloo harness.
 
-Every registered strategy that needs no services of its own (no actors) runs the real loop
+Every registered strategy that starts no actors of its own runs the real loop
 (:func:`lepton_ray.train.loop.train_loop`) in 2 processes handed a :class:`WorkerContext`, and must end
 where one process ends with plain torch on the same global batches (the two workers' batches together),
 from the same initial weights (a seed checkpoint, ``train.init_from``): 1e-5 after 20 steps. A new
@@ -22,7 +22,7 @@ from harness import BATCH, STEPS, WORLD, _config, _gap, _run, _saved, _seeded
 from lepton_ray import Trainer, load_config
 from lepton_ray.data.pipeline import WorkerStream
 from lepton_ray.models import build_model
-from lepton_ray.sync import STRATEGIES, Services
+from lepton_ray.sync import STRATEGIES
 from lepton_ray.train.checkpoint import CheckpointStore
 
 # option sets a strategy is also held to; a registered strategy not named here runs with its defaults
@@ -32,7 +32,7 @@ VARIANTS = {
     "fsdp": {"units": {"fsdp": {"units": ["Linear"]}}, "gathered": {"fsdp": {"units": ["Linear"], "reshard_after_forward": False}}},
 }
 OPTIMIZERS = {"zero1": ["sgd", "adamw"], "units": ["sgd", "adamw"]}  # the sharded optimizer states, with both optimizers
-CASES = [(name, label, opts, optimizer) for name, cls in STRATEGIES.items() if cls.Services is Services
+CASES = [(name, label, opts, optimizer) for name, cls in STRATEGIES.items() if not cls.Services.starts_actors()
          for label, opts in VARIANTS.get(name, {"defaults": {}}).items() for optimizer in OPTIMIZERS.get(label, ["sgd"])]
 WITH_SERVICES = {"ps", "hybrid"}  # held to the same bar on Ray: tests/integration/test_param_server.py
 
@@ -69,7 +69,7 @@ def _reference(trainer: Trainer, world: int) -> tuple[dict[str, torch.Tensor], d
 
 def test_every_strategy_is_held_to_single_process_training():
     """Every registered strategy is in the parametrization below or, with services, in the integration tier."""
-    plain = {name for name, cls in STRATEGIES.items() if cls.Services is Services}
+    plain = {name for name, cls in STRATEGIES.items() if not cls.Services.starts_actors()}
     assert {name for name, *_ in CASES} == plain and set(STRATEGIES) == plain | WITH_SERVICES
 
 
@@ -100,3 +100,17 @@ def test_a_local_run_refuses_several_workers(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^--local: trains one worker in this process, without Ray: needs scaling.num_workers 1 \(got 2\)"):
         Trainer(load_config(_config(tmp_path, "allreduce")), progress=False).fit(local=True)
+
+
+def test_fsdp_units_are_checked_on_the_driver_before_any_worker_starts(tmp_path):
+    from lepton_ray import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^sync.fsdp.units: 'Blok' is not a module class of the model; its classes are: Linear, MLP, ReLU$"):
+        Trainer(load_config(_config(tmp_path, "fsdp", fsdp={"units": ["Blok"]})), progress=False)
+
+
+def test_fsdp_cpu_offload_needs_gpu_workers(tmp_path):
+    from lepton_ray import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^sync.fsdp.cpu_offload: keeps GPU workers' shards in host memory; these workers are CPU"):
+        Trainer(load_config(_config(tmp_path, "fsdp", fsdp={"cpu_offload": True})), progress=False)
