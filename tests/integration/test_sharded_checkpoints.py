@@ -103,3 +103,27 @@ def test_an_fsdp_checkpoint_of_2_workers_resumes_on_1_and_on_3(tmp_path):
             assert [r["step"] for r in records if "train_loss" in r] == [4]
             start = next(r for r in records if r.get("event") == "start")
             assert start["world_size"] == world and start["resumed_from"].endswith("step_00000003")
+
+
+def test_a_zero1_checkpoint_holds_every_parameters_state_and_loads_without_zero(tmp_path):
+    """ZeRO-1 writes each rank's optimizer shard (no gather on one rank); loaded into one worker's plain AdamW, the state
+    is the one an unsharded 2-worker run holds after the same steps (1e-5), parameter by parameter."""
+    from lepton_ray.sync import WorkerInfo
+
+    plain = _run(_config(tmp_path / "plain", "allreduce", "adamw", steps=3, every=3))
+    zero = _run(_config(tmp_path / "zero", "allreduce", "adamw", steps=3, every=3, allreduce={"shard_optimizer": True}))
+    reader = CheckpointStore(zero.checkpoint_uri).open(CheckpointStore(zero.checkpoint_uri).latest())
+    assert {"optimizer-0", "optimizer-1"} <= reader.names() and not reader.has("optimizer")
+    cfg = load_config(_config(tmp_path / "one", "allreduce", "adamw", world=1))
+    strategy = STRATEGIES["allreduce"](cfg, WorkerInfo(0, 1, torch.device("cpu")))
+    strategy.build(lambda: build_model(cfg.model, zero.train_info.schema))
+    optimizer = strategy.optimizer()
+    strategy.load(reader, optimizer)
+    got = optimizer.state_dict()["state"]
+    store = CheckpointStore(plain.checkpoint_uri)
+    want = store.load(store.latest(), ["optimizer"])["optimizer"]["state"]
+    assert sorted(got) == sorted(want) == list(range(len(list(strategy.model.parameters()))))
+    for i in want:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert (got[i][key] - want[i][key]).abs().max().item() <= 1e-5, (i, key)
+    assert max(v["exp_avg"].abs().max().item() for v in want.values()) > 0  # not vacuous
