@@ -7,13 +7,15 @@ import math
 import pytest
 
 from lepton_ray import ConfigError, load_config
+from lepton_ray.checks import check_config
 from lepton_ray.tune.space import concurrent_trials, evaluation_index, max_evaluations, trial_bundles, trial_config
 
 BASE = {"data": {"train": "t.parquet", "eval": "e.parquet"}, "train": {"lr": 0.1, "batch_size": 64}}
 
 
 def _load(space=None, **sweep):
-    return load_config({**BASE, "sweep": {"space": space if space is not None else {"train.lr": {"loguniform": [1e-4, 1.0]}}, **sweep}})
+    """Load, then check the names (a sweep's keys and the values a trial can draw: lepton_ray.checks, as Trainer and sweep do)."""
+    return check_config(load_config({**BASE, "sweep": {"space": space if space is not None else {"train.lr": {"loguniform": [1e-4, 1.0]}}, **sweep}}))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +53,7 @@ def test_other_sweep_errors():
         _load(metric="eval_mse")
     assert str(err.value) == "sweep.metric: 'eval_mse' is not reported for model.task 'classification'; choose one of: eval_accuracy, eval_loss"
     with pytest.raises(ConfigError) as err:
-        load_config({"data": {"train": "t.parquet"}, "sweep": {"space": {"train.lr": {"choice": [0.1]}}}})
+        check_config(load_config({"data": {"train": "t.parquet"}, "sweep": {"space": {"train.lr": {"choice": [0.1]}}}}))
     assert str(err.value) == "sweep.metric: eval_accuracy comes from evaluation; set data.eval (held-out data) to sweep"
     with pytest.raises(ConfigError) as err:
         _load(scheduler="hyperband")
