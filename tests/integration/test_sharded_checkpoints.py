@@ -127,3 +127,32 @@ def test_a_zero1_checkpoint_holds_every_parameters_state_and_loads_without_zero(
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert (got[i][key] - want[i][key]).abs().max().item() <= 1e-5, (i, key)
     assert max(v["exp_avg"].abs().max().item() for v in want.values()) > 0  # not vacuous
+
+
+def test_fsdp_checkpoints_on_s3_resume_to_the_uninterrupted_run(tmp_path, bucket):
+    """On S3 (a moto server): every rank streams its DCP shards to the bucket through lepton_ray's filesystem layer, one
+    manifest commits them, and a resume from there ends where the uninterrupted run ends (1e-6)."""
+    from lepton_ray.storage import filesystem
+
+    raw = _config(tmp_path, "fsdp", "adamw", steps=6, every=3, fsdp={"units": ["Linear"]})
+    raw["checkpoint"] = {**raw["checkpoint"], "dir": f"s3://{bucket}/runs"}
+    whole = _run(raw)
+    assert whole.checkpoint_uri.startswith(f"s3://{bucket}/runs/")
+    step3 = CheckpointStore(whole.checkpoint_uri).open(CheckpointStore(whole.checkpoint_uri).get(3))
+    assert {"model/__0_0.distcp", "model/__1_0.distcp", "model/.metadata", "optimizer/.metadata"} <= set(step3.files)
+    fs, path = filesystem(whole.checkpoint_uri)
+    fs.copy(f"{path}/step_00000003", f"{bucket}/cut/step_00000003", recursive=True)  # as if killed after step 3
+    _run(raw, checkpoint_uri=f"s3://{bucket}/cut")
+    assert CheckpointStore(f"s3://{bucket}/cut").latest().step == 6
+    assert _gap(_saved(f"s3://{bucket}/cut"), _saved(whole.checkpoint_uri)) <= 1e-6
+
+
+def test_fsdp_bf16_is_its_mixed_precision_policy(tmp_path):
+    """train.precision: bf16 under fsdp computes with bf16 parameters (FSDP's MixedPrecisionPolicy, fp32 reductions and
+    fp32 master shards): it trains to within bf16's rounding of the fp32 run, and not to the same bits."""
+    fp32 = _run(_config(tmp_path / "fp32", "fsdp", "adamw", steps=10, fsdp={"units": ["Linear"]}))
+    raw = _config(tmp_path / "bf16", "fsdp", "adamw", steps=10, fsdp={"units": ["Linear"]})
+    bf16 = _run({**raw, "train": {**raw["train"], "precision": "bf16"}})
+    a, b = _saved(fp32.checkpoint_uri), _saved(bf16.checkpoint_uri)
+    assert all(v.dtype == torch.float32 for v in b.values())  # the checkpoint holds the fp32 shards
+    assert 0 < _gap(a, b) <= 5e-2
