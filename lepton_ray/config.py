@@ -178,13 +178,14 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
 
 
 def build_section(cls: type, values: dict[str, Any]) -> Any:
-    """Section ``cls`` (a ``_Section`` dataclass with its ``PATH``) from a mapping, checked like every section: how
+    """Section ``cls`` (a ``Section`` dataclass with its ``PATH``) from a mapping, checked like every section: how
     a section that lives with its owner (a strategy's options) is read. Raises :class:`ConfigError`."""
     return _build(cls, values, cls.PATH)
 
 
-class _Section:
-    """Mixin: type-check every field, then run the section's own range checks."""
+class Section:
+    """Mixin of every config section (here, or with its owner: a strategy's options): type-check every field, then
+    run the section's own range checks."""
 
     PATH: ClassVar[str] = ""
 
@@ -203,14 +204,11 @@ class _Section:
             raise ConfigError(f"{self.PATH}.{key}: {message}, got {_show(getattr(self, key))}")
 
 
-Section = _Section
-"""The base of every config section: a section that lives with its owner (a strategy's options) derives from it."""
-
 # --------------------------------------------------------------------------- sections
 
 
 @dataclass(kw_only=True, slots=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """What network to train."""
 
     PATH: ClassVar[str] = "model"
@@ -251,7 +249,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the training and evaluation rows come from."""
 
     PATH: ClassVar[str] = "data"
@@ -338,7 +336,7 @@ def _check_column_spec(path: str, spec: Any) -> None:
 
 
 @dataclass(kw_only=True, slots=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The optimisation: steps, batch, optimizer, schedule, precision."""
 
     PATH: ClassVar[str] = "train"
@@ -386,10 +384,10 @@ class TrainConfig(_Section):
     """Module class names (e.g. ``[Block]`` for the built-in gpt) whose activations are recomputed in backward
     instead of kept from forward: less activation memory for ~one more forward of those modules; omitted = off."""
     compile: bool = False
-    """``torch.compile`` the model (after the strategy wraps it). Where it cannot compile, the run logs why and
-    trains the model as it is (the start record says which)."""
+    """``torch.compile`` the model (after the strategy wraps it). Where it cannot compile, the run logs a warning
+    with the reason and trains the model as it is."""
     init_from: Optional[str] = None
-    """A checkpoint folder (``.../step_NNNNNNNN``, local or URI) whose model weights a fresh run starts from (a seed
+    """A checkpoint folder (``.../step_NNNNNNNN``, or a checkpoint root: its newest; local or URI) whose model weights a fresh run starts from (a seed
     checkpoint: how a sharded model starts from given weights without any worker building it whole); a resume
     ignores it. Omitted = the model's own initialisation from ``seed``."""
 
@@ -416,7 +414,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     """How many Ray workers, with what resources."""
 
     PATH: ClassVar[str] = "scaling"
@@ -480,7 +478,7 @@ class ScalingConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class SyncConfig(_Section):
+class SyncConfig(Section):
     """How workers agree on the parameters: a strategy by name, and the options sections of the strategies
     (``sync.allreduce``, ``sync.fsdp``, ``sync.ps``, ...), each defined and checked by the strategy that owns it
     (``lepton_ray.sync``: its registry names the strategies and their sections)."""
@@ -495,7 +493,7 @@ class SyncConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Where and how often checkpoints are committed."""
 
     PATH: ClassVar[str] = "checkpoint"
@@ -516,7 +514,7 @@ class CheckpointConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     """Where this run's metrics and result go."""
 
     PATH: ClassVar[str] = "run"
@@ -535,7 +533,7 @@ SWEEP_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 
 
 @dataclass(kw_only=True, slots=True)
-class AshaConfig(_Section):
+class AshaConfig(Section):
     """Options of the ASHA scheduler (asynchronous successive halving).
 
     ASHA compares trials at the same number of evaluations (an evaluation is one
@@ -557,7 +555,7 @@ class AshaConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class SweepConfig(_Section):
+class SweepConfig(Section):
     """A hyperparameter sweep (``lepton-ray sweep``): each trial is a normal training run.
 
     ``space`` maps a config key to a distribution, e.g.
@@ -648,7 +646,7 @@ def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @dataclass(kw_only=True, slots=True)
-class ServeConfig(_Section):
+class ServeConfig(Section):
     """How a trained model is optimized and served (``lepton-ray optimize / serve / predict``)."""
 
     PATH: ClassVar[str] = "serve"
@@ -699,7 +697,7 @@ class ServeConfig(_Section):
 
 
 @dataclass(kw_only=True, slots=True)
-class Config(_Section):
+class Config(Section):
     """A whole lepton_ray run. Build with :func:`load_config`."""
 
     PATH: ClassVar[str] = ""

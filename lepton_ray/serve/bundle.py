@@ -37,7 +37,7 @@ from torch import nn
 from lepton_ray.config import ModelConfig, load_config
 from lepton_ray.data.schema import LEGACY_INPUT, Column, Schema
 from lepton_ray.storage import atomic_write, filesystem, join
-from lepton_ray.train.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointStore, model_state
+from lepton_ray.train.checkpoint import MANIFEST, CheckpointError, model_state, open_checkpoint
 
 __all__ = ["Bundle", "BundleError", "check_name", "load_bundle", "load_checkpoint", "write_bundle", "BUNDLE_FILE", "WEIGHTS_FILE"]
 
@@ -176,11 +176,6 @@ def _legacy_model_io(io: dict[str, Any], task: str) -> dict[str, Any]:
             "metrics": ["accuracy"] if classify else ["mse"], "task": task}
 
 
-def _split_checkpoint_uri(uri: str) -> tuple[str, Optional[int]]:
-    m = _STEP.match(uri.rstrip("/"))
-    return (m.group(1), int(m.group(2))) if m else (uri.rstrip("/"), None)
-
-
 def load_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Bundle:
     """Load a committed lepton_ray checkpoint (verified against its manifest) as an fp32 :class:`Bundle`.
 
@@ -191,18 +186,12 @@ def load_checkpoint(uri: str, storage_options: Optional[dict] = None) -> Bundle:
     ...
     lepton_ray.serve.bundle.BundleError: no committed checkpoint at '/nonexistent/step_00000001' (MANIFEST.json is missing)
     """
-    root, step = _split_checkpoint_uri(uri)
-    store = CheckpointStore(root, storage_options)
     try:
-        if step is None:
-            ckpt: Optional[Checkpoint] = store.latest()
-            if ckpt is None:
-                raise BundleError(f"no committed checkpoint at '{uri}' (no {MANIFEST}, no step_* checkpoint under it)")
-        else:
-            ckpt = store.get(step)
-        state = model_state(store.open(ckpt))  # whole, or consolidated here from every rank's shards
+        reader = open_checkpoint(uri, storage_options)
+        state = model_state(reader)  # whole, or consolidated here from every rank's shards
     except CheckpointError as exc:
         raise BundleError(str(exc)) from None
+    ckpt = reader.checkpoint
     meta = ckpt.meta
     io = meta.get("model_io")
     if not io or "config" not in meta:
@@ -253,7 +242,7 @@ def load_bundle(uri: str, storage_options: Optional[dict] = None) -> Bundle:
     try:
         meta = json.loads(fs.cat_file(f"{path.rstrip('/')}/{BUNDLE_FILE}"))
     except FileNotFoundError:
-        if fs.exists(f"{path.rstrip('/')}/{MANIFEST}") or _split_checkpoint_uri(uri)[1] is not None or fs.isdir(path):
+        if fs.exists(f"{path.rstrip('/')}/{MANIFEST}") or _STEP.match(uri.rstrip("/")) is not None or fs.isdir(path):
             return load_checkpoint(uri, storage_options)
         raise BundleError(f"'{uri}' is neither a serving bundle ({BUNDLE_FILE}) nor a lepton_ray checkpoint ({MANIFEST})") from None
     fmt = meta.get("format")

@@ -96,10 +96,6 @@ def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduc
     return ddp, shm, {"allreduce_transport": "shm"}
 
 
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
 class AllReduce(Strategy):
     name = "allreduce"
     sections = (AllReduceConfig,)
@@ -109,7 +105,7 @@ class AllReduce(Strategy):
         self._ddp: Optional[DistributedDataParallel] = None
         self._shm: Optional[SharedMemoryAllReduce] = None
         self._describe: dict[str, Any] = {}
-        if not _distributed(self.worker.world_size):
+        if not self.worker.distributed:
             return model
         self._ddp, self._shm, self._describe = build_ddp(
             model, self.worker, self.opts, list(model.parameters()),
@@ -117,7 +113,7 @@ class AllReduce(Strategy):
         return self._ddp
 
     def optimizer(self) -> torch.optim.Optimizer:
-        if not (self.opts.shard_optimizer and _distributed(self.worker.world_size)):
+        if not (self.opts.shard_optimizer and self.worker.distributed):
             return super().optimizer()
         params = list(self.model.parameters())
         cls, kwargs = optimizer_class(self.config, params)

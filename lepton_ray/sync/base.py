@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Optional, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lepton_ray.config import Config, build_section
@@ -56,6 +57,11 @@ class WorkerInfo:
     rank: int
     world_size: int
     device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        """Other workers share a process group with this one (False alone, or in a one-process run without one)."""
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 class Pace:

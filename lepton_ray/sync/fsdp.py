@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -117,7 +116,8 @@ class FSDP(Strategy):
             model = factory()
         units = shard_units(model, opts.units)
         self._describe: dict[str, Any] = {"fsdp_units": len(units), "reshard_after_forward": opts.reshard_after_forward}
-        if self.worker.world_size > 1 and dist.is_available() and dist.is_initialized():
+        self._sharded = self.worker.distributed  # alone (a one-worker or local run) the model is built whole, as is
+        if self._sharded:
             bf16 = self.config.train.precision == "bf16"
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=_DTYPES[opts.reduce_dtype]) if bf16 else MixedPrecisionPolicy()
             kw = {"mesh": init_device_mesh(device.type, (self.worker.world_size,)), "mp_policy": mp,
@@ -127,8 +127,9 @@ class FSDP(Strategy):
             fully_shard(model, **kw)  # the root: what no unit holds (embeddings, the head, final norms)
             if device.type == "cpu":  # each unit's gathered parameters and gradients: mapped, and unmapped when freed
                 smallest = min((sum(p.numel() * p.element_size() for p in u.parameters()) for u in units), default=0)
-                if smallest >= 8 * 2**20 and mmap_threshold(min(smallest // 2, 32 * 2**20)):
-                    self._describe["malloc_mmap_threshold"] = min(smallest // 2, 32 * 2**20)
+                threshold = min(smallest // 2, 32 * 2**20)
+                if smallest >= 8 * 2**20 and mmap_threshold(threshold):
+                    self._describe["malloc_mmap_threshold"] = threshold
         model.to_empty(device="cpu" if opts.cpu_offload else device)
         # random init of DTensor shards on CPU draws each rank's shard from the local generator: a per-rank
         # stream keeps the shards of one tensor different (equal shards would be repeated rows)
@@ -143,8 +144,8 @@ class FSDP(Strategy):
         return model  # build shards the model itself
 
     def precision(self) -> Precision:
-        # bf16 is the MixedPrecisionPolicy's (bf16 parameters in compute): no autocast on top
-        return Precision("fp32", self.worker.device)
+        # sharded, bf16 is the MixedPrecisionPolicy's (bf16 parameters in compute): no autocast on top
+        return Precision("fp32", self.worker.device) if self._sharded else super().precision()
 
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)

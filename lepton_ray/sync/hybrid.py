@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -63,7 +62,7 @@ class Hybrid(ParamServer):
         self._ddp: Optional[DistributedDataParallel] = None
         self._shm: Optional[SharedMemoryAllReduce] = None
         self._describe: dict[str, str] = {}
-        if dist.is_available() and dist.is_initialized() and self.worker.world_size > 1:
+        if self.worker.distributed:
             dense = [p for n, p in model.named_parameters() if n not in self._tables]  # DDP all-reduces only these
             self._ddp, self._shm, self._describe = build_ddp(model, self.worker, options(AllReduceConfig, self.config), dense)
             return self._ddp

@@ -380,7 +380,7 @@ class ParamServer(Strategy):
         ssp release, the batches computed on the parameters it has add up, ``sync.ps.max_batches_per_push``
         - 1 at most (then it waits for the release); once released, one more batch is computed on the fresh
         parameters, and that push goes out."""
-        if not self.elastic_deal or not self._release:
+        if not self._release:  # only the elastic pace asks (balance: dynamic)
             return False
         import ray
 
@@ -413,7 +413,7 @@ class ParamServer(Strategy):
         if batches:
             self._push(optimizer.param_groups[0]["lr"], batches, advance=False)
         self._get([s.finish.remote(self.worker.rank) for s in self._shards])  # a worker held at the bound goes on
-        together = self.worker.world_size > 1 and dist.is_available() and dist.is_initialized()
+        together = self.worker.distributed
         if together:
             dist.barrier()
         self._received = max(r["batches"] for r in self._get([s.ready.remote() for s in self._shards]))
@@ -455,7 +455,7 @@ class ParamServer(Strategy):
         state = ckpt.get("strategy")
         if self.worker.rank == 0:
             self._get([s.restore.remote(st) for s, st in zip(self._shards, state["shards"])])
-        if self.worker.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if self.worker.distributed:
             dist.barrier()  # nobody pushes before every shard is back at the checkpoint
         self._step = int(min(state["shards"][0]["clocks"]))
         if not self.embeddings_only:

@@ -186,6 +186,10 @@ class CheckpointReader:
         except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
             raise CheckpointError(f"'{self.checkpoint.uri}/{fname}' holds objects other than tensors and plain data; refusing to load it: {exc}") from None
 
+    def objects(self, names: Optional[list[str]] = None) -> dict[str, Any]:
+        """The whole objects (all, or ``names``), read and verified, by name."""
+        return {n: self.get(n) for n in sorted(self.names()) if self.has(n) and (names is None or n in names)}
+
     def names(self) -> set[str]:
         return {f.split("/", 1)[0].removesuffix(".pt") for f in self.files}
 
@@ -231,13 +235,16 @@ def load_model(reader: CheckpointReader, model: torch.nn.Module) -> None:
 
 
 def open_checkpoint(uri: str, storage_options: Optional[dict] = None) -> CheckpointReader:
-    """A reader of the committed checkpoint folder ``uri`` (``.../step_NNNNNNNN``); a clear error when it is not one."""
-    root, _, leaf = uri.rstrip("/").rpartition("/")
-    m = _STEP_DIR.search(leaf)
-    if not m:
-        raise CheckpointError(f"'{uri}' is not a checkpoint folder (expected .../step_NNNNNNNN)")
-    store = CheckpointStore(root or ".", storage_options)
-    return store.open(store.get(int(m.group(1))))
+    """A reader of one committed checkpoint: ``uri`` is its folder (``.../step_NNNNNNNN``) or a checkpoint root (its
+    newest). A :class:`CheckpointError` names what is missing."""
+    uri = uri.rstrip("/")
+    root, _, leaf = uri.rpartition("/")
+    m = _STEP_DIR.fullmatch(leaf)
+    store = CheckpointStore(root if m else uri, storage_options)
+    checkpoint = store.get(int(m.group(1))) if m else store.latest()
+    if checkpoint is None:
+        raise CheckpointError(f"no committed checkpoint at '{uri}' (no {MANIFEST}, no step_* checkpoint under it)")
+    return store.open(checkpoint)
 
 
 class CheckpointStore:
@@ -333,8 +340,7 @@ class CheckpointStore:
         reader, skipped = self.open_latest()
         if reader is None:
             return None, {}, skipped
-        wanted = [n for n in sorted(reader.names()) if reader.has(n) and (names is None or n in names)]
-        return reader.checkpoint, {n: reader.get(n) for n in wanted}, skipped
+        return reader.checkpoint, reader.objects(names), skipped
 
     def open(self, checkpoint: Checkpoint) -> CheckpointReader:
         """A reader of ``checkpoint`` (sizes checked; each object's SHA-256 when it is read)."""
@@ -383,8 +389,7 @@ class CheckpointStore:
 
     def load(self, checkpoint: Checkpoint, names: Optional[list[str]] = None) -> dict[str, Any]:
         """Read and verify the whole objects of ``checkpoint`` (all, or ``names``)."""
-        reader = self.open(checkpoint)
-        return {n: reader.get(n) for n in sorted(reader.names()) if reader.has(n) and (names is None or n in names)}
+        return self.open(checkpoint).objects(names)
 
     def _prune(self, newest: int) -> None:
         committed = self.steps()

@@ -63,9 +63,10 @@ class _Parts:
     precision: Precision
 
 
-def _max_over_ranks(values: list[float], ctx: WorkerContext) -> list[float]:
-    """Each value's maximum over the ranks (a collective; as is with one worker)."""
-    if ctx.world == 1:
+def _max_over_ranks(values: list[float], ctx: WorkerContext, together: bool = True) -> list[float]:
+    """Each value's maximum over the ranks (a collective); as is with one worker, or when not ``together`` (workers
+    that do not advance in lock step: a collective would re-synchronise them)."""
+    if ctx.world == 1 or not together:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -76,7 +77,7 @@ def _held(p: _Parts, ctx: WorkerContext, together: bool) -> dict[str, int]:
     """What a worker holds once gradients and optimizer state exist, and its peak memory so far: the maximum over the
     ranks (``together``: a collective; otherwise this rank's own)."""
     held = {**memory_bytes(p.model, p.optimizer), "peak_memory_bytes": peak_memory(ctx.device)}
-    return {k: int(v) for k, v in zip(held, _max_over_ranks(list(held.values()), ctx) if together else held.values())}
+    return {k: int(v) for k, v in zip(held, _max_over_ranks(list(held.values()), ctx, together))}
 
 
 def evaluate(model: nn.Module, data: dict[str, torch.Tensor], evaluator: Evaluator, inputs: tuple[str, ...],
@@ -351,8 +352,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
             epoch, start = epoch + 1, 0
 
         run.losses.flush()
-        peak = peak_memory(ctx.device)
-        peak = _max_over_ranks([peak], ctx)[0] if pace.lockstep else peak
+        peak = _max_over_ranks([peak_memory(ctx.device)], ctx, pace.lockstep)[0]
         if ctx.rank == 0:
             newest = store.latest()
             buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": newest.uri if newest else None,
