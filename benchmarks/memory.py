@@ -109,9 +109,22 @@ def _join(procs: list) -> bool:
     return all(p.exitcode == 0 for p in procs)
 
 
+def _rmdir_when_empty(path: Path, timeout: float = 10.0) -> None:
+    """Remove a cgroup; the kernel refuses (EBUSY) until the last process that was in it has fully exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.rmdir(path)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def run(raw: dict[str, Any], tmp: Path, cap: Optional[int] = None, cgroup_root: str = "") -> Optional[dict[str, Any]]:
     """One run of the loop in ``scaling.num_workers`` processes; its records, or None when a worker died (over the cap)."""
     import torch.multiprocessing as mp
+    from multiprocessing import resource_tracker
 
     from lepton_ray import Trainer, load_config
     from lepton_ray.train.loop import LoopSpec
@@ -130,6 +143,7 @@ def run(raw: dict[str, Any], tmp: Path, cap: Optional[int] = None, cgroup_root: 
             Path(cgroup, f"rank{r}").mkdir()
             Path(cgroup, f"rank{r}", "memory.limit_in_bytes").write_text(str(cap))
     t0 = time.monotonic()
+    resource_tracker.ensure_running()  # spawn starts it on first use: here, not inside a worker's cgroup
     ctx, port, procs = mp.get_context("spawn"), _free_port(), []
     try:
         for r in range(cfg.scaling.num_workers):
@@ -150,8 +164,8 @@ def run(raw: dict[str, Any], tmp: Path, cap: Optional[int] = None, cgroup_root: 
             p.join()
         if cgroup:
             for r in range(cfg.scaling.num_workers):
-                os.rmdir(Path(cgroup, f"rank{r}"))
-            os.rmdir(cgroup)
+                _rmdir_when_empty(Path(cgroup, f"rank{r}"))
+            _rmdir_when_empty(Path(cgroup))
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if not ok:
         return None
