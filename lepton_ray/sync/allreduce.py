@@ -20,7 +20,6 @@ from typing import Any, ClassVar, ContextManager, Literal, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from lepton_ray.config import Section
@@ -105,6 +104,7 @@ class AllReduce(Strategy):
         self._ddp: Optional[DistributedDataParallel] = None
         self._shm: Optional[SharedMemoryAllReduce] = None
         self._describe: dict[str, Any] = {}
+        self._zero = False  # ZeRO-1: each rank steps (and saves) its share of the optimizer state
         if not self.worker.distributed:
             return model
         self._ddp, self._shm, self._describe = build_ddp(
@@ -117,7 +117,9 @@ class AllReduce(Strategy):
             return super().optimizer()
         params = list(self.model.parameters())
         cls, kwargs = optimizer_class(self.config, params)
-        self._describe["optimizer_sharded"] = "zero-1"
+        self._describe["optimizer_sharded"], self._zero = "zero-1", True
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # ~1 s of imports (FSDP, DTensor) only ZeRO-1 needs
+
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
 
     def describe(self) -> dict[str, Any]:
@@ -130,7 +132,7 @@ class AllReduce(Strategy):
         precision.step(optimizer, self.model.parameters(), self.config.train.grad_clip_norm)
 
     def save(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
-        if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        if not self._zero:
             return super().save(ckpt, optimizer)
         # ZeRO-1: every rank writes the state of the parameters it steps (``optim``, its local optimizer), keyed by the
         # parameter's index in the model. Gathering it on one rank (ZeroRedundancyOptimizer.consolidate_state_dict)

@@ -18,7 +18,6 @@ machine, without a cluster (what serving bundles need).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -27,13 +26,10 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lepton_ray.storage import atomic_write, filesystem, join
 
@@ -78,68 +74,6 @@ class _Hashing(io.RawIOBase):
         return self.n
 
 
-class _DCPFileSystem(FileSystemBase):
-    """DCP's file-system interface over the run's fsspec filesystem (local disk or ``s3://``): every file a rank
-    writes is hashed as it streams out and recorded in ``written`` (relative to ``root``) for the manifest."""
-
-    def __init__(self, fs: Any, root: str, written: Optional[dict[str, dict[str, Any]]] = None):
-        self.fs, self.root, self.written = fs, root, written if written is not None else {}
-
-    def _rel(self, path: Any) -> str:
-        return str(path)[len(self.root) + 1:]
-
-    @contextlib.contextmanager
-    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
-        with self.fs.open(str(path), mode) as fh:
-            if "r" in mode:
-                yield fh
-                return
-            stream = _Hashing(fh)
-            yield stream
-        self.written[self._rel(path)] = {"bytes": stream.n, "sha256": stream.sha.hexdigest()}
-
-    def concat_path(self, path: Any, suffix: str) -> str:
-        return f"{path}/{suffix}"
-
-    def rename(self, path: Any, new_path: Any) -> None:
-        self.fs.mv(str(path), str(new_path))
-        self.written[self._rel(new_path)] = self.written.pop(self._rel(path))
-
-    def init_path(self, path: Any) -> str:
-        return str(path)
-
-    def mkdir(self, path: Any) -> None:
-        self.fs.makedirs(str(path), exist_ok=True)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return True
-
-    def exists(self, path: Any) -> bool:
-        return self.fs.exists(str(path))
-
-    def rm_file(self, path: Any) -> None:
-        self.fs.rm_file(str(path))
-
-    def ls(self, path: Any) -> list[str]:
-        return self.fs.ls(str(path), detail=False)
-
-
-class _Writer(FileSystemWriter):
-    """DCP's file writer with the storage swapped for :class:`_DCPFileSystem` (``fs`` is the documented
-    extension point: torch's own fsspec writer is built the same way)."""
-
-    def __init__(self, dcp_fs: _DCPFileSystem, path: str):
-        super().__init__(path, sync_files=False)
-        self.fs, self.path = dcp_fs, path
-
-
-class _Reader(FileSystemReader):
-    def __init__(self, dcp_fs: _DCPFileSystem, path: str):
-        super().__init__(path)
-        self.fs, self.path = dcp_fs, path
-
-
 class CheckpointWriter:
     """One rank's part of the checkpoint of ``step``; :attr:`files` (name -> size and SHA-256) goes to the commit.
 
@@ -159,8 +93,9 @@ class CheckpointWriter:
         self.files[f"{name}.pt"] = {"bytes": stream.n, "sha256": stream.sha.hexdigest()}
 
     def put_sharded(self, name: str, state: dict[str, Any]) -> None:
-        fs = _DCPFileSystem(self.store.fs, self.dir, self.files)
-        dcp.save(state, storage_writer=_Writer(fs, f"{self.dir}/{name}"))
+        from lepton_ray.train import dcp  # torch.distributed.checkpoint: ~1.5 s of imports only sharded runs need
+
+        dcp.save(self.store.fs, self.dir, name, state, self.files)
 
 
 class CheckpointReader:
@@ -193,27 +128,25 @@ class CheckpointReader:
     def names(self) -> set[str]:
         return {f.split("/", 1)[0].removesuffix(".pt") for f in self.files}
 
-    def _dcp(self, name: str) -> tuple[_DCPFileSystem, str]:
+    def _sharded(self, name: str) -> None:
         if not self.has_sharded(name):
             raise CheckpointError(f"'{self.checkpoint.uri}' has no sharded '{name}/' (it holds {', '.join(sorted(self.names()))})")
-        return _DCPFileSystem(self.store.fs, self.dir), f"{self.dir}/{name}"
 
     def load_sharded(self, name: str, state: dict[str, Any]) -> None:
         """Load the DCP folder ``name`` into ``state`` in place (a collective where a process group is up): each
         rank reads the byte ranges its tensors (shards at this world size) need."""
-        fs, path = self._dcp(name)
-        dcp.load(state, storage_reader=_Reader(fs, path))
+        from lepton_ray.train import dcp
+
+        self._sharded(name)
+        dcp.load(self.store.fs, self.dir, name, state)
 
     def load_full(self, name: str) -> dict[str, torch.Tensor]:
         """The whole of a DCP folder's tensors as plain CPU tensors, in this process alone (no process group):
         how a sharded model is consolidated for serving."""
-        fs, path = self._dcp(name)
-        reader = _Reader(fs, path)
-        meta = reader.read_metadata()
-        state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-                 if isinstance(m, TensorStorageMetadata)}
-        dcp.load(state, storage_reader=_Reader(fs, path), no_dist=True)
-        return state
+        from lepton_ray.train import dcp
+
+        self._sharded(name)
+        return dcp.load_full(self.store.fs, self.dir, name)
 
 
 def model_state(reader: CheckpointReader) -> dict[str, torch.Tensor]:

@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from lepton_ray.config import ConfigError
+from lepton_ray.train.optim import is_sharded
 
 __all__ = ["checkpoint_activations", "memory_bytes", "mmap_threshold", "peak_memory"]
 
@@ -60,7 +60,7 @@ def checkpoint_activations(model: nn.Module, names: Optional[list[str]]) -> nn.M
 def _nbytes(t: Optional[torch.Tensor]) -> int:
     if t is None:
         return 0
-    local = t.to_local() if isinstance(t, DTensor) else t  # a sharded tensor: this worker's shard
+    local = t.to_local() if is_sharded(t) else t  # a sharded tensor: this worker's shard
     return local.numel() * local.element_size()
 
 

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from lepton_ray.config import Config
 
-__all__ = ["fused_kwargs", "make_optimizer", "make_scheduler", "optimizer_class"]
+__all__ = ["fused_kwargs", "is_sharded", "make_optimizer", "make_scheduler", "optimizer_class"]
+
+
+def is_sharded(t: Any) -> bool:
+    """``t`` is a DTensor (a shard of a tensor spread over ranks). Asked without importing
+    ``torch.distributed.tensor`` (~0.9 s of a worker's start-up): until something imported it, nothing is one.
+
+    >>> is_sharded(torch.zeros(2))
+    False
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def fused_kwargs(params: list[torch.Tensor], *, scaled: bool = False) -> dict[str, bool]:
@@ -37,7 +48,7 @@ def optimizer_class(cfg: Config, params: list[nn.Parameter], *, sparse: bool = F
     t = cfg.train
     fast = {} if sparse else fused_kwargs(params, scaled=t.precision == "fp16")
     if t.optimizer == "sgd":
-        if any(isinstance(p, DTensor) for p in params):  # torch 2.13 has no sharded (DTensor) rule for the fused SGD kernel
+        if any(is_sharded(p) for p in params):  # torch 2.13 has no sharded (DTensor) rule for the fused SGD kernel
             fast = {}
         return torch.optim.SGD, {"lr": t.lr, "momentum": t.momentum, "weight_decay": t.weight_decay, **fast}
     return torch.optim.AdamW, {"lr": t.lr, "weight_decay": t.weight_decay, **fast}

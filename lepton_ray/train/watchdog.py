@@ -2,7 +2,7 @@
 
 Three pieces, one per side:
 
-- :class:`Board` (a mixin of the metrics sink actor on the driver's node): every rank's last heartbeat, kept
+- :class:`lepton_ray.train.sink.Board` (a mixin of the metrics sink actor on the driver's node): every rank's last heartbeat, kept
   on the board's own clock (no clock skew between hosts), and the stack dumps it writes into the run directory.
 - :class:`WorkerGuard` (every Ray Train worker): a thread that beats once a second with the loop's step, and
   dumps the stacks of all the process's threads when the driver asks; and a SIGTERM handler that turns a
@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["Board", "Preempted", "Watchdog", "WorkerGuard", "find_stuck", "stack_dump"]
+__all__ = ["Preempted", "Watchdog", "WorkerGuard", "find_stuck", "stack_dump"]
 
 BEAT_S = 1.0
 """Seconds between a worker's heartbeats (one small actor call each)."""
@@ -70,57 +70,6 @@ def stack_dump() -> str:
     for ident, frame in sys._current_frames().items():
         parts.append(f"\nThread {names.get(ident, '?')} ({ident}):\n{''.join(traceback.format_stack(frame))}")
     return "".join(parts)
-
-
-class Board:
-    """The heartbeat board (mixed into the metrics sink actor, pinned to the driver's node)."""
-
-    def __init__(self, stacks_dir: str) -> None:
-        self._stacks_dir = stacks_dir
-        self._beats: dict[int, dict[str, Any]] = {}
-        self._want_stacks = False
-        self._retired: set[int] = set()
-
-    def beat(self, rank: int, info: dict[str, Any]) -> bool:
-        """A worker's heartbeat (``step``, ``pid``, ``host``, ``node``, ``world``); True asks it for its stack dump."""
-        if info["pid"] in self._retired:  # a process of a group the watchdog gave up on, not yet gone
-            return False
-        for gone in [r for r in self._beats if r >= info.get("world", r + 1)]:  # a smaller group (an elastic resize)
-            del self._beats[gone]
-        now = time.monotonic()
-        old = self._beats.get(rank)
-        if old is None or old["pid"] != info["pid"]:  # a new process (a restarted group) starts afresh
-            old = {"advanced": now, "step": None, "stacks": None}
-        advanced = now if info["step"] != old["step"] else old["advanced"]
-        self._beats[rank] = {**old, **info, "seen": now, "advanced": advanced}
-        return self._want_stacks and self._beats[rank]["stacks"] is None
-
-    def put_stacks(self, rank: int, pid: int, text: str) -> str:
-        path = Path(self._stacks_dir) / f"rank{rank}-{pid}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        if rank in self._beats and self._beats[rank]["pid"] == pid:
-            self._beats[rank]["stacks"] = str(path)
-        return str(path)
-
-    def want_stacks(self, on: bool = True) -> None:
-        self._want_stacks = on
-
-    def beats(self) -> dict[int, dict[str, Any]]:
-        """rank -> its last heartbeat, with ``age`` (s since it) and ``stalled`` (s since its step changed)."""
-        now = time.monotonic()
-        return {r: {**b, "age": now - b["seen"], "stalled": now - b["advanced"]} for r, b in self._beats.items()}
-
-    def leave(self, rank: int, pid: int) -> None:
-        """A worker whose loop ended (finished or failed) stops beating on purpose."""
-        self._retired.add(pid)
-        if self._beats.get(rank, {}).get("pid") == pid:
-            del self._beats[rank]
-
-    def retire(self) -> None:
-        """Forget every rank: its group is being torn down (restarted or failed); the next group beats afresh."""
-        self._retired.update(b["pid"] for b in self._beats.values())
-        self._beats.clear()
 
 
 class WorkerGuard:
