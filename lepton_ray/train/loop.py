@@ -49,6 +49,9 @@ class LoopSpec:
     sink: Any = None  # MetricsSink actor handle, or a Sink in rank 0's process
     services: Any = None
     """What the sync strategy's driver-side ``launch`` started (e.g. parameter-server actor handles)."""
+    phases: dict[str, Optional[float]] = field(default_factory=dict)
+    """When each start-up phase ended (Unix time): the driver's, from ``fit`` (its call), then the worker's own
+    (``worker_process``, ``worker_entry``) as the worker adds them; rank 0's start record has them after ``fit``."""
 
 
 @dataclass
@@ -291,7 +294,9 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
         _load(p, latest, ctx)
     buffer = M.RecordBuffer(spec.sink if ctx.rank == 0 else None)
     if ctx.rank == 0:
+        phases = {**spec.phases, "loop_entered": entered, "ready": time.time()}  # ready: built, resumed; the first batch next
         buffer.add({"event": "start", M.STEP: step, "total_steps": total, "world_size": ctx.world,
+                    "phases_s": M.since(phases.pop("fit", entered), phases),
                     "resumed_from": latest.checkpoint.uri if latest else None, "notes": resume.notes,
                     "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
                     "compiled": getattr(p.net, "compiled", False), **p.strategy.describe()}, now=True)

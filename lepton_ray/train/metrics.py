@@ -9,19 +9,19 @@ drive the progress bar and build the result.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
 
-from lepton_ray.train.watchdog import Board
+from lepton_ray.train.sink import MetricsSink, Sink
 
-__all__ = ["LossLog", "MetricsSink", "Sink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S", "binary_auc"]
+__all__ = ["LossLog", "MetricsSink", "Sink", "RecordBuffer", "TRAIN_LOSS", "EVAL_PREFIX", "STEP", "SAMPLES_PER_S", "binary_auc",
+           "process_started", "since"]
 
 STEP = "step"
 EPOCH = "epoch"
@@ -30,6 +30,29 @@ LR = "lr"
 SAMPLES_PER_S = "samples_per_s"
 DATA_WAIT_FRAC = "data_wait_frac"  # share of the logging window the loop spent waiting for its next batch
 EVAL_PREFIX = "eval_"  # eval metrics are eval_loss, eval_accuracy, ...
+
+
+def process_started() -> Optional[float]:
+    """When this process started (Unix time, ~10 ms resolution), from ``/proc``; None where there is no ``/proc``.
+
+    >>> 0 <= time.time() - (process_started() or time.time()) < 86400 * 365
+    True
+    """
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks after boot
+
+
+def since(start: float, phases: dict[str, Optional[float]]) -> dict[str, float]:
+    """Each phase's Unix time as seconds after ``start`` (rounded to ms); phases without a time are left out.
+
+    >>> since(100.0, {"ray": 101.25, "worker": None, "first_step": 104.0})
+    {'ray': 1.25, 'first_step': 4.0}
+    """
+    return {name: round(t - start, 3) for name, t in phases.items() if t is not None}
 
 
 def binary_auc(score: np.ndarray, label: np.ndarray) -> float:
@@ -46,42 +69,6 @@ def binary_auc(score: np.ndarray, label: np.ndarray) -> float:
     ends = np.cumsum(counts)
     ranks = (ends - (counts - 1) / 2.0)[inverse]  # average 1-based rank of each tie group
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-class Sink:
-    """Collects records from the workers: appends each batch to ``path`` (``metrics.jsonl``) as it
-    arrives, and keeps it for the driver to drain (progress bar, result).
-
-    Writing here, not in the driver, keeps the records of a run whose driver is killed (a sweep
-    trial that ASHA stops): everything rank 0 shipped is on disk. The actor runs on the driver's
-    node, so ``path`` is the driver's local run directory.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._records: list[dict[str, Any]] = []
-        self._path = path
-
-    def log(self, records: list[dict[str, Any]]) -> None:
-        with open(self._path, "a") as fh:
-            fh.write("".join(json.dumps(r) + "\n" for r in records))
-        self._records.extend(records)
-
-    def drain(self) -> list[dict[str, Any]]:
-        out, self._records = self._records, []
-        return out
-
-
-class _RunSink(Sink, Board):
-    """The sink of a Ray Train run, also the workers' heartbeat board (one actor, already on the driver's node).
-    Stack dumps go to ``stacks/`` beside ``metrics.jsonl``."""
-
-    def __init__(self, path: str) -> None:
-        Sink.__init__(self, path)
-        Board.__init__(self, os.path.join(os.path.dirname(path), "stacks"))
-
-
-MetricsSink = ray.remote(num_cpus=0)(_RunSink)
-"""The sink as an actor on the driver's node (a run under Ray Train); a plain :class:`Sink` serves a local run."""
 
 
 class RecordBuffer:

@@ -125,6 +125,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
     ):
+        self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
         self.config = check_config(config if isinstance(config, Config) else load_config(config))
         self.resume = resume
         self.progress = progress
@@ -250,6 +251,7 @@ class Trainer:
         is then called on rank 0 after every evaluation, and an exception from it stops the run on every rank.
         The loop, checkpoints and records are the same in all three.
         """
+        phases = {"driver_process": M.process_started(), "trainer": self._created, "fit": time.time()}
         if local:
             s = self.config.scaling
             if s.num_workers != 1 or self.services.starts_actors():  # an elastic [min, max] is not 1 either
@@ -260,7 +262,7 @@ class Trainer:
 
             group = LocalGroup(s.use_gpu)
         if group is not None:
-            return self._fit_in(group, report)
+            return self._fit_in(group, report, phases)
         import ray
         import ray.train
         import ray.util.scheduling_strategies
@@ -269,6 +271,7 @@ class Trainer:
         cfg = self.config
         s = cfg.scaling
         started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker)
+        phases["ray"] = time.time()
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.min_workers} workers need {s.min_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
@@ -279,7 +282,7 @@ class Trainer:
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
             services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
-            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services)
+            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases)
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
                 _worker_entry,
@@ -299,7 +302,7 @@ class Trainer:
             watcher.start()
             watchdog = Watchdog(sink, cfg.train.collective_timeout_s, self.run_dir / "stacks")
             watchdog.start()
-            t0 = time.time()
+            phases["ray_train"] = time.time()  # TorchTrainer.fit() called
             try:
                 with _ray_train_env(s):
                     trainer.fit()
@@ -311,7 +314,7 @@ class Trainer:
                 watcher.stop()
                 ray.kill(sink)  # drained; not left to garbage collection (an error's traceback keeps the handle alive)
                 self.services.stop(services)
-            return self._result(watcher.records, t0)
+            return self._result(watcher.records, phases["fit"])
         finally:
             if started:
                 ray.shutdown()
@@ -320,21 +323,20 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(self.config.to_dict()), indent=1))  # JSON is YAML
 
-    def _fit_in(self, group: Any, report: Optional[Callable[[dict[str, Any]], None]]) -> Result:
+    def _fit_in(self, group: Any, report: Optional[Callable[[dict[str, Any]], None]], phases: dict[str, Optional[float]]) -> Result:
         if group.world != self.config.scaling.num_workers:
             raise ConfigError(f"scaling.num_workers: {self.config.scaling.num_workers}, but the worker group has {group.world}")
         self._start_run_dir()
         sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
         services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
-        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services)
-        t0 = time.time()
+        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases)
         try:
             group.run(spec, report)
         finally:
             self.services.stop(services)
-        return self._result(sink.drain(), t0)
+        return self._result(sink.drain(), phases["fit"])
 
-    def _result(self, records: list[dict[str, Any]], t0: float) -> Result:
+    def _result(self, records: list[dict[str, Any]], fit_called: float) -> Result:
         end = next((r for r in reversed(records) if r.get("event") == "end"), None)
         if end is None:
             raise TrainingError(f"training run '{self.run_name}' ended without its final record; see the worker logs above")
@@ -352,7 +354,7 @@ class Trainer:
             metrics[M.SAMPLES_PER_S] = done * self.config.train.batch_size / (last_time - first["time"])
         else:
             metrics[M.SAMPLES_PER_S] = None
-        metrics["time_to_first_step_s"] = (first["time"] - t0) if first else None
+        metrics["time_to_first_step_s"] = (first["time"] - fit_called) if first else None
         metrics.update(self.baseline)
         result = Result(
             metrics=metrics,
@@ -396,6 +398,7 @@ def _ray_train_env(scaling: Any) -> Iterator[None]:
 
 def _worker_entry(config: dict[str, Any]) -> None:
     spec: LoopSpec = config["spec"]
+    spec.phases.update(worker_process=M.process_started(), worker_entry=time.time())  # this worker's copy of the spec
     ctx = WorkerContext.from_ray(use_gpu=spec.config["scaling"]["use_gpu"])
     guard = WorkerGuard(spec.sink, ctx.rank)  # heartbeats to the sink's board; SIGTERM -> a just-in-time checkpoint
     guard.install_sigterm()

@@ -111,6 +111,13 @@ def test_ray_train_restart_resumes_automatically(tmp_path, blobs):
     starts = [r for r in result.records if r.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, 10]
     assert _max_diff(final_params(result), _uninterrupted(tmp_path, blobs)) <= 1e-6
+    # the start-up phases, in seconds after fit(): each after the one before, the restarted group's later still
+    order = ["driver_process", "trainer", "ray", "ray_train", "worker_process", "worker_entry", "loop_entered", "ready"]
+    for start in starts:
+        phases = start["phases_s"]
+        assert sorted(phases, key=phases.get) == order and phases["trainer"] <= 0 <= phases["ray"], phases
+    assert starts[1]["phases_s"]["worker_process"] > starts[0]["phases_s"]["ready"]  # a new process, started after the crash
+    assert result.metrics["time_to_first_step_s"] > starts[1]["phases_s"]["ready"]  # timed from fit(), as the phases are
 
 
 def test_checkpoint_killed_before_manifest_is_not_used(tmp_path, blobs):

@@ -86,3 +86,12 @@ def test_a_report_that_raises_stops_the_run_and_leaves_nothing_running(tmp_path)
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_accuracy"] for r in records if "eval_accuracy" in r] == [m["eval_accuracy"] for m in seen]
     assert threading.active_count() == threads
+
+
+def test_the_start_record_times_each_start_up_phase_from_fit(tmp_path):
+    """A run's start record has its start-up phases in seconds after ``fit()``: the driver's before it, the loop's after."""
+    result = Trainer(load_config(_config(tmp_path, "phases")), progress=False).fit(local=True)
+    phases = next(r for r in result.records if r.get("event") == "start")["phases_s"]
+    assert sorted(phases, key=phases.get) == ["driver_process", "trainer", "loop_entered", "ready"], phases
+    assert phases["trainer"] <= 0 <= phases["loop_entered"]
+    assert result.metrics["time_to_first_step_s"] >= phases["ready"]
