@@ -7,7 +7,9 @@ configured through the standard AWS variables.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,8 +19,13 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 TESTS = Path(__file__).resolve().parent
+
+# Hypothesis keeps no example database: nothing is written into the repository tree (.hypothesis/)
+settings.register_profile("lepton_ray", database=None)
+settings.load_profile("lepton_ray")
 BIN = Path(sys.executable).parent
 
 # Set before anything imports ray (it reads them at import time), and inherited by every Ray
@@ -62,10 +69,12 @@ def s3_endpoint():
 
 @pytest.fixture
 def bucket(s3_endpoint, request):
-    """A fresh, empty bucket per test."""
+    """A fresh, empty bucket per test and parameter set: a readable prefix, then a hash of the whole test id (the
+    prefix alone is cut to fit S3's 63 characters, which would give two parameter sets one bucket)."""
     import boto3
 
-    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40] + f"-{os.getpid()}"
+    readable = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:36].strip("-")
+    name = f"t-{readable}-{hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:10]}-{os.getpid()}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
 

@@ -110,9 +110,13 @@ class ParquetSource:
             if key in self._decoded:
                 self._decoded.move_to_end(key)
                 return self._decoded[key]
+        path = self.info.shards[shard].path
         if shard not in handles:
-            handles[shard] = self._open(self.info.shards[shard])
-        pf, path = handles[shard], self.info.shards[shard].path
+            try:
+                handles[shard] = self._open(self.info.shards[shard])
+            except pa.ArrowInvalid as exc:  # read, but not Parquet (anything the storage did is an IOError already)
+                raise IOError(f"{self.info.key}: opening '{path}' failed (a damaged shard?): {type(exc).__name__}: {exc}") from None
+        pf = handles[shard]
         read = partial(pf.read_row_group, row_group, columns=self.info.schema.parquet_columns())
         if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:  # ranged GETs
             self.stats["remote_row_group_reads"] += 1

@@ -241,7 +241,6 @@ def test_language_model_head_next_token_and_greedy_continuation():
 
 
 def test_real_gpt_serves_next_bytes_and_continuations():
-    pytest.importorskip("lepton_ray.models.gpt")
     schema = Schema(inputs=(Column("tokens", ("x",), "uint8", (16,)),), targets=(Column("next", ("y",), "uint8", (16,), 256),))
     torch.manual_seed(0)
     p = Predictor(Bundle(model={"name": "gpt"}, schema=schema, state=None, name="gpt"))
