@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import ray
@@ -109,13 +109,14 @@ class LossLog:
     """
 
     def __init__(self, buffer: "RecordBuffer", world: int, collective: bool, *, target_s: float = 0.25,
-                 calibrate_after: int = 8, max_every: int = 64):
+                 calibrate_after: int = 8, max_every: int = 64, clock: Callable[[], float] = time.perf_counter):
         self.buffer, self.world, self.collective = buffer, world, collective
         self.target_s, self.calibrate_after, self.max_every = target_s, calibrate_after, max_every
         self.every = 1
         self._pending: list[tuple[torch.Tensor, dict[str, Any]]] = []
         self._logged = 0
-        self._t0 = time.perf_counter()
+        self._clock = clock  # a test's own clock makes the calibration independent of the machine's speed
+        self._t0 = clock()
 
     def add(self, loss_sum: torch.Tensor, steps: int, record: dict[str, Any]) -> None:
         # torch.stack makes a new tensor: the caller may reset loss_sum right after
@@ -135,7 +136,7 @@ class LossLog:
         calibrate = reduce and self._logged < self.calibrate_after <= self._logged + len(pending)
         self._logged += len(pending)
         if calibrate:  # the slowest rank's mean seconds per record, so every rank picks the same batch size
-            interval = torch.tensor([(time.perf_counter() - self._t0) / self._logged], dtype=torch.float64, device=sums.device)
+            interval = torch.tensor([(self._clock() - self._t0) / self._logged], dtype=torch.float64, device=sums.device)
             dist.all_reduce(interval, op=dist.ReduceOp.MAX)
             self.every = max(1, min(self.max_every, int(self.target_s / max(interval.item(), 1e-9))))
         for (total, n), (_, record) in zip(sums.tolist(), pending):

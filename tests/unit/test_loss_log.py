@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -22,12 +21,23 @@ class _ListBuffer:
         self.records.append(record)
 
 
-def _rank(rank: int, port: int, out: str, records: int, sleep_s: float, target_s: float) -> None:
+class _Clock:
+    """A clock on which the first ``calibrate`` records took ``per_record[rank]`` seconds each: the calibration
+    reads it twice (at the start and after those records), whatever the machine's speed."""
+
+    def __init__(self, per_record: float, calibrate: int = 8):
+        self.readings = iter([0.0, per_record * calibrate])
+
+    def __call__(self) -> float:
+        return next(self.readings)
+
+
+def _rank(rank: int, port: int, out: str, records: int, per_record: tuple[float, float], target_s: float) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         buf = _ListBuffer()
-        log = _LossLog(buf, 2, collective=True, target_s=target_s)
+        log = _LossLog(buf, 2, collective=True, target_s=target_s, clock=_Clock(per_record[rank]))
         seen_every, pending_at = [], []
         for step in range(1, records + 1):
             # window of 2 steps whose loss sum differs per rank: rank r logs (step + 10 r) * 2
@@ -37,7 +47,6 @@ def _rank(rank: int, port: int, out: str, records: int, sleep_s: float, target_s
             if step == 30:
                 log.flush()  # what an evaluation does: every pending record is reduced now
                 pending_at[-1] = len(buf.records)
-            time.sleep(sleep_s)
         log.flush()
         with open(f"{out}.{rank}", "w") as fh:
             json.dump({"records": buf.records, "every": seen_every, "emitted": pending_at}, fh)
@@ -45,27 +54,27 @@ def _rank(rank: int, port: int, out: str, records: int, sleep_s: float, target_s
         dist.destroy_process_group()
 
 
-def _run(tmp_path, records: int, sleep_s: float, target_s: float):
+def _run(tmp_path, records: int, per_record: tuple[float, float], target_s: float):
     out = str(tmp_path / "log")
-    mp.spawn(_rank, args=(free_port(), out, records, sleep_s, target_s), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), out, records, per_record, target_s), nprocs=2, join=True)
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 
 def test_fast_steps_are_reduced_in_batches_with_the_mean_over_ranks(tmp_path):
-    # target 10 s of records: "fast" holds below 156 ms per record, so a loaded machine cannot flip the batch size
-    r0, r1 = _run(tmp_path, records=100, sleep_s=0.0, target_s=10.0)
+    # 1 ms per record on one rank, 2 ms on the other: the slower rank's 2 ms sets the batch, 0.1 s / 2 ms = 50 records
+    r0, r1 = _run(tmp_path, records=100, per_record=(0.001, 0.002), target_s=0.1)
     steps = [r["step"] for r in r0["records"]]
     assert steps == list(range(1, 101))  # every record, once, in order
     # mean over both ranks of the per-step loss: ((s) + (s + 10)) / 2 = s + 5
     assert [r["train_loss"] for r in r0["records"]] == [s + 5.0 for s in steps]
     assert r0["every"] == r1["every"]  # both ranks batch alike: the collectives pair up
     assert r0["every"][:7] == [1] * 7  # one collective per record until calibrated after 8
-    assert r0["every"][-1] == 64  # far below the target per record: the largest batch
+    assert r0["every"][7:] == [50] * 93  # calibrated after 8 records, on the slowest rank's interval
     assert r0["emitted"][29] == 30  # the flush at record 30 emitted everything pending
 
 
 def test_slow_steps_keep_one_collective_per_record(tmp_path):
-    r0, r1 = _run(tmp_path, records=12, sleep_s=0.02, target_s=0.01)
+    r0, r1 = _run(tmp_path, records=12, per_record=(0.02, 0.005), target_s=0.01)  # the slower rank above the target
     assert r0["every"] == r1["every"] == [1] * 12
     assert r0["emitted"] == list(range(1, 13))  # each record reaches the buffer as it is logged
     assert [r["train_loss"] for r in r0["records"]] == [s + 5.0 for s in range(1, 13)]
