@@ -193,8 +193,9 @@ class Dealer:
 
 
 def test_dynamic_deal_gives_each_row_to_at_most_one_worker_and_a_fast_worker_more(tmp_path):
-    """Two workers share one dealer; worker 1 takes 10 ms per batch. Every row is trained on at most once,
-    only rows after a worker's last full batch are dropped (< 1 batch each), and the fast worker takes more."""
+    """Two workers share one dealer; worker 1 stalls after its first batch until worker 0 has finished the epoch
+    (an event, not a sleep: the same on a loaded machine). Every row is trained on at most once, only rows after a
+    worker's last full batch are dropped (< 1 batch each), and the fast worker takes more."""
     n = write_ids(tmp_path / "d")
     cfg = DataConfig(train=str(tmp_path / "d"))
     info = describe("data.train", str(tmp_path / "d"), cfg)
@@ -202,14 +203,19 @@ def test_dynamic_deal_gives_each_row_to_at_most_one_worker_and_a_fast_worker_mor
     ss = [WorkerStream(info, cfg, rank=r, world_size=2, local_batch=32, seed=3, claim=dealer) for r in range(2)]
     got: list[list[int]] = [[], []]
 
-    def run(rank, delay):
-        for b in ss[rank].epoch(0):
+    fast_done = threading.Event()
+
+    def run(rank):
+        for i, b in enumerate(ss[rank].epoch(0)):
             xb, yb = b["x"], b["label"]
             assert xb.shape == (32, 3) and torch.equal(xb[:, 0].long() % 10, yb)
             got[rank] += xb[:, 0].long().tolist()
-            threading.Event().wait(delay)
+            if rank == 1 and i == 0:
+                assert fast_done.wait(60)
+        if rank == 0:
+            fast_done.set()
 
-    threads = [threading.Thread(target=run, args=(r, d)) for r, d in ((0, 0.0), (1, 0.01))]
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
     for th in threads:
         th.start()
     for th in threads:
