@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lepton_ray import Trainer, load_config
+from lepton_ray.train.checkpoint import CheckpointStore
 from run_configs import final_params, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -47,8 +48,11 @@ def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(t
         assert runner.is_alive() and time.monotonic() < deadline, "the run never got past step 13"
         time.sleep(0.2)
     pid = int((tmp_path / "pids-killed" / "rank1").read_text())
+    store = CheckpointStore(trainer.checkpoint_uri)
+    before = store.steps()
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
+    committed = store.steps()  # the dead group commits nothing more; the restarted one needs seconds to start
     runner.join(timeout=400)
     assert not runner.is_alive(), "the run did not finish after the kill"
     result = out["result"]
@@ -56,7 +60,8 @@ def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(t
     starts = [r for r in result.records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[0]["step"] == 0, starts
     resumed = starts[1]["step"]
-    assert resumed in (10, 20, 30) and result.resumed_from.endswith(f"step_{resumed:08d}")  # the newest committed one
+    assert before and before[-1] >= 10  # the kill came after a checkpoint: a resume from scratch would be wrong
+    assert resumed == committed[-1] and result.resumed_from.endswith(f"step_{resumed:08d}")  # the newest committed one
     assert result.metrics["steps"] == 40
     firsts = [r for r in result.records if r.get("event") == "first_step"]
     recovery = firsts[-1]["time"] - killed_at
@@ -74,3 +79,42 @@ def _initial(cfg, trainer) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(cfg.train.seed)
     return build_model(cfg.model, trainer.train_info.schema).state_dict()
+
+
+def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(tmp_path, blobs):
+    """fit(keep_warm=True) twice in one process: the first through Ray Train, the second in the warm group it left
+    (this process rank 0). Its other rank SIGKILLed mid-run: a fresh group resumes from the newest committed
+    checkpoint (max_failures 1) and the run ends with the first run's parameters (same config, same seed: 1e-6)."""
+    from lepton_ray.train import group as G
+
+    first = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "first", delay_s=0.0)), progress=False).fit(keep_warm=True)
+    assert "worker_process" in next(r for r in first.records if r.get("event") == "start")["phases_s"]  # through Ray Train
+    assert G._CACHE["group"].world == 2  # the warm group it left behind
+
+    trainer = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "warm", delay_s=0.1)), progress=False)
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(result=trainer.fit(keep_warm=True)), daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r.get("step", 0) >= 13 and "train_loss" in r for r in _records(trainer.run_dir)):
+            assert runner.is_alive() and time.monotonic() < deadline, "the warm run never got past step 13"
+            time.sleep(0.2)
+        pid = int((tmp_path / "pids-warm" / "rank1").read_text())
+        assert pid != os.getpid() and pid in G._CACHE["group"].pids  # rank 1 is the warm group's helper
+        store = CheckpointStore(trainer.checkpoint_uri)
+        os.kill(pid, signal.SIGKILL)
+        committed = store.steps()
+        runner.join(timeout=300)
+        assert not runner.is_alive(), "the warm run did not finish after the kill"
+    finally:
+        if runner.is_alive() and "group" in G._CACHE:
+            G._CACHE["group"].close()  # a failed assertion leaves no run going on the session's cluster
+    result = out["result"]
+    starts = [r for r in result.records if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, committed[-1]] and committed[-1] >= 10, (starts, committed)
+    assert "worker_process" not in starts[0]["phases_s"]  # the warm group, not a Ray Train start-up
+    assert result.resumed_from.endswith(f"step_{committed[-1]:08d}") and result.metrics["steps"] == 40
+    got, want = final_params(result), final_params(first)
+    assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
+    G._CACHE["group"].close()  # the replacement group: nothing left for the next test
