@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import traceback
 from typing import Any, Callable, Optional
@@ -89,11 +88,13 @@ class _Agree:
 class _Peer:
     """Ranks 1.. of a :class:`WarmGroup`: a Ray actor that joins the process group once and runs loops."""
 
-    def join(self, address: str, rank: int, world: int, backend: str, use_gpu: bool, timeout_s: float) -> int:
+    def join(self, host: str, port: int, rank: int, world: int, backend: str, use_gpu: bool, timeout_s: float) -> int:
         import torch._dynamo  # noqa: F401 - DDP's constructor imports it (~1.5 s): before rank 0 is ready, not after
 
         self.rank, self.world, self.device = rank, world, _device(use_gpu)
-        dist.init_process_group(backend, init_method=address, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)  # rank 0's, up since the group was made
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         return os.getpid()
 
     def run(self, spec: LoopSpec) -> str:
@@ -123,20 +124,21 @@ class WarmGroup:
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.world, self.device, self.key = world, _device(use_gpu), (world, cpus_per_worker, use_gpu)
+        self.world, self.device, self.key = world, _device(use_gpu), (world, cpus_per_worker, use_gpu, timeout_s)
         pg = get_current_placement_group()
         actor = ray.remote(_Peer)
         self.peers = []
         for rank in range(1, world):
             where = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank) if pg is not None and rank < pg.bundle_count else None
             self.peers.append(actor.options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, scheduling_strategy=where).remote())
+        # rank 0's rendezvous store is served from now on: a helper connects as soon as it starts and waits there for
+        # rank 0's first run (with a tcp:// address and no server yet, its client retried with growing pauses: 2-4 s)
         host = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            address = f"tcp://{host}:{sock.getsockname()[1]}"
+        self._store = dist.TCPStore(host, 0, world, is_master=True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
         backend = "nccl" if use_gpu else "gloo"
-        self._joined = [p.join.remote(address, rank, world, backend, use_gpu, timeout_s) for rank, p in enumerate(self.peers, start=1)]
-        self._init = (backend, address, timeout_s)
+        self._joined = [p.join.remote(host, self._store.port, rank, world, backend, use_gpu, timeout_s)
+                        for rank, p in enumerate(self.peers, start=1)]
+        self._init = (backend, timeout_s)
         self.pids: list[int] = []
         import torch._dynamo  # noqa: F401 - what DDP's constructor imports (~1.5 s), while the helpers start
 
@@ -146,10 +148,10 @@ class WarmGroup:
 
         if self.pids:
             return
-        backend, address, timeout_s = self._init
+        backend, timeout_s = self._init
         if dist.is_initialized():  # another group's (a different world size): this process can hold one
             dist.destroy_process_group()
-        dist.init_process_group(backend, init_method=address, rank=0, world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=self._store, rank=0, world_size=self.world, timeout=datetime.timedelta(seconds=timeout_s))
         self.pids = [os.getpid(), *ray.get(self._joined)]
 
     def run(self, spec: LoopSpec, report: Report = None) -> None:
@@ -184,14 +186,15 @@ class WarmGroup:
 _CACHE: dict[str, WarmGroup] = {}
 
 
-def warm_group(world: int, cpus_per_worker: float, use_gpu: bool = False) -> "LocalGroup | WarmGroup":
-    """This process's group for runs of ``world`` workers: built on first use, kept for the next run."""
+def warm_group(world: int, cpus_per_worker: float, use_gpu: bool = False, timeout_s: float = 1800.0) -> "LocalGroup | WarmGroup":
+    """This process's group for runs of ``world`` workers: built on first use, kept for the next run. ``timeout_s``:
+    how long a collective may wait (a stuck rank fails the run then)."""
     if world == 1:
         return LocalGroup(use_gpu)
     group = _CACHE.get("group")
-    if group is not None and group.key != (world, cpus_per_worker, use_gpu):
+    if group is not None and group.key != (world, cpus_per_worker, use_gpu, timeout_s):
         group.close()
         group = None
     if group is None:
-        group = _CACHE["group"] = WarmGroup(world, cpus_per_worker, use_gpu)
+        group = _CACHE["group"] = WarmGroup(world, cpus_per_worker, use_gpu, timeout_s)
     return group

@@ -241,7 +241,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
-    def fit(self, *, local: bool = False, group: Any = None, report: Optional[Callable[[dict[str, Any]], None]] = None) -> Result:
+    def fit(self, *, local: bool = False, group: Any = None, report: Optional[Callable[[dict[str, Any]], None]] = None,
+            keep_warm: bool = False) -> Result:
         """Train to the end (or resume to the end) and return the :class:`Result`.
 
         By default the workers are a Ray Train worker group. ``local``: run the one worker in this process,
@@ -249,7 +250,12 @@ class Trainer:
         strategy without services of its own (not the parameter server). ``group``: run in a worker group of
         :mod:`lepton_ray.train.group` with this process as rank 0 (a sweep trial's warm group); ``report``
         is then called on rank 0 after every evaluation, and an exception from it stops the run on every rank.
-        The loop, checkpoints and records are the same in all three.
+        ``keep_warm`` (several fits in one process: a notebook, a script over configs): after a run through Ray
+        Train, keep Ray up and start a warm group of this run's shape (this process as rank 0, the others helper
+        actors); the next ``fit(keep_warm=True)`` of the same shape runs there, its first step in about a second
+        instead of a Ray Train start-up, and a worker that dies is replaced and the run resumed from its newest
+        checkpoint, at most ``scaling.max_failures`` times, as Ray Train would. Elastic and GPU runs always go
+        through Ray Train. The loop, checkpoints and records are the same in all of these.
         """
         phases = {"driver_process": M.process_started(), "trainer": self._created, "fit": time.time()}
         if local:
@@ -262,7 +268,10 @@ class Trainer:
 
             group = LocalGroup(s.use_gpu)
         if group is not None:
-            return self._fit_in(group, report, phases)
+            return self._fit_in(lambda: group, report, phases)
+        warm = keep_warm and not self.config.scaling.elastic and not self.config.scaling.use_gpu
+        if warm and _warm_shape(self.config) in _WARM:
+            return self._fit_warm(phases)
         import ray
         import ray.train
         import ray.util.scheduling_strategies
@@ -314,24 +323,55 @@ class Trainer:
                 watcher.stop()
                 ray.kill(sink)  # drained; not left to garbage collection (an error's traceback keeps the handle alive)
                 self.services.stop(services)
-            return self._result(watcher.records, phases["fit"])
+            result = self._result(watcher.records, phases["fit"])
+            if warm:  # the next fit(keep_warm=True) of this shape: its helpers start now, while the caller reads this result
+                from lepton_ray.train.group import warm_group
+
+                warm_group(s.num_workers, s.cpus_per_worker, timeout_s=cfg.train.collective_timeout_s)
+                _WARM.add(_warm_shape(cfg))
+            return result
         finally:
-            if started:
-                ray.shutdown()
+            if started and not warm:
+                ray.shutdown()  # kept for a warm group: Ray shuts its instance down when this process exits
 
     def _start_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(self.config.to_dict()), indent=1))  # JSON is YAML
 
-    def _fit_in(self, group: Any, report: Optional[Callable[[dict[str, Any]], None]], phases: dict[str, Optional[float]]) -> Result:
-        if group.world != self.config.scaling.num_workers:
-            raise ConfigError(f"scaling.num_workers: {self.config.scaling.num_workers}, but the worker group has {group.world}")
+    def _fit_warm(self, phases: dict[str, Optional[float]]) -> Result:
+        """A run in this process's warm group; a failed group is replaced by a fresh one and the run resumes from
+        its newest checkpoint, at most ``scaling.max_failures`` times (what Ray Train does for its groups)."""
+        from lepton_ray.train.group import warm_group
+
+        s = self.config.scaling
+        check_paths_reachable(self.config, self.node_local_paths)
+        timeout = self.config.train.collective_timeout_s  # a stuck rank fails its collective then: a failure like any other
+        return self._fit_in(lambda: warm_group(s.num_workers, s.cpus_per_worker, timeout_s=timeout), None, phases, retries=s.max_failures)
+
+    def _fit_in(self, group_of: Callable[[], Any], report: Optional[Callable[[dict[str, Any]], None]],
+                phases: dict[str, Optional[float]], retries: int = 0) -> Result:
         self._start_run_dir()
         sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
         services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
         spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases)
         try:
-            group.run(spec, report)
+            for attempt in range(retries + 1):
+                group = group_of()
+                if group.world != self.config.scaling.num_workers:
+                    raise ConfigError(f"scaling.num_workers: {self.config.scaling.num_workers}, but the worker group has {group.world}")
+                try:
+                    group.run(spec, report)
+                    break
+                except ConfigError:
+                    raise
+                except Exception as exc:  # a worker died or failed: the group closed itself; a fresh one resumes the run
+                    if attempt == retries and not retries:
+                        raise  # a sweep trial's group: its own error, for Tune
+                    if attempt == retries:
+                        raise TrainingError(f"training run '{self.run_name}' failed in its warm worker group"
+                                            f"{f' after {retries} restart(s)' if retries else ''}: {type(exc).__name__}: {exc}") from exc
+                    print(f"lepton_ray: the warm worker group of run '{self.run_name}' failed ({type(exc).__name__}: {exc});"
+                          f" restarting it from the newest checkpoint ({attempt + 1} of {retries})", file=sys.stderr, flush=True)
         finally:
             self.services.stop(services)
         return self._result(sink.drain(), phases["fit"])
@@ -365,6 +405,15 @@ class Trainer:
         )
         (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         return result
+
+
+_WARM: set[tuple[Any, ...]] = set()
+"""Shapes of the warm groups ``fit(keep_warm=True)`` started in this process (see :func:`_warm_shape`)."""
+
+
+def _warm_shape(cfg: Config) -> tuple[Any, ...]:
+    """What a warm group must match to run a config: its workers and their CPUs, on the cluster it was started on."""
+    return cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.train.collective_timeout_s, os.environ.get("RAY_ADDRESS")
 
 
 def unigram_bits(train: np.ndarray, eval: np.ndarray, classes: int, ignore_index: int = -100) -> float:
