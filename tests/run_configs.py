@@ -1,8 +1,12 @@
-"""Small training configs and checkpoint readers shared by the integration tests."""
+"""Small training configs, checkpoint readers and a run in the background, shared by the integration and fault tests."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,3 +48,32 @@ def final_params(result) -> dict[str, torch.Tensor]:
     latest = store.latest()
     assert latest is not None and latest.uri == result.checkpoint
     return store.load(latest, ["model"])["model"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    """A run's ``metrics.jsonl`` so far ([] before it exists)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class BackgroundFit:
+    """``trainer.fit(**kwargs)`` in a thread, for a test that acts on the run mid-way (kills a process)."""
+
+    def __init__(self, trainer: Any, **kwargs: Any):
+        self.trainer, self._out = trainer, {}
+        self._thread = threading.Thread(target=lambda: self._out.update(result=trainer.fit(**kwargs)), daemon=True)
+        self._thread.start()
+
+    def wait_for_step(self, step: int, timeout_s: float = 300) -> None:
+        """Until the run has logged a training loss at ``step`` or later."""
+        deadline = time.monotonic() + timeout_s
+        while not any(r.get("step", 0) >= step and "train_loss" in r for r in records(self.trainer.run_dir)):
+            assert self._thread.is_alive() and time.monotonic() < deadline, f"the run never got to step {step}"
+            time.sleep(0.2)
+
+    def result(self, timeout_s: float = 400) -> Any:
+        """The run's Result, once it has finished (within ``timeout_s``)."""
+        self._thread.join(timeout=timeout_s)
+        assert not self._thread.is_alive(), f"the run did not finish within {timeout_s:.0f} s"
+        assert "result" in self._out, "the run failed (its error is in the log above)"
+        return self._out["result"]

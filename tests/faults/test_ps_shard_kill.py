@@ -5,10 +5,8 @@ kill -> the first step after the restart."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from lepton_ray import Trainer, load_config
 from lepton_ray.data.pipeline import steps_in_epoch
 from lepton_ray.sync.param_server import SHARD_PREFIX
 from lepton_ray.train.checkpoint import CheckpointStore
-from run_configs import final_params, small_config
+from run_configs import BackgroundFit, final_params, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 EPOCHS = 6
@@ -32,11 +30,6 @@ def digits_data(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("digits")
     digits(str(d / "train.parquet"), str(d / "eval.parquet"))
     return {"train": str(d / "train.parquet"), "eval": str(d / "eval.parquet"), "label": "label"}
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _config(tmp_path: Path, digits_data: dict, mode: str, name: str):
@@ -53,13 +46,8 @@ def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits
 
     cfg = _config(tmp_path, digits_data, mode, "killed")
     trainer = Trainer(cfg, progress=False)
-    out: dict = {}
-    runner = threading.Thread(target=lambda: out.update(result=trainer.fit()), daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 300
-    while not any(r.get("step", 0) >= 70 and "train_loss" in r for r in _records(trainer.run_dir)):  # past the step-60 checkpoint
-        assert runner.is_alive() and time.monotonic() < deadline, "the run never got past step 70"
-        time.sleep(0.2)
+    run = BackgroundFit(trainer)
+    run.wait_for_step(70)  # past the step-60 checkpoint
     shards = [a for a in list_actors(filters=[("class_name", "=", "_RayShardServer"), ("state", "=", "ALIVE")], detail=True)
               if a.name.startswith(f"{SHARD_PREFIX}{trainer.run_name}:")]
     assert len(shards) == 2, shards
@@ -67,9 +55,7 @@ def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits
     killed_at = time.time()
     os.kill(max(shards, key=lambda a: a.name).pid, signal.SIGKILL)  # the OS kills the process: no Ray call involved
     committed = store.steps()
-    runner.join(timeout=600)
-    assert not runner.is_alive(), "the run did not finish after the kill"
-    result = out["result"]
+    result = run.result(timeout_s=600)
 
     starts = [r["step"] for r in result.records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[0] == 0 and starts[1] == committed[-1] >= 60, (starts, committed)

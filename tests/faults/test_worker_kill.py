@@ -4,10 +4,8 @@ parameters of an uninterrupted run (fp32, CPU, same seed: 1e-6). The figure: det
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 
 from lepton_ray import Trainer, load_config
 from lepton_ray.train.checkpoint import CheckpointStore
-from run_configs import final_params, small_config
+from run_configs import BackgroundFit, final_params, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -30,32 +28,20 @@ def _config(tmp_path: Path, blobs: Path, strategy: str, name: str, delay_s: floa
                                "kwargs": {"delay_s": delay_s, "pid_dir": str(tmp_path / f"pids-{name}"), "hidden": [32]}})
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.mark.slow  # CI keeps tests/integration/test_training.py::test_ray_train_restart_resumes_automatically (a worker dies mid-run)
 @pytest.mark.parametrize("strategy", ["allreduce", "ps"])
 def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(tmp_path, blobs, strategy):
     cfg = load_config(_config(tmp_path, blobs, strategy, "killed", delay_s=0.1))
     trainer = Trainer(cfg, progress=False)
-    out: dict = {}
-    runner = threading.Thread(target=lambda: out.update(result=trainer.fit()), daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 300
-    while not any(r.get("step", 0) >= 13 and "train_loss" in r for r in _records(trainer.run_dir)):  # past the step-10 checkpoint
-        assert runner.is_alive() and time.monotonic() < deadline, "the run never got past step 13"
-        time.sleep(0.2)
+    run = BackgroundFit(trainer)
+    run.wait_for_step(13)  # past the step-10 checkpoint
     pid = int((tmp_path / "pids-killed" / "rank1").read_text())
     store = CheckpointStore(trainer.checkpoint_uri)
     before = store.steps()
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
     committed = store.steps()  # the dead group commits nothing more; the restarted one needs seconds to start
-    runner.join(timeout=400)
-    assert not runner.is_alive(), "the run did not finish after the kill"
-    result = out["result"]
+    result = run.result()
 
     starts = [r for r in result.records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[0]["step"] == 0, starts
@@ -92,29 +78,21 @@ def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(
     assert G._CACHE["group"].world == 2  # the warm group it left behind
 
     trainer = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "warm", delay_s=0.1)), progress=False)
-    out: dict = {}
-    runner = threading.Thread(target=lambda: out.update(result=trainer.fit(keep_warm=True)), daemon=True)
-    runner.start()
+    run = BackgroundFit(trainer, keep_warm=True)
     try:
-        deadline = time.monotonic() + 300
-        while not any(r.get("step", 0) >= 13 and "train_loss" in r for r in _records(trainer.run_dir)):
-            assert runner.is_alive() and time.monotonic() < deadline, "the warm run never got past step 13"
-            time.sleep(0.2)
+        run.wait_for_step(13)
         pid = int((tmp_path / "pids-warm" / "rank1").read_text())
         assert pid != os.getpid() and pid in G._CACHE["group"].pids  # rank 1 is the warm group's helper
         store = CheckpointStore(trainer.checkpoint_uri)
         os.kill(pid, signal.SIGKILL)
         committed = store.steps()
-        runner.join(timeout=300)
-        assert not runner.is_alive(), "the warm run did not finish after the kill"
+        result = run.result(timeout_s=300)
     finally:
-        if runner.is_alive() and "group" in G._CACHE:
-            G._CACHE["group"].close()  # a failed assertion leaves no run going on the session's cluster
-    result = out["result"]
+        if "group" in G._CACHE:
+            G._CACHE["group"].close()  # the replacement group (or, after a failed assertion, the run's): nothing left running
     starts = [r for r in result.records if r.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, committed[-1]] and committed[-1] >= 10, (starts, committed)
     assert "worker_process" not in starts[0]["phases_s"]  # the warm group, not a Ray Train start-up
     assert result.resumed_from.endswith(f"step_{committed[-1]:08d}") and result.metrics["steps"] == 40
     got, want = final_params(result), final_params(first)
     assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
-    G._CACHE["group"].close()  # the replacement group: nothing left for the next test
