@@ -116,7 +116,8 @@ def test_ray_train_restart_resumes_automatically(tmp_path, blobs):
     for start in starts:
         phases = start["phases_s"]
         assert sorted(phases, key=phases.get) == order and phases["trainer"] <= 0 <= phases["ray"], phases
-    assert starts[1]["phases_s"]["worker_process"] > starts[0]["phases_s"]["ready"]  # a new process, started after the crash
+    assert starts[1]["phases_s"]["worker_entry"] > starts[0]["phases_s"]["ready"]  # the restarted group's, after the crash
+    # (its worker_process may be older: Ray can hand the new group a worker process it started, and kept idle, before)
     assert result.metrics["time_to_first_step_s"] > starts[1]["phases_s"]["ready"]  # timed from fit(), as the phases are
 
 
