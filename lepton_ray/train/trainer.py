@@ -365,11 +365,11 @@ class Trainer:
                 except ConfigError:
                     raise
                 except Exception as exc:  # a worker died or failed: the group closed itself; a fresh one resumes the run
-                    if attempt == retries and not retries:
-                        raise  # a sweep trial's group: its own error, for Tune
+                    if not retries:
+                        raise  # a sweep trial's group, a local run: its own error (for Tune, for the debugger)
                     if attempt == retries:
-                        raise TrainingError(f"training run '{self.run_name}' failed in its warm worker group"
-                                            f"{f' after {retries} restart(s)' if retries else ''}: {type(exc).__name__}: {exc}") from exc
+                        raise TrainingError(f"training run '{self.run_name}' failed in its warm worker group after {retries}"
+                                            f" restart(s): {type(exc).__name__}: {exc}") from exc
                     print(f"lepton_ray: the warm worker group of run '{self.run_name}' failed ({type(exc).__name__}: {exc});"
                           f" restarting it from the newest checkpoint ({attempt + 1} of {retries})", file=sys.stderr, flush=True)
         finally:
