@@ -14,18 +14,22 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 TESTS = Path(__file__).resolve().parent
 
-# Hypothesis keeps no example database: nothing is written into the repository tree (.hypothesis/)
+# Nothing of Hypothesis's in the repository tree: no example database, and its caches (constants, unicode data)
+# in the system's temporary directory instead of ./.hypothesis/
 settings.register_profile("lepton_ray", database=None)
 settings.load_profile("lepton_ray")
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "lepton_ray_hypothesis")
 BIN = Path(sys.executable).parent
 
 # Set before anything imports ray (it reads them at import time), and inherited by every Ray
