@@ -33,7 +33,7 @@ import torch.distributed as dist
 from lepton_ray.train.context import WorkerContext, isolated
 from lepton_ray.train.loop import LoopSpec, train_loop
 
-__all__ = ["LocalGroup", "WarmGroup", "RunStopped", "warm_group"]
+__all__ = ["LocalGroup", "WarmGroup", "RunStopped", "is_warm", "warm_group"]
 
 Report = Optional[Callable[[dict[str, Any]], None]]
 
@@ -184,6 +184,12 @@ class WarmGroup:
 
 
 _CACHE: dict[str, WarmGroup] = {}
+
+
+def is_warm(world: int, cpus_per_worker: float, use_gpu: bool = False, timeout_s: float = 1800.0) -> bool:
+    """This process holds a warm group that :func:`warm_group` would return for these arguments (no new helpers)."""
+    group = _CACHE.get("group")
+    return group is not None and group.key == (world, cpus_per_worker, use_gpu, timeout_s)
 
 
 def warm_group(world: int, cpus_per_worker: float, use_gpu: bool = False, timeout_s: float = 1800.0) -> "LocalGroup | WarmGroup":

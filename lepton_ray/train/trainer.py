@@ -270,8 +270,15 @@ class Trainer:
         if group is not None:
             return self._fit_in(lambda: group, report, phases)
         warm = keep_warm and not self.config.scaling.elastic and not self.config.scaling.use_gpu
-        if warm and _warm_shape(self.config) in _WARM:
-            return self._fit_warm(phases)
+        if warm:
+            from lepton_ray.train.group import is_warm
+
+            if is_warm(**self._warm_shape()):
+                return self._fit_warm(phases)
+        return self._fit_ray_train(phases, keep_warm=warm)
+
+    def _fit_ray_train(self, phases: dict[str, Optional[float]], *, keep_warm: bool) -> Result:
+        """A run in a Ray Train worker group; ``keep_warm``: then start this process's warm group of the run's shape."""
         import ray
         import ray.train
         import ray.util.scheduling_strategies
@@ -324,14 +331,13 @@ class Trainer:
                 ray.kill(sink)  # drained; not left to garbage collection (an error's traceback keeps the handle alive)
                 self.services.stop(services)
             result = self._result(watcher.records, phases["fit"])
-            if warm:  # the next fit(keep_warm=True) of this shape: its helpers start now, while the caller reads this result
+            if keep_warm:  # the next fit(keep_warm=True) of this shape: its helpers start now, while the caller reads this result
                 from lepton_ray.train.group import warm_group
 
-                warm_group(s.num_workers, s.cpus_per_worker, timeout_s=cfg.train.collective_timeout_s)
-                _WARM.add(_warm_shape(cfg))
+                warm_group(**self._warm_shape())
             return result
         finally:
-            if started and not warm:
+            if started and not keep_warm:
                 ray.shutdown()  # kept for a warm group: Ray shuts its instance down when this process exits
 
     def _start_run_dir(self) -> None:
@@ -343,10 +349,14 @@ class Trainer:
         its newest checkpoint, at most ``scaling.max_failures`` times (what Ray Train does for its groups)."""
         from lepton_ray.train.group import warm_group
 
-        s = self.config.scaling
         check_paths_reachable(self.config, self.node_local_paths)
-        timeout = self.config.train.collective_timeout_s  # a stuck rank fails its collective then: a failure like any other
-        return self._fit_in(lambda: warm_group(s.num_workers, s.cpus_per_worker, timeout_s=timeout), None, phases, retries=s.max_failures)
+        return self._fit_in(lambda: warm_group(**self._warm_shape()), None, phases, retries=self.config.scaling.max_failures)
+
+    def _warm_shape(self) -> dict[str, Any]:
+        """The warm group a run of this config trains in: its workers, their CPUs, and how long a collective may wait
+        (a stuck rank fails its collective then: a failure like any other)."""
+        s = self.config.scaling
+        return {"world": s.num_workers, "cpus_per_worker": s.cpus_per_worker, "timeout_s": self.config.train.collective_timeout_s}
 
     def _fit_in(self, group_of: Callable[[], Any], report: Optional[Callable[[dict[str, Any]], None]],
                 phases: dict[str, Optional[float]], retries: int = 0) -> Result:
@@ -405,15 +415,6 @@ class Trainer:
         )
         (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         return result
-
-
-_WARM: set[tuple[Any, ...]] = set()
-"""Shapes of the warm groups ``fit(keep_warm=True)`` started in this process (see :func:`_warm_shape`)."""
-
-
-def _warm_shape(cfg: Config) -> tuple[Any, ...]:
-    """What a warm group must match to run a config: its workers and their CPUs, on the cluster it was started on."""
-    return cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.train.collective_timeout_s, os.environ.get("RAY_ADDRESS")
 
 
 def unigram_bits(train: np.ndarray, eval: np.ndarray, classes: int, ignore_index: int = -100) -> float:
