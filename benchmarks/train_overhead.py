@@ -583,22 +583,22 @@ def bench_start(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tu
     proc, address = _start_cluster(tmp, env)
     runs: dict[str, list[dict[str, Any]]] = {"lepton": [], "bare": []}
     settled: list[float] = []
+
+    def drive(side: str, name: str) -> dict[str, Any]:
+        """One fresh driver process of ``side`` on the cluster, after the machine settled; what it wrote, and its wall time."""
+        settled.append(_quiet())
+        out, t0 = tmp / f"driver_{name}.json", time.monotonic()
+        _run([sys.executable, __file__, "--driver", side, "--driver-data", data, "--driver-out", str(out),
+              "--steps", str(args.start_steps), "--batch-size", str(args.batch_size)], env={**env, "RAY_ADDRESS": address})
+        return {**json.loads(out.read_text()), "wall": time.monotonic() - t0}
+
     try:
         for rep in range(args.repeats):
             for side in (["lepton", "bare"] if rep % 2 == 0 else ["bare", "lepton"]):
-                settled.append(_quiet())
-                out = tmp / f"driver_{side}_{rep}.json"
-                t0 = time.monotonic()
-                _run([sys.executable, __file__, "--driver", side, "--driver-data", data, "--driver-out", str(out),
-                      "--steps", str(args.start_steps), "--batch-size", str(args.batch_size)], env={**env, "RAY_ADDRESS": address})
-                runs[side].append({**json.loads(out.read_text()), "wall": time.monotonic() - t0})
+                runs[side].append(drive(side, f"{side}_{rep}"))
                 print(f"  [{rep}] fresh driver, {side:<6}: first step {runs[side][-1]['ttfs']:6.2f}s after fit()"
                       f" (process {runs[side][-1]['wall']:.1f}s)", flush=True)
-        settled.append(_quiet())
-        out = tmp / "driver_twice.json"
-        _run([sys.executable, __file__, "--driver", "twice", "--driver-data", data, "--driver-out", str(out),
-              "--steps", str(args.start_steps), "--batch-size", str(args.batch_size)], env={**env, "RAY_ADDRESS": address})
-        twice = json.loads(out.read_text())
+        twice = drive("twice", "twice")
         print(f"  one driver, two fit(keep_warm=True): first step {twice['ttfs']:.2f}s, then {twice['second_ttfs']:.2f}s after fit()",
               flush=True)
     finally:

@@ -34,6 +34,7 @@ __all__ = ["FSDP", "FSDPConfig", "FSDPServices", "shard_units"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # torch.distributed.fsdp and .checkpoint are imported where used: ~2 s of every other strategy's worker start-up
+
 # On CPU, a unit's gathered parameters and their gradients are one tensor per parameter (1-4 MiB each at width 512),
 # allocated and freed every step: below glibc's mmap threshold they stay in a fragmented heap. Measured on a
 # 40 x 512 gpt (2 workers, AdamW, activation checkpointing): peak RSS 1.63 GiB per worker with the threshold at
