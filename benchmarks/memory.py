@@ -18,14 +18,15 @@ thread per worker, the same global batch and sequence length everywhere.
    deepest gpt of width ``--search-width`` that trains 3 steps and checkpoints, for allreduce and for fsdp, with the
    same activation checkpointing (``[Block]``), by a bisection over depth. Bar: fsdp's parameters >= 1.8 x
    allreduce's at 2 workers (ideal 2: AdamW's 16 bytes per parameter, 8 sharded over 2); reported at 4 logical
-   workers too (ideal 4). A search starts no new probe after ``--search-budget-s`` (600 s): its depth is then a
+   workers too (ideal 4). A search starts no new probe after ``--search-budget-s`` (300 s): its depth is then a
    lower bound, and the table says so (4 processes on 2 cores make each deep probe of the 4-worker fsdp search
    several minutes long).
 
-    .venv/bin/python benchmarks/memory.py [--cap-gib 1.5] [--skip-search] [--search-workers 2,4] [--search-budget-s 600]
+    .venv/bin/python benchmarks/memory.py [--cap-gib 1.5] [--skip-search] [--search-workers 2,4] [--search-budget-s 300]
 
 Needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory (``--cgroup-root``) for part 2. On the
-2-core test machine part 1 takes ~2 min and the 2-worker search ~7; the 4-worker one stops at its budget. Exit 0
+2-core test machine part 1 takes ~2 min and the 2-worker search ~7; the 4-worker one stops at its budgets (part 1 and
+the 4-worker search at 240 s took 596 s), so a default run is ~20 min. Exit 0
 whether or not the bars are met (``--strict``: 1 if not).
 """
 
@@ -214,8 +215,8 @@ def main() -> int:
     ap.add_argument("--cap-gib", type=float, default=1.5, help="per-worker memory cap of the search (default 1.5 GiB)")
     ap.add_argument("--search-width", type=int, default=512, help="n_embd of the searched gpts (default 512)")
     ap.add_argument("--search-workers", default="2,4", help="worker counts of the search (default 2,4)")
-    ap.add_argument("--search-budget-s", type=float, default=600,
-                    help="no new probe of a search after this many seconds; its answer is then a lower bound (default 600)")
+    ap.add_argument("--search-budget-s", type=float, default=300,
+                    help="no new probe of a search after this many seconds; its answer is then a lower bound (default 300)")
     ap.add_argument("--cgroup-root", default="/sys/fs/cgroup/memory", help="cgroup v1 memory hierarchy (default /sys/fs/cgroup/memory)")
     ap.add_argument("--skip-search", action="store_true", help="part 1 only")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
