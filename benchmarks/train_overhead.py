@@ -221,15 +221,16 @@ def batches(cols: dict[str, torch.Tensor], row_groups: list[int], global_batch: 
 def check_order(data: str, columns: dict[str, str], data_cfg: dict[str, Any], global_batch: int, epochs: int = 2) -> None:
     """Fail loudly unless the baselines' batches are exactly lepton_ray's (WorkerStream, every rank, ``epochs`` epochs):
     the same keys, dtypes, shapes and rows. ``data_cfg``: lepton_ray's data section for the file, less ``train``."""
-    import lepton_ray.data.pipeline as P
     from lepton_ray.config import DataConfig
+    from lepton_ray.data.stream import WorkerStream
+    from lepton_ray.data.table import describe
 
     cfg = DataConfig(train=data, **data_cfg)
-    info = P.describe("data.train", data, cfg)
+    info = describe("data.train", data, cfg)
     cols = read_data(data, columns)
     row_groups = row_groups_of(data)
     for rank in range(WORLD):
-        stream = P.WorkerStream(info, cfg, rank=rank, world_size=WORLD, local_batch=global_batch // WORLD, seed=SEED)
+        stream = WorkerStream(info, cfg, rank=rank, world_size=WORLD, local_batch=global_batch // WORLD, seed=SEED)
         for epoch in range(epochs):
             plan = epoch_plan(row_groups, rank=rank, world=WORLD, local_batch=global_batch // WORLD, epoch=epoch)
             got = list(stream.epoch(epoch))

@@ -2,7 +2,9 @@
 
 from lepton_ray.data.builders import BUILDERS, build_data
 from lepton_ray.data.cache import ShardCache
-from lepton_ray.data.pipeline import TableInfo, WorkerStream, data_exists, describe, epoch_units, load_arrays, steps_in_epoch
+from lepton_ray.data.plan import epoch_units, steps_in_epoch
+from lepton_ray.data.stream import WorkerStream
+from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
 from lepton_ray.data.prepare import prepare
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Where a worker's rows come from: the decoded columns of one row group of one shard.
 
-The stream (``pipeline.WorkerStream``) decides which rows a worker takes and in which order (the plan),
+The stream (``stream.WorkerStream``) decides which rows a worker takes and in which order (the plan),
 and cuts shuffled batches from what a :class:`Source` returns; the source only reads and decodes. The
 native source reads Parquet with pyarrow, in the worker, from any fsspec storage (with retries, an
 on-disk shard cache and an in-memory cache of decoded row groups). A Ray Data engine implements the

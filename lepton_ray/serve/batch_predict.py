@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
 from lepton_ray.data.schema import Schema, decode
-from lepton_ray.data.pipeline import list_parquet
+from lepton_ray.data.table import list_parquet
 from lepton_ray.storage import arrow_filesystem, filesystem
 
 __all__ = ["predict"]

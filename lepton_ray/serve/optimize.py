@@ -67,7 +67,7 @@ def read_split(key: str, uri: str, schema: Schema, storage_options: Optional[dic
 
     A missing column, or one whose values do not fit the schema's shape, is a ``ConfigError`` naming ``key``.
     """
-    from lepton_ray.data.pipeline import list_parquet
+    from lepton_ray.data.table import list_parquet
 
     files = list_parquet(key, uri, storage_options)
     fs, _ = filesystem(uri, storage_options)

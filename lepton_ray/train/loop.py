@@ -18,7 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lepton_ray.config import Config, TrainConfig, load_config
-from lepton_ray.data.pipeline import Segment, TableInfo, WorkerStream, load_arrays
+from lepton_ray.data.plan import Segment
+from lepton_ray.data.stream import WorkerStream
+from lepton_ray.data.table import TableInfo, load_arrays
 from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo

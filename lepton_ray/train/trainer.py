@@ -21,7 +21,8 @@ import torch
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
-from lepton_ray.data.pipeline import TableInfo, data_exists, describe, load_arrays, steps_in_epoch
+from lepton_ray.data.plan import steps_in_epoch
+from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
 from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lepton_ray import Trainer, load_config
-from lepton_ray.data.pipeline import steps_in_epoch
+from lepton_ray.data.plan import steps_in_epoch
 from lepton_ray.sync.param_server import SHARD_PREFIX
 from lepton_ray.train.checkpoint import CheckpointStore
 from run_configs import BackgroundFit, final_params, small_config

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lepton_ray import Trainer, load_config
-from lepton_ray.data.pipeline import WorkerStream
+from lepton_ray.data.stream import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.models.recommender import hash_rows
 from run_configs import final_params, merge_sections, small_config

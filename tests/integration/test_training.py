@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lepton_ray import Trainer, TrainingError, load_config
-from lepton_ray.data.pipeline import WorkerStream
+from lepton_ray.data.stream import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore
 from run_configs import final_params, small_config

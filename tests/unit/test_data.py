@@ -14,7 +14,7 @@ import torch
 from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data import BUILDERS, build_data
 from lepton_ray.data.builders import digits, write_table
-from lepton_ray.data.pipeline import Shard, TableInfo, data_exists, describe, load_arrays
+from lepton_ray.data.table import Shard, TableInfo, data_exists, describe, load_arrays
 from lepton_ray.data.schema import Column, Schema
 
 

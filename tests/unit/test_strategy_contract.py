@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from harness import BATCH, STEPS, WORLD, _config, _gap, _run, _saved, _seeded
 from lepton_ray import Trainer, load_config
-from lepton_ray.data.pipeline import WorkerStream
+from lepton_ray.data.stream import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.sync import STRATEGIES
 from lepton_ray.train.checkpoint import CheckpointStore

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.pipeline import WorkerStream, describe, epoch_units, steps_in_epoch
+from lepton_ray.data.plan import epoch_units, steps_in_epoch
+from lepton_ray.data.stream import WorkerStream
+from lepton_ray.data.table import describe
 
 
 def write_ids(root, files=4, groups=4, rows=64, features=3):
@@ -245,7 +247,7 @@ def test_dynamic_deal_order_is_seeded_and_resumes_only_at_epoch_start(tmp_path):
 def _resized(root, segments, *, last_world, batch=60, epoch=1, **data):
     """Rows read in ``epoch`` when it runs ``segments`` ((world size, steps) each, in order), then finishes at
     ``last_world`` workers; the global batch stays ``batch``. Returns (rows read in order of segment, steps of the epoch)."""
-    from lepton_ray.data.pipeline import Segment
+    from lepton_ray.data.plan import Segment
 
     seen, history, done = [], [], 0
     for world, steps in [*segments, (last_world, None)]:
@@ -291,7 +293,7 @@ def test_a_resize_is_a_pure_function_of_the_history(tmp_path):
 
 
 def test_the_cursor_names_the_segments_of_the_epoch(tmp_path):
-    from lepton_ray.data.pipeline import Segment
+    from lepton_ray.data.plan import Segment
 
     write_ids(tmp_path / "d")
     (s,) = streams(tmp_path / "d", 1, local_batch=64)

@@ -15,7 +15,8 @@ import torch
 from lepton_ray import ConfigError, Trainer
 from lepton_ray.config import DataConfig
 from lepton_ray.data import prepare
-from lepton_ray.data.pipeline import WorkerStream, describe, load_arrays
+from lepton_ray.data.stream import WorkerStream
+from lepton_ray.data.table import describe, load_arrays
 from lepton_ray.data.schema import Column
 
 
