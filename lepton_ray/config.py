@@ -249,6 +249,26 @@ class ModelConfig(Section):
 
 
 @dataclass(kw_only=True, slots=True)
+class TransformResources(Section):
+    """Where and how wide ``data.transform`` runs under ``data.engine: ray_data``."""
+
+    PATH: ClassVar[str] = "data.transform_resources"
+
+    num_cpus: float = 1.0
+    """Logical CPUs each read-and-transform task (or actor) holds."""
+    concurrency: Optional[int] = None
+    """Omitted: stateless Ray tasks; n: a pool of n actors per worker (the transform is set up once per actor)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each task or actor needs, e.g. ``{cpu_node: 0.01}`` to run only on nodes started with
+    ``ray start --resources='{"cpu_node": 4}'`` (keep transforms off the GPU nodes)."""
+
+    def validate(self) -> None:
+        self._require(self.num_cpus >= 0, "num_cpus", "must be >= 0")
+        if self.concurrency is not None:
+            self._require(self.concurrency >= 1, "concurrency", "must be >= 1 (or omitted: tasks)")
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig(Section):
     """Where the training and evaluation rows come from."""
 
@@ -298,6 +318,22 @@ class DataConfig(Section):
     """A shard that cannot be opened or described on the driver (truncated file, damaged footer): ``error`` fails
     the run naming it; ``skip`` trains without it, with a warning, and lists it as ``bad_shards_skipped`` in the
     run's ``start`` record. A shard that opens but fails mid-read is an error either way."""
+    engine: Literal["native", "ray_data"] = "native"
+    """Who reads, decodes and transforms each worker's rows. ``native``: the worker itself (pyarrow, a background
+    thread; no extra processes). ``ray_data``: Ray Data tasks (or actors), on CPUs of their own anywhere in the
+    cluster, in the plan's order: for a transform heavier than the training step. Both give the same batches."""
+    cpus: float = 2.0
+    """``engine: ray_data``: logical CPUs the data tasks use in all (every worker's share together). A local Ray
+    instance gets them on top of the machine's cores; on a cluster they must be free beside the workers'."""
+    transform: Optional[str] = None
+    """``"package.module:function"`` applied to every batch of rows read, before batching: a dict of numpy arrays
+    (the inputs and targets, ``[n, *shape]``) in, the same keys out, one row out per row in; dtypes and shapes may
+    change (uint8 ``[8, 8]`` -> float32 ``[1, 8, 8]``). A function with a ``seeds`` parameter also gets one uint64
+    per row, derived from (train.seed, epoch, row id): a random augmentation is then the same on a resumed epoch."""
+    transform_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the transform."""
+    transform_resources: TransformResources = field(default_factory=TransformResources)
+    """``engine: ray_data``: what each transform task or actor holds, and how many run."""
 
     def validate(self) -> None:
         self._require(bool(self.train), "train", "is required: a Parquet file or directory")
@@ -306,6 +342,9 @@ class DataConfig(Section):
         self._require(self.cache_max_bytes >= 1, "cache_max_bytes", "must be >= 1")
         self._require(self.memory_cache_bytes >= 0, "memory_cache_bytes", "must be >= 0")
         self._require(self.read_retries >= 0, "read_retries", "must be >= 0")
+        self._require(self.cpus > 0, "cpus", "must be > 0")
+        if self.transform is not None:
+            self._require(":" in self.transform, "transform", "must name a function as package.module:function")
         if self.features is not None:
             self._require(len(self.features) > 0, "features", "must name at least one column (or be omitted)")
             self._require(self.label not in self.features, "features", f"must not contain the label column '{self.label}'")

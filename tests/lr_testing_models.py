@@ -74,3 +74,40 @@ def leaky_mlp(input_dim: int, num_outputs: int, hidden=(32,)) -> nn.Module:
     with torch.no_grad():
         net[-1].bias.add_(shift)
     return net
+
+
+# ---- data.transform functions (tests/ is on the Ray workers' and data tasks' PYTHONPATH)
+
+
+def images_to_float(batch, seeds):
+    """digits_images' uint8 pixels [n, 64] -> float32 [n, 1, 8, 8] in [0, 1], each row's brightness jittered by
+    up to 10 % with its own seed (a random augmentation that a resumed epoch must repeat exactly)."""
+    import numpy as np
+
+    jitter = np.array([np.random.default_rng(int(s)).uniform(0.9, 1.1) for s in seeds], dtype=np.float32)
+    image = batch["image"].reshape(-1, 1, 8, 8).astype(np.float32) / 255.0 * jitter[:, None, None, None]
+    return {**batch, "image": image}
+
+
+def fail_on_id(batch, bad_id: int):
+    """Raise on the batch holding row id ``bad_id`` (feature 0 of ``x`` is the id)."""
+    if (batch["x"][:, 0] == bad_id).any():
+        raise ValueError(f"cannot transform row {bad_id}")
+    return batch
+
+
+def die_once_on_id(batch, bad_id: int, marker: str):
+    """The process running the transform dies (``os._exit``) on the batch holding row id ``bad_id``, once per marker
+    file: a data task or actor lost mid-epoch. Records the ids it returned in ``<marker>.ids`` (one line per batch)."""
+    if (batch["x"][:, 0] == bad_id).any():
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os._exit(1)
+    return batch
+
+
+def drop_a_row(batch):
+    return {k: v[1:] for k, v in batch.items()}

@@ -9,11 +9,12 @@ same protocol by reading and transforming on the cluster, off the trainer's core
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +24,10 @@ from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClie
 from lepton_ray.config import DataConfig
 from lepton_ray.data.cache import ShardCache
 from lepton_ray.data.schema import decode
+from lepton_ray.data.transform import Transform
 from lepton_ray.storage import arrow_filesystem, filesystem
 
-__all__ = ["ParquetSource", "Source", "UNREACHABLE"]
+__all__ = ["ParquetSource", "SOURCES", "Source", "UNREACHABLE", "make_source"]
 
 UNREACHABLE = (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError)
 """Errors that say the storage could not be reached (refused, reset, timed out), not that a file is bad.
@@ -35,14 +37,23 @@ _WHOLE_FETCH_BYTES = 256 * 2**20  # remote shards up to this size are fetched wi
 
 
 class Source(Protocol):
-    """What the stream reads through (called from its reading threads, each with its own ``handles``)."""
+    """What the stream reads through (called from its reading thread)."""
 
-    def row_group(self, shard: int, row_group: int, handles: dict[int, Any]) -> dict[str, np.ndarray]:
-        """Row group ``row_group`` of shard ``shard``, one array per input and target (``[n, *shape]``).
-        ``handles``: the calling thread's open files, kept between calls."""
+    def windows(self, windows: list[list[Any]], epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Each window's rows, in order, transformed (``data.transform``): ``(columns, rows)``, where ``columns[k][rows]``
+        are the window's rows in piece order. ``windows``: lists of plan pieces (``Unit`` or ``Rows``)."""
 
     def report(self) -> None:
         """Bring the source's own counters into the stream's ``stats``."""
+
+
+SOURCES = {"native": "lepton_ray.data.source:ParquetSource", "ray_data": "lepton_ray.data.ray_source:RayDataSource"}
+"""``data.engine`` -> its source (imported when used: Ray Data is imported only by a run that uses it)."""
+
+
+def make_source(info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform]) -> "Source":
+    module, _, name = SOURCES[cfg.engine].partition(":")
+    return getattr(importlib.import_module(module), name)(info, cfg, stats, transform)
 
 
 class ParquetSource:
@@ -54,8 +65,8 @@ class ParquetSource:
     again after a failure) and the shard cache's hits/misses.
     """
 
-    def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float]):
-        self.info, self.cfg, self.stats = info, cfg, stats
+    def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform] = None):
+        self.info, self.cfg, self.stats, self.transform = info, cfg, stats, transform
         self.stats.update(remote_bytes=0, remote_row_group_reads=0, row_groups_decoded=0, read_retries=0)
         self.fs, _ = filesystem(info.uri, cfg.storage_options)
         self.afs = arrow_filesystem(self.fs)
@@ -136,3 +147,27 @@ class ParquetSource:
                 _, old = self._decoded.popitem(last=False)
                 self._decoded_bytes -= sum(a.nbytes for a in old.values())
         return arrays
+
+    def window(self, pieces: list[Any], handles: dict[int, Any], epoch: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(columns, rows)`` of one window: without a transform, the window's row groups (concatenated if several; a row
+        group cut into several units is decoded once) and the indices of its rows in them; with one, its rows transformed."""
+        offsets: dict[tuple[int, int], int] = {}
+        arrays: list[dict[str, np.ndarray]] = []
+        rows, held = [], 0
+        for u in pieces:
+            key = (u.shard, u.row_group)
+            if key not in offsets:
+                arrays.append(self.row_group(u.shard, u.row_group, handles))
+                offsets[key], held = held, held + len(next(iter(arrays[-1].values())))
+            rows.append(u.index + offsets[key])
+        cols = {k: arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+        index = np.concatenate(rows)
+        if self.transform is None:
+            return cols, index
+        out = self.transform({k: v[index] for k, v in cols.items()}, self.info.row_ids(pieces), epoch)
+        return out, np.arange(len(index))
+
+    def windows(self, windows: list[list[Any]], epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        handles: dict[int, Any] = {}
+        for w in windows:
+            yield self.window(w, handles, epoch)

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from lepton_ray.config import DataConfig
-from lepton_ray.data.plan import Piece, Plan, Segment, dynamic_units
-from lepton_ray.data.source import ParquetSource, Source
+from lepton_ray.data.plan import Plan, Segment, dynamic_units
+from lepton_ray.data.source import Source, make_source
 from lepton_ray.data.table import TableInfo
+from lepton_ray.data.transform import load_transform
 
 __all__ = ["WorkerStream"]
 
@@ -61,11 +62,25 @@ class WorkerStream:
         self._casts = {c.name: getattr(torch, c.dtype) for c in info.schema.columns if c.dtype == "bfloat16"}
         self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0}
         if claim is not None:
+            if cfg.engine != "native":
+                raise ValueError("the dynamic deal (sync.ps.balance: dynamic) reads with data.engine: native")
             self.stats.update(pieces_claimed=0, rows_dropped=0)
-        self.source: Source = ParquetSource(info, cfg, self.stats)
+        self.source: Source = make_source(info, cfg, self.stats, load_transform(cfg, seed))
         self._steps: dict[int, int] = {}
         self._history: dict[int, tuple[Segment, ...]] = {}  # an epoch begun at other world sizes: its earlier segments
         self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
+
+    def describe(self) -> dict[str, Any]:
+        """Where this stream's rows are read and transformed (the run's ``start`` record says it)."""
+        c = self.cfg
+        if c.engine == "native":
+            where = "in each training worker's process (a background thread)"
+        else:
+            r = c.transform_resources
+            pool = f"a pool of {r.concurrency} actors per worker" if r.concurrency else "Ray tasks"
+            where = (f"in Ray Data: {pool} of {r.num_cpus:g} CPU each"
+                     + (f" on nodes with {', '.join(r.resources)}" if r.resources else "") + ", off the training workers' CPUs")
+        return {"engine": c.engine, "reads_in": where, "transform": c.transform}
 
     def resume_after(self, epoch: int, history: tuple[Segment, ...]) -> None:
         """``epoch`` was begun at other world sizes (``history``, oldest first): this stream deals only the rows
@@ -102,40 +117,27 @@ class WorkerStream:
 
     # ---- reading (background thread)
 
-    def _read_window(self, window: list[Piece], files: dict[int, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``(columns, rows)``: the window's row groups (one tensor per column, concatenated if several) and
-        the indices of the window's rows in them, in unit order. A row group cut into several units is decoded once."""
-        offsets: dict[tuple[int, int], int] = {}
-        arrays: list[dict[str, np.ndarray]] = []
-        rows, held = [], 0
-        for u in window:
-            key = (u.shard, u.row_group)
-            if key not in offsets:
-                arrays.append(self.source.row_group(u.shard, u.row_group, files))
-                offsets[key], held = held, held + len(next(iter(arrays[-1].values())))
-            rows.append(u.index + offsets[key])
-        cols = {k: torch.from_numpy(arrays[0][k] if len(arrays) == 1 else np.concatenate([a[k] for a in arrays])) for k in arrays[0]}
-        return cols, torch.from_numpy(np.concatenate(rows))
-
     def _produce(self, epoch: int, start_row: int, end_row: int, out: "queue.Queue[Any]", stop: threading.Event) -> None:
         try:
-            files: dict[int, Any] = {}
-            offset = 0
+            wanted, offset = [], 0  # (window, order, lo, hi): the windows still needed, and which of their rows
             for window, order in self._plan(epoch).windows(self.rank, self.world_size):
                 n = len(order)
                 lo, hi = max(start_row - offset, 0), min(end_row - offset, n)
                 offset += n
-                if hi <= 0 or lo >= n:  # entirely consumed already (resume) or past the epoch's end
-                    if offset >= end_row:
-                        break
-                    continue
-                cols, rows = self._read_window(window, files)
+                if 0 < hi and lo < n:  # not entirely consumed already (resume), nor past the epoch's end
+                    wanted.append((window, order, lo, hi))
+                if offset >= end_row:
+                    break
+            read = self.source.windows([w for w, *_ in wanted], epoch)
+            for (_, order, lo, hi), (cols, rows) in zip(wanted, read):
+                rows = torch.from_numpy(rows)
                 if self.cfg.shuffle:  # the local shuffle buffer: a seeded permutation of the window's rows
                     rows = rows[torch.from_numpy(order)]
                 # the rows still to be consumed; the consumer gathers each batch from the columns by these indices
-                _put(out, (cols, rows[lo:hi]), stop)
-                if stop.is_set() or offset >= end_row:
+                _put(out, ({k: torch.from_numpy(v) for k, v in cols.items()}, rows[lo:hi]), stop)
+                if stop.is_set():
                     break
+            read.close()
             self.source.report()
             _put(out, None, stop)
         except BaseException as exc:  # hand the error to the training loop
@@ -153,10 +155,11 @@ class WorkerStream:
                 if i is None:
                     break
                 self.stats["pieces_claimed"] += 1
-                cols, rows = self._read_window([units[i]], files)
+                cols, rows = self.source.window([units[i]], files, epoch)
+                rows = torch.from_numpy(rows)
                 if self.cfg.shuffle:
                     rows = rows[torch.from_numpy(np.random.default_rng([self.seed, epoch, i]).permutation(len(rows)))]
-                _put(out, (cols, rows), stop)
+                _put(out, ({k: torch.from_numpy(v) for k, v in cols.items()}, rows), stop)
             _put(out, None, stop)
         except BaseException as exc:  # hand the error to the training loop
             _put(out, exc, stop)

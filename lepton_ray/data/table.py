@@ -7,6 +7,7 @@ config error, not a worker crash an hour later. A :class:`TableInfo` is plain da
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -51,6 +52,29 @@ class TableInfo:
     prepared: bool = False  # has a committed _manifest.json
     skipped: tuple[str, ...] = ()
     """Shards left out because they could not be read (``data.on_bad_shard: skip``), each with why."""
+    transformed: Optional[Schema] = None
+    """The batches' inputs and targets after ``data.transform`` (None: no transform; ``schema`` is what is read)."""
+
+    @property
+    def batch_schema(self) -> Schema:
+        """What the model, its loss and a serving bundle see: ``schema``, after the transform if there is one."""
+        return self.transformed or self.schema
+
+    def row_ids(self, pieces: list[Any]) -> np.ndarray:
+        """The ids of ``pieces``' rows (:class:`~lepton_ray.data.plan.Unit` or ``Rows``), concatenated in piece order."""
+        if not pieces:
+            return np.zeros(0, np.int64)
+        return np.concatenate([self.row_base[p.shard, p.row_group] + p.index for p in pieces])
+
+    @functools.cached_property
+    def row_base(self) -> dict[tuple[int, int], int]:
+        """The id of the first row of each ``(shard, row group)``: rows are numbered 0.. in file order."""
+        base, n = {}, 0
+        for i, s in enumerate(self.shards):
+            for g, rows in enumerate(s.row_groups):
+                base[i, g] = n
+                n += rows
+        return base
 
     def fingerprint(self) -> str:
         """Identifies the data (files, sizes, rows): a resumed run checks it is reading the same data."""

@@ -159,6 +159,9 @@ class PSServices(Services):
             why = "sync.strategy 'hybrid' all-reduces every step" if self.name != "ps" else "sync.ps.mode 'sync' steps in lock step"
             raise ConfigError(f"sync.ps.balance: 'dynamic' needs sync.strategy 'ps' with sync.ps.mode 'async' or 'ssp' ({why});"
                               f" use balance 'static'")
+        if ps.balance == "dynamic" and config.data.engine != "native":
+            raise ConfigError("data.engine: 'ray_data' reads each worker's share in the plan's order; sync.ps.balance: 'dynamic'"
+                              " deals pieces to whichever worker asks, in its own reading thread: use data.engine 'native' with it")
         self._plan(build())
 
     def start(self, build: Callable[[], nn.Module], checkpoint_uri: str, run_name: str) -> dict[str, Any]:

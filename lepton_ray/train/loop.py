@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,6 +22,7 @@ from lepton_ray.config import Config, TrainConfig, load_config
 from lepton_ray.data.plan import Segment
 from lepton_ray.data.stream import WorkerStream
 from lepton_ray.data.table import TableInfo, load_arrays
+from lepton_ray.data.transform import load_transform
 from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
@@ -110,7 +112,7 @@ def _build(cfg: Config, spec: LoopSpec, strategy: Strategy, total: int, fresh: b
     ``fresh``: not a resume, so ``train.init_from`` (a seed checkpoint) sets the starting weights."""
     t = cfg.train
     torch.manual_seed(t.seed)  # same seed everywhere: every replica starts equal
-    net = strategy.build(lambda: checkpoint_activations(build_model(cfg.model, spec.train.schema), t.activation_checkpointing))
+    net = strategy.build(lambda: checkpoint_activations(build_model(cfg.model, spec.train.batch_schema), t.activation_checkpointing))
     if fresh and t.init_from:
         load_model(open_checkpoint(t.init_from, cfg.checkpoint.storage_options), strategy.model)
     if t.compile:
@@ -247,7 +249,7 @@ class _Run:
     def act(self, due: Due, step: int, epoch: int, cursor: tuple[int, int]) -> None:
         """Evaluate and/or checkpoint, as ``due`` says (every rank, at the same step)."""
         if due.evaluate and self.eval_data is not None:
-            self.last_eval = evaluate(self.parts.model, self.eval_data, self.evaluator, tuple(c.name for c in self.spec.train.schema.inputs),
+            self.last_eval = evaluate(self.parts.model, self.eval_data, self.evaluator, tuple(c.name for c in self.spec.train.batch_schema.inputs),
                                       self.parts.precision, self.ctx, self.cfg.train.eval_batch_size)
             self.losses.flush()  # metrics.jsonl stays in step order
             self.buffer.add({M.STEP: step, M.EPOCH: epoch, **self.last_eval, "time": time.time()})
@@ -256,7 +258,7 @@ class _Run:
                 self.ctx.report({**self.last_eval, M.STEP: step, M.EPOCH: epoch})
         if due.save:
             self.losses.flush()  # every rank: a collective; the records before the checkpoint's record
-            model_io = {"schema": self.spec.train.schema.to_dict(), "loss": self.evaluator.loss.name,
+            model_io = {"schema": self.spec.train.batch_schema.to_dict(), "loss": self.evaluator.loss.name,
                         "metrics": self.evaluator.metrics, "task": self.cfg.model.task}  # what serving rebuilds the model from
             uri = _save(self.store, self.parts, self.ctx, self.spec, model_io, step=step, cursor=cursor,
                         stream=self.stream, metrics=self.last_eval)
@@ -269,6 +271,9 @@ def _eval_rows(spec: LoopSpec, cfg: Config, ctx: WorkerContext) -> Optional[dict
     if spec.eval is None:
         return None
     arrays = load_arrays(spec.eval, cfg.data.storage_options)
+    transform = load_transform(cfg.data, cfg.train.seed)
+    if transform is not None:  # the eval rows as the model sees them; a random transform draws with "epoch" -1
+        arrays = transform(arrays, np.arange(spec.eval.num_rows), epoch=-1)
     return {k: torch.from_numpy(v[ctx.rank::ctx.world]).to(ctx.device) for k, v in arrays.items()}
 
 
@@ -277,7 +282,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     worker's heartbeat and SIGTERM handler (a Ray Train worker's, from trainer.py); told the step after every step."""
     entered = time.time()
     cfg = load_config(spec.config)
-    t, schema = cfg.train, spec.train.schema
+    t, schema = cfg.train, spec.train.batch_schema
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     # ---- data: this worker's share, streamed in a seeded, resumable order (global batch = all workers' batches)
     strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=ctx.rank, world_size=ctx.world, device=ctx.device), spec.services)
@@ -301,7 +306,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                     "phases_s": M.since(phases.pop("fit", entered), phases),
                     "resumed_from": latest.checkpoint.uri if latest else None, "notes": resume.notes,
                     "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
-                    "compiled": getattr(p.net, "compiled", False), **p.strategy.describe()}, now=True)
+                    "compiled": getattr(p.net, "compiled", False), "data": stream.describe(), **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=pace.lockstep),
                _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {})

@@ -23,6 +23,7 @@ from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
 from lepton_ray.data.plan import steps_in_epoch
 from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
+from lepton_ray.data.transform import load_transform
 from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
@@ -60,9 +61,9 @@ class Result:
         return {**self.metrics, "checkpoint": self.checkpoint, "run_dir": self.run_dir}
 
 
-def ensure_ray(min_cpus: int = 1) -> bool:
+def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0) -> bool:
     """Connect to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it); else start a private
-    local Ray instance with at least ``min_cpus`` logical CPUs.
+    local Ray instance with at least ``min_cpus`` logical CPUs, plus ``extra_cpus`` (the data engine's own).
 
     Without ``RAY_ADDRESS`` nothing is guessed: Ray's ``address="auto"`` trusts
     /tmp/ray/ray_current_cluster (and running gcs_server processes), which outlive crashed or
@@ -78,8 +79,13 @@ def ensure_ray(min_cpus: int = 1) -> bool:
     if address:
         ray.init(address=address)
     else:
-        start_local_ray(num_cpus=max(os.cpu_count() or 1, min_cpus))
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, min_cpus) + math.ceil(extra_cpus))
     return True
+
+
+def data_cpus(cfg: Config) -> float:
+    """Logical CPUs the data engine's tasks need beside the workers' (``data.cpus`` with ``data.engine: ray_data``)."""
+    return cfg.data.cpus if cfg.data.engine == "ray_data" else 0
 
 
 _API_SERVER_SET_BY_US: Optional[str] = None
@@ -151,6 +157,7 @@ class Trainer:
         self.baseline: dict[str, float] = {}
         """Reference metrics computed on the driver (the unigram bits per byte of the eval split), reported beside the run's."""
         self._with_classes()
+        self._with_transform()
         self._check_model()
         self.services = STRATEGIES[cfg.sync.strategy].Services(cfg)
         self.services.check(self._model)
@@ -165,7 +172,7 @@ class Trainer:
         in this process (``fit(local=True)``, a sweep trial) starts from the state a fresh worker has."""
         with isolated():
             torch.manual_seed(self.config.train.seed)
-            model = build_model(self.config.model, self.train_info.schema)
+            model = build_model(self.config.model, self.train_info.batch_schema)
         if self.config.train.init_from:  # a seed checkpoint: services (parameter servers) start from its weights too
             load_model(open_checkpoint(self.config.train.init_from, self.config.checkpoint.storage_options), model)
         return model
@@ -197,21 +204,40 @@ class Trainer:
         if self.eval_info is not None:
             self.eval_info = replace(self.eval_info, schema=self.eval_info.schema.with_classes(counts))
 
-    def _check_model(self) -> None:
-        """One forward pass and loss on two rows of data.train, on the driver: a model whose output does not
-        fit its loss fails here, before any worker starts, with both shapes."""
-        info, m = self.train_info, self.config.model
+    def _sample(self, rows: int = 2) -> dict[str, np.ndarray]:
+        """The first ``rows`` rows of data.train, decoded, before any transform."""
+        info = self.train_info
         fs, _ = filesystem(info.uri, self.config.data.storage_options)
         first = pq.ParquetFile(info.shards[0].path, filesystem=arrow_filesystem(fs)).read_row_group(0, columns=info.schema.parquet_columns())
-        batch = {k: torch.from_numpy(v[:2]) for k, v in decode(info.schema, first.slice(0, 2), key=info.key, uri=info.uri).items()}
+        return decode(info.schema, first.slice(0, rows), key=info.key, uri=info.uri)
+
+    def _with_transform(self) -> None:
+        """``data.transform``: the schema the model sees is the one after it, found by running it on a few rows here
+        (a transform that fails or breaks its contract fails now, before any worker starts)."""
+        transform = load_transform(self.config.data, self.config.train.seed)
+        if transform is None:
+            return
+        self.train_info = replace(self.train_info, transformed=transform.schema_after(self.train_info.schema, self._sample()))
+        if self.eval_info is not None:
+            self.eval_info = replace(self.eval_info, transformed=self.train_info.transformed)
+
+    def _check_model(self) -> None:
+        """One forward pass and loss on two rows of data.train (transformed), on the driver: a model whose output does
+        not fit its loss fails here, before any worker starts, with both shapes."""
+        info, m = self.train_info, self.config.model
+        sample = self._sample()
+        transform = load_transform(self.config.data, self.config.train.seed)
+        if transform is not None:
+            sample = transform(sample, np.arange(2), epoch=0)
+        batch = {k: torch.from_numpy(v) for k, v in sample.items()}
         try:
-            loss = make_loss(m, info.schema)
+            loss = make_loss(m, info.batch_schema)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         model = self._model().eval()  # eval mode: no dropout draws, no training-only side effects of a user model
         try:
             with torch.no_grad(), isolated():
-                out = model(model_inputs(batch, tuple(c.name for c in info.schema.inputs), loss.name))
+                out = model(model_inputs(batch, tuple(c.name for c in info.batch_schema.inputs), loss.name))
                 loss(out, batch)
         except ShapeError as exc:
             raise ConfigError(f"model: {exc}") from None
@@ -287,7 +313,7 @@ class Trainer:
 
         cfg = self.config
         s = cfg.scaling
-        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker)
+        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker, extra_cpus=data_cpus(self.config))
         phases["ray"] = time.time()
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:

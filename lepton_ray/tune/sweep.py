@@ -40,7 +40,7 @@ from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
-from lepton_ray.train.trainer import Trainer, ensure_ray
+from lepton_ray.train.trainer import Trainer, data_cpus, ensure_ray
 from lepton_ray.tune import results as R
 from lepton_ray.tune.space import (
     BATCH_KEY, LR_KEY, concurrent_trials, evaluation_index, max_evaluations, resolve_mode, trial_bundles, trial_config, trial_schedule,
@@ -265,7 +265,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
         raise ConfigError(f"sweep '{name}' under '{sweep_dir}' was started with a different config; "
                           "run it with the same config to continue it, or set another sweep.name")
 
-    started = ensure_ray(min_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker)
+    started = ensure_ray(min_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker, extra_cpus=data_cpus(cfg))
     try:
         concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
         plan = {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": num_rows}

@@ -1,0 +1,109 @@
+"""``data.engine: ray_data``: each worker's windows read, decoded and transformed by Ray Data, off the trainer's cores.
+
+The plan stays ours (:mod:`lepton_ray.data.plan`: which rows, in which order, where a resume starts); Ray Data
+executes it. Per epoch (or per resumed segment) a worker builds one Dataset over the pieces it still needs, one
+block per piece, maps each to its decoded, transformed rows in Ray tasks (or a pool of actors:
+``data.transform_resources``) that hold CPUs of their own, and iterates the result with ``preserve_order``:
+the stream receives the same rows in the same order as from the native source, and the cursor, the shuffle
+and the batches are the stream's as before. Ray Data retries a task whose process died, and a retried task
+reads the same piece again: no row is lost or repeated. Ray Data's own mid-epoch resume and ``streaming_split``
+are not used: the open-source Ray has no resume, and ``streaming_split`` deals blocks to whichever worker asks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from lepton_ray.config import DataConfig
+from lepton_ray.data.source import ParquetSource
+from lepton_ray.data.transform import Transform
+
+__all__ = ["RayDataSource"]
+
+_READERS: dict[tuple[str, str], ParquetSource] = {}  # per task process: one reader per split (open filesystems)
+
+
+def _reader(info: Any, cfg: DataConfig) -> ParquetSource:
+    key = (info.uri, info.fingerprint())
+    if key not in _READERS:  # no decoded-row cache in a task process: whichever process runs a piece is chance
+        _READERS[key] = ParquetSource(info, dataclasses.replace(cfg, memory_cache_bytes=0), {})
+    return _READERS[key]
+
+
+def _read(ids: np.ndarray, info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform],
+          epoch: int) -> dict[str, np.ndarray]:
+    """The rows of ``pieces[i]`` for each ``i`` in ``ids``, concatenated, decoded and transformed."""
+    mine = [pieces[int(i)] for i in ids]
+    cols, index = _reader(info, cfg).window(mine, {}, epoch)
+    rows = {k: v[index] for k, v in cols.items()}
+    return transform(rows, info.row_ids(mine), epoch) if transform is not None else rows
+
+
+class _ReadActor:
+    """The same read, in an actor of a pool (``data.transform_resources.concurrency``): set up once per actor."""
+
+    def __init__(self, info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform], epoch: int):
+        self.args = (info, cfg, pieces, transform, epoch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _read(batch["id"], *self.args)
+
+
+def _read_batch(batch: dict[str, np.ndarray], info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform],
+                epoch: int) -> dict[str, np.ndarray]:
+    return _read(batch["id"], info, cfg, pieces, transform, epoch)
+
+
+class RayDataSource:
+    """The ``ray_data`` engine's source: the stream's windows, read by Ray Data (see the module's docstring).
+
+    Counts into ``stats``: ``ray_data_blocks`` (blocks received) and ``ray_data_datasets`` (executions started).
+    """
+
+    def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform] = None):
+        self.info, self.cfg, self.stats, self.transform = info, cfg, stats, transform
+        self.stats.update(ray_data_blocks=0, ray_data_datasets=0)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per execution per worker per epoch otherwise
+
+    def report(self) -> None:
+        pass
+
+    def _dataset(self, pieces: list[Any], epoch: int) -> Any:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the plan's order, whichever task finishes first
+        ctx.enable_progress_bars = False
+        r = self.cfg.transform_resources
+        ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))  # one block (one task) per piece
+        args = (self.info, self.cfg, pieces, self.transform, epoch)
+        where = {"num_cpus": r.num_cpus, **({"resources": dict(r.resources)} if r.resources else {})}
+        if r.concurrency is None:
+            return ds.map_batches(_read_batch, batch_size=None, batch_format="numpy", fn_args=args, **where)
+        return ds.map_batches(_ReadActor, batch_size=None, batch_format="numpy", fn_constructor_args=args,
+                              concurrency=r.concurrency, **where)
+
+    def windows(self, windows: list[list[Any]], epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        pieces = [p for w in windows for p in w]
+        if not pieces:
+            return
+        self.stats["ray_data_datasets"] += 1
+        blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="numpy",
+                                                                 prefetch_batches=self.cfg.prefetch_windows))
+        held: list[dict[str, np.ndarray]] = []
+        have = 0
+        for w in windows:
+            n = sum(p.rows for p in w)
+            while have < n:
+                b = next(blocks)
+                self.stats["ray_data_blocks"] += 1
+                held.append(b)
+                have += len(next(iter(b.values())))
+            cols = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+            held = [{k: v[n:] for k, v in cols.items()}] if have > n else []
+            have -= n
+            yield {k: np.require(v[:n], None, ["C", "W"]) for k, v in cols.items()}, np.arange(n)
