@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from lepton_ray.config import DataConfig
 from lepton_ray.data.source import ParquetSource
-from lepton_ray.data.transform import Transform
+from lepton_ray.data.transform import Transform, TransformError
 
 __all__ = ["RayDataSource"]
 
@@ -56,6 +57,19 @@ class _ReadActor:
 def _read_batch(batch: dict[str, np.ndarray], info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform],
                 epoch: int) -> dict[str, np.ndarray]:
     return _read(batch["id"], info, cfg, pieces, transform, epoch)
+
+
+_RAISED = re.compile(r"^\S*(TransformError|OSError): (.*)$", re.M)
+
+
+def _user_error(exc: Exception) -> Exception:
+    """A task's ``TransformError`` or read error as itself: Ray Data hands it over as a ``UserCodeException`` whose
+    text carries the task's traceback (the type is not kept across the process boundary)."""
+    found = _RAISED.findall(str(exc))
+    if not found:
+        return exc
+    kind, message = found[-1]
+    return TransformError(message) if kind == "TransformError" else OSError(message)
 
 
 class RayDataSource:
@@ -99,7 +113,10 @@ class RayDataSource:
         for w in windows:
             n = sum(p.rows for p in w)
             while have < n:
-                b = next(blocks)
+                try:
+                    b = next(blocks)
+                except Exception as exc:
+                    raise _user_error(exc) from None
                 self.stats["ray_data_blocks"] += 1
                 held.append(b)
                 have += len(next(iter(b.values())))

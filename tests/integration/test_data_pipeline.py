@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from lepton_ray import ConfigError, Trainer, load_config
+from lepton_ray import ConfigError, Trainer, TrainingError, load_config
 from lepton_ray.config import DataConfig
 from lepton_ray.data import WorkerStream, describe, prepare
 from lepton_ray.data.builders import digits
@@ -63,16 +64,22 @@ def _recorded(log_dir: Path, world: int) -> list[list[list[int]]]:
     return [[[int(i) for i in line.split()] for line in (log_dir / f"rank{r}.txt").read_text().splitlines()] for r in range(world)]
 
 
+ENGINES = pytest.mark.parametrize("engine", ["native", "ray_data"])
+
+
 @pytest.mark.usefixtures("ray_cluster")
-def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, bucket):
-    """Ids each worker consumed: stopped at step 5 of an epoch of 16, resumed to its end; union = every row once, same order."""
+@ENGINES
+def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, bucket, engine):
+    """Ids each worker consumed: stopped at step 5 of an epoch of 16, resumed to its end; union = every row once, in the
+    order of an uninterrupted run of the native engine (the uninterrupted run reads natively, the stopped one with ``engine``)."""
     prepare(_ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
 
     def cfg(name: str, log: Path, max_steps: int) -> dict:
         log.mkdir(parents=True, exist_ok=True)
         return {
             "model": {"factory": "lr_testing_models:record_ids_mlp", "kwargs": {"log_dir": str(log)}},
-            "data": {"train": f"s3://{bucket}/ids", "label": "label", "shuffle_buffer_rows": 200},
+            "data": {"train": f"s3://{bucket}/ids", "label": "label", "shuffle_buffer_rows": 200,
+                     "engine": "native" if name == "straight" else engine},
             "train": {"max_steps": max_steps, "batch_size": 64, "lr": 0.05, "seed": 11, "log_every_steps": 4},
             "scaling": {"num_workers": 2},
             "checkpoint": {"every_n_steps": 0, "dir": f"s3://{bucket}/ckpt"},
@@ -96,7 +103,8 @@ def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, buc
 
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_resume_at_another_worker_count_mid_epoch_consumes_every_row_exactly_once(tmp_path, bucket, before, after):
+@ENGINES
+def test_resume_at_another_worker_count_mid_epoch_consumes_every_row_exactly_once(tmp_path, bucket, before, after, engine):
     """Stopped at step 5 of an epoch of 16 with ``before`` workers, resumed to its end with ``after`` (what an elastic
     resize does): the rest of the epoch is exactly the rows the first workers had not read, so every row once."""
     prepare(_ids_table(1024), f"s3://{bucket}/ids{before}", num_shards=4, row_group_rows=64, seed=0)
@@ -105,7 +113,7 @@ def test_resume_at_another_worker_count_mid_epoch_consumes_every_row_exactly_onc
 
     def cfg(workers: int, max_steps: int) -> dict:
         return {"model": {"factory": "lr_testing_models:record_ids_mlp", "kwargs": {"log_dir": str(log)}},
-                "data": {"train": f"s3://{bucket}/ids{before}", "label": "label", "shuffle_buffer_rows": 200},
+                "data": {"train": f"s3://{bucket}/ids{before}", "label": "label", "shuffle_buffer_rows": 200, "engine": engine},
                 "train": {"max_steps": max_steps, "batch_size": 64, "lr": 0.05, "seed": 11, "log_every_steps": 4},
                 "scaling": {"num_workers": workers}, "checkpoint": {"every_n_steps": 0},
                 "run": {"dir": str(tmp_path / "runs"), "name": "resized"}}
@@ -236,3 +244,86 @@ def test_secrets_never_appear_in_errors():
     with pytest.raises(ConfigError) as exc:
         _describe("s3://b/k", storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "AKIAEXAMPLE", "secret": "s3cr3t-value"})
     assert "s3cr3t-value" not in str(exc.value) and "AKIAEXAMPLE" not in str(exc.value)
+
+
+# ---- data.engine: ray_data (the engine-parametrized exactly-once tests are above)
+
+
+def _engine_streams(data: Path, engine: str, world: int, **extra):
+    cfg = DataConfig(train=str(data), label="label", shuffle_buffer_rows=200, engine=engine, **extra)
+    info = describe("data.train", str(data), cfg)
+    return [WorkerStream(info, cfg, rank=r, world_size=world, local_batch=32, seed=5) for r in range(world)]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_data_engine_gives_the_native_batches_bitwise(tmp_path):
+    """Same data, seed and world size: the ray_data engine's batches equal the native ones bit for bit, in a whole
+    epoch, in an epoch resumed at step 3, and in the rest of an epoch resized from 2 workers (4 steps) to 1."""
+    from lepton_ray.data.plan import Segment
+
+    pq.write_table(_ids_table(1000), tmp_path / "ids.parquet", row_group_size=100)
+    got = {}
+    for engine in ("native", "ray_data"):
+        two = _engine_streams(tmp_path / "ids.parquet", engine, 2)
+        one = _engine_streams(tmp_path / "ids.parquet", engine, 1)[0]
+        one.resume_after(0, (Segment(world_size=2, local_batch=32, steps=4),))
+        got[engine] = [list(s.epoch(0)) + list(s.epoch(1, start_step=3)) for s in two] + [list(one.epoch(0, start_step=4))]
+        assert engine == "native" or all(s.stats["ray_data_blocks"] > 0 for s in two)  # it really read through Ray Data
+    for native, ray_data in zip(got["native"], got["ray_data"]):
+        assert len(native) == len(ray_data) > 0
+        for a, b in zip(native, ray_data):
+            assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_data_transform_feeds_the_digits_cnn(tmp_path):
+    """digits_images' uint8 [64] pixels -> float32 [1, 8, 8] with a seeded jitter, in Ray Data tasks: the CNN trains on
+    what the transform makes (the schema after it) and the start record says where the rows were read."""
+    cfg = {"model": {"name": "cnn", "hidden": [64], "kwargs": {"channels": [16, 32]}},
+           "data": {"train": str(tmp_path / "d" / "train.parquet"), "eval": str(tmp_path / "d" / "eval.parquet"), "builder": "digits_images",
+                    "inputs": {"image": "image"}, "targets": {"label": "label"}, "engine": "ray_data",
+                    "transform": "lr_testing_models:images_to_float"},
+           "train": {"max_steps": 200, "batch_size": 64, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "seed": 0, "eval_every_steps": 200},
+           "scaling": {"num_workers": 2}, "checkpoint": {"every_n_steps": 0}, "run": {"dir": str(tmp_path / "runs"), "name": "cnn"}}
+    trainer = Trainer(cfg, progress=False)
+    assert [(c.dtype, c.shape) for c in trainer.train_info.batch_schema.inputs] == [("float32", (1, 8, 8))]
+    result = trainer.fit()
+    assert result.metrics["eval_accuracy"] > 0.9
+    start = next(r for r in result.records if r.get("event") == "start")
+    assert start["data"] == {"engine": "ray_data", "transform": "lr_testing_models:images_to_float",
+                             "reads_in": "in Ray Data: Ray tasks of 1 CPU each, off the training workers' CPUs"}
+
+
+def _ids_cfg(tmp_path: Path, data: str, log: Path, **data_extra) -> dict:
+    log.mkdir(parents=True, exist_ok=True)
+    return {"model": {"factory": "lr_testing_models:record_ids_mlp", "kwargs": {"log_dir": str(log)}},
+            "data": {"train": data, "label": "label", "shuffle_buffer_rows": 200, "engine": "ray_data", **data_extra},
+            "train": {"max_steps": 16, "batch_size": 64, "lr": 0.05, "seed": 11, "log_every_steps": 4},
+            "scaling": {"num_workers": 2}, "checkpoint": {"every_n_steps": 0}, "run": {"dir": str(tmp_path / "runs"), "name": "ids"}}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_raising_transform_fails_the_run_naming_it_and_the_row(tmp_path):
+    pq.write_table(_ids_table(1024), tmp_path / "ids.parquet", row_group_size=64)
+    cfg = _ids_cfg(tmp_path, str(tmp_path / "ids.parquet"), tmp_path / "log", transform="lr_testing_models:fail_on_id",
+                   transform_kwargs={"bad_id": 300})
+    with pytest.raises(TrainingError) as err:
+        Trainer(cfg, progress=False).fit()
+    assert ("data.transform 'lr_testing_models:fail_on_id' raised on the batch of 64 rows starting at row id 256 (epoch 0):"
+            " ValueError: cannot transform row 300") in str(err.value)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("concurrency", [None, 1], ids=["tasks", "actors"])
+def test_a_transform_process_killed_mid_epoch_loses_and_repeats_no_row(tmp_path, concurrency):
+    """The process running the transform dies on the batch holding row 300 (once): Ray Data runs that piece again in
+    a new process, and the epoch's 1024 rows each reach the model exactly once."""
+    pq.write_table(_ids_table(1024), tmp_path / "ids.parquet", row_group_size=64)
+    marker = tmp_path / "died"
+    cfg = _ids_cfg(tmp_path, str(tmp_path / "ids.parquet"), tmp_path / "log", transform="lr_testing_models:die_once_on_id",
+                   transform_kwargs={"bad_id": 300, "marker": str(marker)}, transform_resources={"concurrency": concurrency})
+    result = Trainer(cfg, progress=False).fit()
+    assert marker.exists()  # it did die
+    assert result.metrics["steps"] == 16
+    every = sorted(i for rank in _recorded(tmp_path / "log", 2) for batch in rank for i in batch)
+    assert every == list(range(1024))
