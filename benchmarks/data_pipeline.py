@@ -18,6 +18,7 @@ Bars (issue 3): lepton/baseline >= 0.5; data wait <= 5% of step time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -112,17 +113,58 @@ def lepton_rows_per_s(uri: str, batch: int, cache_dir: str | None, epochs: int, 
     return out
 
 
-def ray_data_rows_per_s(uri: str, batch: int) -> float:
+@contextlib.contextmanager
+def local_ray(cpus: int):
+    """A private local Ray instance with ``cpus`` logical CPUs for data tasks (the consumers hold none)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
-        ds = ray.data.read_parquet(uri)
-        t0 = time.perf_counter()
-        rows = sum(len(b["label"]) for b in ds.iter_torch_batches(batch_size=batch))
-        return rows / (time.perf_counter() - t0)
+        yield
     finally:
         ray.shutdown()
+
+
+def _timed(consumers: list) -> float:
+    """Rows/s over all consumers: total rows / wall time from the first start to the last end."""
+    import ray
+
+    parts = ray.get(consumers)
+    return sum(p[0] for p in parts) / (max(p[2] for p in parts) - min(p[1] for p in parts))
+
+
+def ray_data_engine_rows_per_s(uri: str, batch: int) -> float:
+    """lepton_ray's ``data.engine: ray_data`` (no transform, caches off), 2 consumers (Ray tasks holding no CPU), first epoch."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def consume(rank: int) -> tuple[int, float, float]:
+        from lepton_ray.config import DataConfig
+        from lepton_ray.data import WorkerStream, describe
+
+        cfg = DataConfig(train=uri, memory_cache_bytes=0, engine="ray_data")
+        stream = WorkerStream(describe("data.train", uri, cfg), cfg, rank=rank, world_size=2, local_batch=batch, seed=0)
+        t0, rows = time.perf_counter(), 0
+        for b in stream.epoch(0):
+            rows += len(b["label"])
+        return rows, t0, time.perf_counter()
+
+    return _timed([consume.remote(r) for r in range(2)])
+
+
+def ray_data_peer_rows_per_s(uri: str, batch: int) -> float:
+    """What a Ray user has today: ``read_parquet`` -> ``streaming_split(2)`` -> ``iter_torch_batches``, default settings,
+    2 consumers (Ray tasks holding no CPU)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def consume(it) -> tuple[int, float, float]:
+        t0, rows = time.perf_counter(), 0
+        for b in it.iter_torch_batches(batch_size=batch):
+            rows += len(b["label"])
+        return rows, t0, time.perf_counter()
+
+    return _timed([consume.remote(it) for it in ray.data.read_parquet(uri).streaming_split(2)])
 
 
 def training_wait_fraction(uri: str, steps: int, tmp: str) -> tuple[float, float]:
@@ -148,7 +190,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1024, help="rows per consumer batch")
     ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--ray-data", action="store_true", help="also time Ray Data's read_parquet with defaults")
+    ap.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data rows (engine ray_data, Ray Data's own path)")
+    ap.add_argument("--data-cpus", type=int, default=2, help="logical CPUs of the Ray instance the Ray Data rows run on")
     args = ap.parse_args()
 
     moto, endpoint = start_moto()
@@ -168,7 +211,11 @@ def main() -> None:
             cold = lepton_rows_per_s(uri, args.batch, None, 1)[0]
             cache_fill, cache_warm = lepton_rows_per_s(uri, args.batch, f"{tmp}/cache", 2)
             _, in_memory = lepton_rows_per_s(uri, args.batch, None, 2, memory=2**30)
-            rd = ray_data_rows_per_s(uri, args.batch) if args.ray_data else None
+            engine = peer = None
+            if not args.no_ray_data:
+                with local_ray(args.data_cpus):
+                    engine = ray_data_engine_rows_per_s(uri, args.batch)
+                    peer = ray_data_peer_rows_per_s(uri, args.batch)
             wait, sps = training_wait_fraction(uri, args.train_steps, tmp)
 
         print()
@@ -178,14 +225,18 @@ def main() -> None:
         print(f"{'lepton_ray, 2 consumers, cache: 1st pass (fills it)':58s} {cache_fill:12,.0f} {cache_fill / base:12.2f}")
         print(f"{'lepton_ray, 2 consumers, cache: 2nd pass (local disk)':58s} {cache_warm:12,.0f} {cache_warm / base:12.2f}")
         print(f"{'lepton_ray, 2 consumers, no disk cache, 2nd pass (memory)*':58s} {in_memory:12,.0f} {in_memory / base:12.2f}")
-        if rd is not None:
-            print(f"{'Ray Data read_parquet().iter_torch_batches, defaults':58s} {rd:12,.0f} {rd / base:12.2f}")
+        if engine is not None:
+            print(f"{'lepton_ray data.engine ray_data, 2 consumers, no cache':58s} {engine:12,.0f} {engine / base:12.2f}")
+            print(f"{'Ray Data read_parquet.streaming_split(2).iter_torch_batches':58s} {peer:12,.0f} {peer / base:12.2f}")
         print("  * data.memory_cache_bytes 1 GiB: row groups a consumer decoded in pass 1 come from memory; the deal changes")
         print("    every epoch, so about half of its pass-2 row groups are new to it and are read from S3 again")
         print()
         print(f"reference training run (MLP [128, 64], 2 workers, batch 512): {sps:,.0f} samples/s, "
               f"data wait = {100 * wait:.2f}% of step time (bar <= 5%)")
         print(f"ratio lepton (no cache) / baseline = {cold / base:.2f} (bar >= 0.5)")
+        if engine is not None:
+            print(f"ratio ray_data engine / native (no cache) = {engine / cold:.2f} (bar >= 0.5); "
+                  f"ray_data engine / Ray Data's default path = {engine / peer:.2f} (bar >= 2)")
     finally:
         moto.terminate()
 

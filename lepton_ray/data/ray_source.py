@@ -31,7 +31,8 @@ _READERS: dict[tuple[str, str], ParquetSource] = {}  # per task process: one rea
 def _reader(info: Any, cfg: DataConfig) -> ParquetSource:
     key = (info.uri, info.fingerprint())
     if key not in _READERS:  # no decoded-row cache in a task process: whichever process runs a piece is chance
-        _READERS[key] = ParquetSource(info, dataclasses.replace(cfg, memory_cache_bytes=0), {})
+        reader = _READERS[key] = ParquetSource(info, dataclasses.replace(cfg, memory_cache_bytes=0), {})
+        reader.whole_fetch_bytes = 0  # a task reads one piece of a shard: its row group's byte ranges, not the whole shard
     return _READERS[key]
 
 

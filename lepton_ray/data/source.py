@@ -75,6 +75,8 @@ class ParquetSource:
         self._decoded: "OrderedDict[tuple[int, int], dict[str, np.ndarray]]" = OrderedDict()
         self._decoded_bytes = 0
         self._decoded_lock = threading.Lock()
+        self.whole_fetch_bytes = _WHOLE_FETCH_BYTES
+        """Remote shards up to this size are fetched whole (one GET) when first opened; larger ones are read by ranges."""
 
     def report(self) -> None:
         if self.cache is not None:
@@ -106,12 +108,12 @@ class ParquetSource:
             return pq.ParquetFile(str(self.cache.get(shard.sha256, shard.bytes, fetch)), memory_map=True)
         if not self.remote:
             return pq.ParquetFile(shard.path, memory_map=True)
-        if shard.bytes <= _WHOLE_FETCH_BYTES:  # one GET per shard, not a ranged GET per column chunk
+        if shard.bytes <= self.whole_fetch_bytes:  # one GET per shard, not a ranged GET per column chunk
             data = self._with_retries(shard.path, lambda: self.fs.cat_file(shard.path))
             self.stats["remote_bytes"] += len(data)
             return pq.ParquetFile(pa.BufferReader(data))
         fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
-        return pq.ParquetFile(fh)
+        return pq.ParquetFile(fh, pre_buffer=True)  # a row group's column chunks in few coalesced GETs
 
     def row_group(self, shard: int, row_group: int, handles: dict[int, Any]) -> dict[str, np.ndarray]:
         """One row group, decoded to one array per input and target (``[n, *shape]``); kept in memory across epochs while the
@@ -129,7 +131,7 @@ class ParquetSource:
                 raise IOError(f"{self.info.key}: opening '{path}' failed (a damaged shard?): {type(exc).__name__}: {exc}") from None
         pf = handles[shard]
         read = partial(pf.read_row_group, row_group, columns=self.info.schema.parquet_columns())
-        if self.remote and self.cache is None and self.info.shards[shard].bytes > _WHOLE_FETCH_BYTES:  # ranged GETs
+        if self.remote and self.cache is None and self.info.shards[shard].bytes > self.whole_fetch_bytes:  # ranged GETs
             self.stats["remote_row_group_reads"] += 1
             table = self._with_retries(path, read)
         else:  # from memory or local disk: a failure is a damaged shard, not worth retrying

@@ -23,6 +23,7 @@ from lepton_ray.data.plan import Segment
 from lepton_ray.data.stream import WorkerStream
 from lepton_ray.data.table import TableInfo, load_arrays
 from lepton_ray.data.transform import load_transform
+from lepton_ray.imports import install
 from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
@@ -53,6 +54,8 @@ class LoopSpec:
     sink: Any = None  # MetricsSink actor handle, or a Sink in rank 0's process
     services: Any = None
     """What the sync strategy's driver-side ``launch`` started (e.g. parameter-server actor handles)."""
+    callables: dict[str, Any] = field(default_factory=dict)
+    """Python callables the config names as ``callable:...`` (``Trainer(cfg, model=fn)``), by value."""
     phases: dict[str, Optional[float]] = field(default_factory=dict)
     """When each start-up phase ended (Unix time): the driver's, from ``fit`` (its call), then the worker's own
     (``worker_process``, ``worker_entry``) as the worker adds them; rank 0's start record has them after ``fit``."""
@@ -281,6 +284,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     """Run (or resume) one data-parallel training run as worker ``ctx.rank`` of ``ctx.world``. ``guard``: the
     worker's heartbeat and SIGTERM handler (a Ray Train worker's, from trainer.py); told the step after every step."""
     entered = time.time()
+    install(spec.callables)
     cfg = load_config(spec.config)
     t, schema = cfg.train, spec.train.batch_schema
     torch.set_num_threads(cfg.scaling.cpus_per_worker)

@@ -24,6 +24,7 @@ from lepton_ray.data.builders import build_data
 from lepton_ray.data.plan import steps_in_epoch
 from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
 from lepton_ray.data.transform import load_transform
+from lepton_ray.imports import register, registered
 from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
@@ -83,6 +84,17 @@ def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0) -> bool:
     return True
 
 
+def with_callables(config: Union[Config, dict, str, os.PathLike], *, model: Optional[Callable[..., Any]] = None,
+                   loss: Optional[Callable[..., Any]] = None, transform: Optional[Callable[..., Any]] = None) -> Config:
+    """``config`` with Python callables in place of ``model.factory``, ``model.loss`` and ``data.transform``: each is
+    registered (:func:`lepton_ray.imports.register`) and the config records its name, ``"callable:module.qualname"``."""
+    cfg = load_config(config)  # a copy: the caller's Config is left as it was
+    for fn, section, key in ((model, cfg.model, "factory"), (loss, cfg.model, "loss"), (transform, cfg.data, "transform")):
+        if fn is not None:
+            setattr(section, key, register(fn))
+    return cfg
+
+
 def data_cpus(cfg: Config) -> float:
     """Logical CPUs the data engine's tasks need beside the workers' (``data.cpus`` with ``data.engine: ray_data``)."""
     return cfg.data.cpus if cfg.data.engine == "ray_data" else 0
@@ -131,9 +143,12 @@ class Trainer:
         *,
         resume: bool = False,
         progress: bool = True,
+        model: Optional[Callable[..., Any]] = None,
+        loss: Optional[Callable[..., Any]] = None,
+        transform: Optional[Callable[..., Any]] = None,
     ):
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
-        self.config = check_config(config if isinstance(config, Config) else load_config(config))
+        self.config = check_config(with_callables(config, model=model, loss=loss, transform=transform))
         self.resume = resume
         self.progress = progress
         cfg = self.config
@@ -325,7 +340,8 @@ class Trainer:
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
             ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
             services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
-            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases)
+            spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases,
+                            callables=self._callables())
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
                 _worker_entry,
@@ -367,6 +383,11 @@ class Trainer:
             if started and not keep_warm:
                 ray.shutdown()  # kept for a warm group: Ray shuts its instance down when this process exits
 
+    def _callables(self) -> dict[str, Callable[..., Any]]:
+        """The Python callables this run's config names (shipped with the run: a worker cannot import them)."""
+        c = self.config
+        return registered(c.model.factory, c.model.loss, c.data.transform)
+
     def _start_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(self.config.to_dict()), indent=1))  # JSON is YAML
@@ -390,7 +411,8 @@ class Trainer:
         self._start_run_dir()
         sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
         services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
-        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases)
+        spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases,
+                        callables=self._callables())
         try:
             for attempt in range(retries + 1):
                 group = group_of()
