@@ -52,6 +52,8 @@ class TableInfo:
     prepared: bool = False  # has a committed _manifest.json
     skipped: tuple[str, ...] = ()
     """Shards left out because they could not be read (``data.on_bad_shard: skip``), each with why."""
+    dataset: Any = field(default=None, compare=False, repr=False)
+    """The ``ray.data.Dataset`` a user passed (``Trainer(datasets=...)``), read by :mod:`lepton_ray.data.dataset`; None: files."""
     transformed: Optional[Schema] = None
     """The batches' inputs and targets after ``data.transform`` (None: no transform; ``schema`` is what is read)."""
 
@@ -178,6 +180,10 @@ def _schema_text(schema: pa.Schema) -> str:
 
 def load_arrays(info: TableInfo, storage_options: dict) -> dict[str, np.ndarray]:
     """Read a whole split as one array per input and target (``[N, *shape]``), files in listed order."""
+    if info.dataset is not None:
+        from lepton_ray.data.dataset import dataset_arrays
+
+        return dataset_arrays(info)
     fs, _ = filesystem(info.uri, storage_options)
     table = pq.ParquetDataset(list(info.files), filesystem=arrow_filesystem(fs)).read(columns=info.schema.parquet_columns())
     return decode(info.schema, table, key=info.key, uri=info.uri)

@@ -54,6 +54,8 @@ class LoopSpec:
     sink: Any = None  # MetricsSink actor handle, or a Sink in rank 0's process
     services: Any = None
     """What the sync strategy's driver-side ``launch`` started (e.g. parameter-server actor handles)."""
+    splits: Optional[list[Any]] = None
+    """A user's ``ray.data.Dataset`` split per rank (``streaming_split``); None: the files of ``train``."""
     callables: dict[str, Any] = field(default_factory=dict)
     """Python callables the config names as ``callable:...`` (``Trainer(cfg, model=fn)``), by value."""
     phases: dict[str, Optional[float]] = field(default_factory=dict)
@@ -269,6 +271,17 @@ class _Run:
                 self.buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)
 
 
+def _stream(spec: LoopSpec, cfg: Config, ctx: WorkerContext, claim: Any) -> WorkerStream:
+    """This worker's share of the training data: planned from files, or its split of a user's ``ray.data.Dataset``."""
+    local_batch = cfg.train.batch_size // ctx.world
+    if spec.splits is not None:
+        from lepton_ray.data.dataset import DatasetStream
+
+        return DatasetStream(spec.train, cfg.data, spec.splits[ctx.rank], world_size=ctx.world, local_batch=local_batch, device=ctx.device)
+    return WorkerStream(spec.train, cfg.data, rank=ctx.rank, world_size=ctx.world, local_batch=local_batch, seed=cfg.train.seed,
+                        device=ctx.device, claim=claim)
+
+
 def _eval_rows(spec: LoopSpec, cfg: Config, ctx: WorkerContext) -> Optional[dict[str, torch.Tensor]]:
     """This rank's rows of the eval split (every world-th row), on the device."""
     if spec.eval is None:
@@ -291,8 +304,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     # ---- data: this worker's share, streamed in a seeded, resumable order (global batch = all workers' batches)
     strategy = STRATEGIES[cfg.sync.strategy](cfg, WorkerInfo(rank=ctx.rank, world_size=ctx.world, device=ctx.device), spec.services)
     pace = strategy.pace  # lock step, unless the strategy paces its workers itself (the elastic parameter server)
-    stream = WorkerStream(spec.train, cfg.data, rank=ctx.rank, world_size=ctx.world, local_batch=t.batch_size // ctx.world,
-                          seed=t.seed, device=ctx.device, claim=pace.claim)  # a strategy may deal the data itself
+    stream = _stream(spec, cfg, ctx, pace.claim)  # a strategy may deal the data itself
     store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
     resume = _resume_point(store, ctx, spec, stream, pace.stepwise)  # before the steps are counted
     step, epoch, start, latest = resume.step, resume.epoch, resume.step_in_epoch, resume.checkpoint

@@ -46,7 +46,7 @@ def node_local_paths(config: Config, checkpoint_uri: str) -> list[tuple[str, str
     candidates = [("data.train", d.train), ("data.eval", d.eval),
                   ("checkpoint.dir" if config.checkpoint.dir else "run.dir", checkpoint_uri)]
     return [(key, os.path.abspath(os.path.expanduser(uri.removeprefix("file://"))))
-            for key, uri in candidates if uri and is_local(uri)]
+            for key, uri in candidates if uri and is_local(uri) and not uri.startswith("dataset:")]  # a Dataset passed in
 
 
 def check_paths_reachable(config: Config, local: list[tuple[str, str]], nodes: Optional[list[dict[str, Any]]] = None,

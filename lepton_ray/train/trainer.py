@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -17,15 +18,16 @@ from typing import Any, Callable, Iterator, Optional, Union
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.data.builders import build_data
 from lepton_ray.data.plan import steps_in_epoch
+from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
 from lepton_ray.data.transform import load_transform
 from lepton_ray.imports import register, registered
-from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
 from lepton_ray.models import build_model
 from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
 from lepton_ray.sync import STRATEGIES
@@ -42,6 +44,8 @@ __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
 
 class TrainingError(RuntimeError):
     """The worker group failed (after any restarts ``scaling.max_failures`` allowed)."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +86,43 @@ def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0) -> bool:
     else:
         start_local_ray(num_cpus=max(os.cpu_count() or 1, min_cpus) + math.ceil(extra_cpus))
     return True
+
+
+def check_datasets(datasets: dict[str, Any]) -> dict[str, Any]:
+    """``Trainer(datasets=...)``: ``train`` and/or ``eval``, each a ``ray.data.Dataset``."""
+    for key, ds in datasets.items():
+        if key not in ("train", "eval"):
+            raise ConfigError(f"datasets: unknown split '{key}'; valid splits are: train, eval")
+        if not hasattr(ds, "streaming_split"):
+            raise ConfigError(f"datasets['{key}']: expected a ray.data.Dataset, got {type(ds).__name__}")
+    return datasets
+
+
+def with_datasets(config: Union[Config, dict, str, os.PathLike], datasets: dict[str, Any]) -> Union[Config, dict, str, os.PathLike]:
+    """``config`` whose ``data.train`` / ``data.eval`` name the Datasets passed for them (``"dataset:train"``): a split
+    given both ways is an error; one given as a Dataset may be left out of the config."""
+    if not datasets:
+        return config
+    if isinstance(config, (Config, dict)):
+        raw = load_config(config).to_dict() if isinstance(config, Config) else json.loads(json.dumps(config))
+    else:  # a YAML file that may leave data.train out
+        raw = yaml.safe_load(Path(config).read_text()) or {}
+        raw.setdefault("run", {}).setdefault("name", Path(config).stem)
+    data = raw.setdefault("data", {})
+    for split in datasets:
+        if data.get(split) not in (None, "", f"dataset:{split}"):
+            raise ConfigError(f"data.{split}: given twice, as '{data[split]}' in the config and as datasets['{split}']; give one")
+        data[split] = f"dataset:{split}"
+    for key, why in (("transform", "apply it to the Dataset (ds.map_batches(fn)) before passing it"),
+                     ("builder", "a Dataset is built by its own code")):
+        if data.get(key) and "train" in datasets:
+            raise ConfigError(f"data.{key}: does not apply to a ray.data.Dataset passed as datasets['train']; {why}")
+    if data.get("engine", "native") != "native" and "train" in datasets:
+        raise ConfigError("data.engine: a ray.data.Dataset passed as datasets['train'] is read by Ray Data already; leave data.engine out")
+    if isinstance(raw.get("scaling", {}).get("num_workers"), list) and "train" in datasets:
+        raise ConfigError("scaling.num_workers: a run on a ray.data.Dataset keeps its number of workers (its streaming_split is made"
+                          " once); give one number")
+    return raw
 
 
 def with_callables(config: Union[Config, dict, str, os.PathLike], *, model: Optional[Callable[..., Any]] = None,
@@ -146,24 +187,28 @@ class Trainer:
         model: Optional[Callable[..., Any]] = None,
         loss: Optional[Callable[..., Any]] = None,
         transform: Optional[Callable[..., Any]] = None,
+        datasets: Optional[dict[str, Any]] = None,
     ):
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
-        self.config = check_config(with_callables(config, model=model, loss=loss, transform=transform))
+        datasets = check_datasets(datasets or {})
+        self.config = check_config(with_callables(with_datasets(config, datasets), model=model, loss=loss, transform=transform))
         self.resume = resume
         self.progress = progress
         cfg = self.config
         d = cfg.data
-        if d.builder and not data_exists(d.train, d.storage_options):
+        if d.builder and not data_exists(d.train, d.storage_options) and "train" not in datasets:
             build_data(d.builder, d.train, d.eval, d.storage_options, d.builder_kwargs)
-        self.train_info = describe("data.train", d.train, d)
-        self.eval_info = describe("data.eval", d.eval, d) if d.eval else None
+        self.train_info = self._describe("train", datasets)
+        self.eval_info = self._describe("eval", datasets)
         if self.eval_info is not None:
             resolve_columns(self.train_info.schema, self.eval_info.schema, "data.eval", d.eval)
         if cfg.train.batch_size > self.train_info.num_rows:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
         for w in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):  # elastic: every size the run may take
-            if steps_in_epoch(self.train_info, world_size=w, local_batch=cfg.train.batch_size // w, epoch=0,
-                              seed=cfg.train.seed, shuffle=cfg.data.shuffle) > 0:
+            if self.train_info.dataset is not None and self.train_info.num_rows // w // (cfg.train.batch_size // w) > 0:
+                continue
+            if self.train_info.dataset is None and steps_in_epoch(self.train_info, world_size=w, local_batch=cfg.train.batch_size // w,
+                                                                  epoch=0, seed=cfg.train.seed, shuffle=cfg.data.shuffle) > 0:
                 continue
             raise ConfigError(
                 f"train.batch_size: {cfg.train.batch_size} leaves a worker without a full batch of {cfg.train.batch_size // w} rows"
@@ -180,6 +225,19 @@ class Trainer:
         self.node_local_paths = node_local_paths(cfg, self.checkpoint_uri)  # resolved now, against the launch cwd
 
     # ------------------------------------------------------------------ checks
+
+    def _describe(self, split: str, datasets: dict[str, Any]) -> Optional[TableInfo]:
+        """What ``data.<split>`` holds: the Dataset passed for it, or the files its URI names (None: no such split)."""
+        d = self.config.data
+        if split in datasets:
+            from lepton_ray.data.dataset import GUARANTEES, describe_dataset
+
+            if split == "train":
+                log.warning("data.train is a ray.data.Dataset: %s (data named by path keeps the exactly-once, reproducible order)", GUARANTEES)
+            return describe_dataset(f"data.{split}", datasets[split], d)
+        uri = getattr(d, split)
+        return describe(f"data.{split}", uri, d) if uri else None
+
 
     def _model(self) -> "torch.nn.Module":
         """The model exactly as every worker initialises it (same seed), for strategy checks and services. Built
@@ -222,6 +280,10 @@ class Trainer:
     def _sample(self, rows: int = 2) -> dict[str, np.ndarray]:
         """The first ``rows`` rows of data.train, decoded, before any transform."""
         info = self.train_info
+        if info.dataset is not None:
+            from lepton_ray.data.dataset import dataset_arrays
+
+            return dataset_arrays(info, rows)
         fs, _ = filesystem(info.uri, self.config.data.storage_options)
         first = pq.ParquetFile(info.shards[0].path, filesystem=arrow_filesystem(fs)).read_row_group(0, columns=info.schema.parquet_columns())
         return decode(info.schema, first.slice(0, rows), key=info.key, uri=info.uri)
@@ -341,7 +403,7 @@ class Trainer:
             ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
             services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
             spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases,
-                            callables=self._callables())
+                            callables=self._callables(), splits=self._splits())
             resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
             trainer = TorchTrainer(
                 _worker_entry,
@@ -383,6 +445,11 @@ class Trainer:
             if started and not keep_warm:
                 ray.shutdown()  # kept for a warm group: Ray shuts its instance down when this process exits
 
+    def _splits(self) -> Optional[list[Any]]:
+        """A user's train Dataset split once per run, one iterator per worker (None: data named by path)."""
+        ds = self.train_info.dataset
+        return None if ds is None else ds.streaming_split(self.config.scaling.num_workers, equal=True)
+
     def _callables(self) -> dict[str, Callable[..., Any]]:
         """The Python callables this run's config names (shipped with the run: a worker cannot import them)."""
         c = self.config
@@ -412,7 +479,7 @@ class Trainer:
         sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
         services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
         spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases,
-                        callables=self._callables())
+                        callables=self._callables(), splits=self._splits())
         try:
             for attempt in range(retries + 1):
                 group = group_of()

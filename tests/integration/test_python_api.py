@@ -61,3 +61,34 @@ def test_serving_a_checkpoint_whose_model_was_a_callable_says_how_to_give_it(tmp
                               " (or name an importable 'package.module:function' instead)")
     assert register(build) == name
     assert load_checkpoint(result.checkpoint).build_fp32() is not None
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_ray_data_dataset_passed_in_trains_and_the_run_says_its_guarantees(tmp_path, blobs):
+    """A Ray user's own Dataset (read_parquet + map_batches), for train and eval, with data.train left out of the config."""
+    import ray.data
+
+    from lepton_ray.data.dataset import GUARANTEES
+
+    def shift(batch):
+        return {**batch, "f0": batch["f0"] + 0.0}
+
+    train = ray.data.read_parquet(str(blobs)).map_batches(shift)
+    cfg = small_config(tmp_path, blobs, train={"max_steps": 40})
+    del cfg["data"]["train"]
+    result = Trainer(cfg, datasets={"train": train, "eval": ray.data.read_parquet(str(blobs))}, progress=False).fit()
+    assert result.metrics["steps"] == 40 and result.metrics["eval_accuracy"] > 0.9
+    start = next(r for r in result.records if r.get("event") == "start")
+    assert start["data"]["engine"] == "dataset" and start["data"]["guarantees"] == GUARANTEES
+    saved = json.loads((Path(result.run_dir) / "config.yaml").read_text())
+    assert saved["data"]["train"] == "dataset:train" and saved["data"]["eval"] == "dataset:eval"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_dataset_and_a_config_path_for_one_split_is_an_error(tmp_path, blobs):
+    import ray.data
+
+    with pytest.raises(ConfigError, match=r"^data.train: given twice, as '.*train.parquet' in the config and as datasets\['train'\]; give one$"):
+        Trainer(small_config(tmp_path, blobs), datasets={"train": ray.data.read_parquet(str(blobs))}, progress=False)
+    with pytest.raises(ConfigError, match=r"^datasets\['train'\]: expected a ray.data.Dataset, got list$"):
+        Trainer(small_config(tmp_path, blobs), datasets={"train": [1, 2]}, progress=False)

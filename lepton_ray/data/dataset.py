@@ -1,0 +1,104 @@
+"""A ``ray.data.Dataset`` the user built, as a run's data: ``Trainer(cfg, datasets={"train": ds, "eval": ds_eval})``.
+
+A Dataset is an arbitrary pipeline (any reader, any transforms, Ray Data's own order), so it gets Ray Data's
+guarantees, not the plan's: the driver splits it once per run with ``streaming_split(num_workers, equal=True)``;
+every row is used at most once per epoch (``equal`` drops up to num_workers - 1 rows an epoch, and each worker's
+last partial batch is dropped); the order is not reproducible; a resumed run takes the steps left in the
+interrupted epoch from a fresh pass over the Dataset (rows seen before the checkpoint may be seen again), and
+the number of workers is fixed. What the README and the run's ``start`` record say: :data:`GUARANTEES`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lepton_ray.config import ConfigError, DataConfig
+from lepton_ray.data.schema import Schema, decode
+from lepton_ray.data.table import TableInfo
+
+__all__ = ["GUARANTEES", "DatasetStream", "dataset_arrays", "describe_dataset"]
+
+GUARANTEES = ("every row at most once per epoch, order not reproducible, a resume takes the rest of the interrupted epoch"
+              " from a fresh pass (rows may repeat across it), fixed number of workers")
+
+
+def _arrow_schema(ds: Any, key: str) -> pa.Schema:
+    schema = ds.schema()
+    if schema is None:
+        raise ConfigError(f"{key}: the ray.data.Dataset has no schema (an empty Dataset?)")
+    base = getattr(schema, "base_schema", schema)
+    if isinstance(base, pa.Schema):
+        return base
+    return pa.schema([pa.field(n, t if isinstance(t, pa.DataType) else pa.from_numpy_dtype(t)) for n, t in zip(schema.names, schema.types)])
+
+
+def describe_dataset(key: str, ds: Any, cfg: DataConfig) -> TableInfo:
+    """``ds``'s columns checked against ``data.inputs`` / ``targets`` (or ``features`` / ``label``) and its rows counted
+    (``ds.count()``: a Dataset whose count is not in its metadata runs once here)."""
+    typed = Schema.from_arrow(_arrow_schema(ds, key), inputs=cfg.inputs, targets=cfg.targets, features=cfg.features, label=cfg.label,
+                              key=key, uri="the ray.data.Dataset")
+    rows = ds.count()
+    if rows == 0:
+        raise ConfigError(f"{key}: the ray.data.Dataset has no rows")
+    return TableInfo(key=key, uri=f"dataset:{key.removeprefix('data.')}", files=(), num_rows=rows, schema=typed, dataset=ds)
+
+
+def dataset_arrays(info: TableInfo, rows: Optional[int] = None) -> dict[str, np.ndarray]:
+    """The Dataset's rows (all, or the first ``rows``), decoded to one array per input and target."""
+    ds = info.dataset.select_columns(info.schema.parquet_columns())
+    if rows is not None:
+        ds = ds.limit(rows)
+    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return decode(info.schema, pa.concat_tables(tables), key=info.key, uri="the ray.data.Dataset")
+
+
+class DatasetStream:
+    """A worker's batches from its split of a user's Dataset: the :class:`~lepton_ray.data.stream.WorkerStream`
+    interface the loop uses (steps, epoch, cursor, describe, close, stats), with the guarantees of :data:`GUARANTEES`."""
+
+    def __init__(self, info: TableInfo, cfg: DataConfig, split: Any, *, world_size: int, local_batch: int,
+                 device: torch.device = torch.device("cpu")):
+        self.info, self.cfg, self.split = info, cfg, split
+        self.world_size, self.local_batch, self.device = world_size, local_batch, device
+        self.stats: dict[str, float] = {"rows": 0, "wait_s": 0.0}
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "dataset", "reads_in": f"Ray Data: the ray.data.Dataset passed to the Trainer, streaming_split({self.world_size},"
+                f" equal=True)", "transform": None, "guarantees": GUARANTEES}
+
+    def steps(self, epoch: int) -> int:
+        return self.info.num_rows // self.world_size // self.local_batch
+
+    def cursor(self, epoch: int, step: int) -> dict[str, Any]:
+        return {"world_size": self.world_size, "local_batch": self.local_batch, "step_in_segment": step, "segments": []}
+
+    def resume_after(self, epoch: int, history: tuple) -> None:
+        raise ValueError(f"{self.info.key}: a run on a ray.data.Dataset keeps its number of workers ({self.world_size}); it"
+                         f" was checkpointed at another ({history[-1].world_size})")
+
+    def close(self) -> None:
+        pass
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Steps ``start_step .. steps(epoch) - 1`` of ``epoch``, from a fresh pass over this worker's split."""
+        left = self.steps(epoch) - start_step
+        if left <= 0:
+            return
+        batches = iter(self.split.iter_batches(batch_size=self.local_batch, batch_format="pyarrow", drop_last=True,
+                                               prefetch_batches=self.cfg.prefetch_windows))
+        for _ in range(left):
+            t0 = time.perf_counter()
+            table = next(batches, None)
+            self.stats["wait_s"] += time.perf_counter() - t0
+            if table is None:
+                raise RuntimeError(f"{self.info.key}: the ray.data.Dataset ended after {self.stats['rows']:.0f} rows of epoch {epoch};"
+                                   f" it counted {self.info.num_rows} rows when the run started (a Dataset must give the same rows"
+                                   " every pass)")
+            arrays = decode(self.info.schema, table, key=self.info.key, uri="the ray.data.Dataset")
+            self.stats["rows"] += self.local_batch
+            yield {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
