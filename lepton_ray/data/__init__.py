@@ -1,13 +1,23 @@
-"""Data: prepared Parquet splits, the per-worker stream with its resumable order, the shard cache."""
+"""Data: prepared Parquet splits, the per-worker stream with its resumable order, the shard cache.
 
-from lepton_ray.data.builders import BUILDERS, build_data
-from lepton_ray.data.cache import ShardCache
-from lepton_ray.data.plan import epoch_units, steps_in_epoch
-from lepton_ray.data.stream import WorkerStream
-from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
-from lepton_ray.data.prepare import prepare
+Names are imported on first use: a Ray Data task that reads shards (``data.engine: ray_data``) imports
+:mod:`lepton_ray.data.ray_source` and what it needs, not the stream and torch.
+"""
 
-__all__ = [
-    "BUILDERS", "ShardCache", "TableInfo", "WorkerStream", "build_data", "data_exists", "describe",
-    "epoch_units", "load_arrays", "prepare", "steps_in_epoch",
-]
+import importlib
+from typing import Any
+
+from lepton_ray.data.prepare import prepare  # eager: the submodule of the same name would shadow a lazy one
+
+_WHERE = {
+    "BUILDERS": "builders", "build_data": "builders", "ShardCache": "cache", "epoch_units": "plan", "steps_in_epoch": "plan",
+    "WorkerStream": "stream", "TableInfo": "table", "data_exists": "table", "describe": "table", "load_arrays": "table",
+}
+
+__all__ = sorted([*_WHERE, "prepare"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lepton_ray.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"lepton_ray.data.{_WHERE[name]}"), name)

@@ -18,8 +18,10 @@ import re
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from lepton_ray.config import DataConfig
+from lepton_ray.data.schema import decode
 from lepton_ray.data.source import ParquetSource
 from lepton_ray.data.transform import Transform, TransformError
 
@@ -36,13 +38,19 @@ def _reader(info: Any, cfg: DataConfig) -> ParquetSource:
     return _READERS[key]
 
 
-def _read(ids: np.ndarray, info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform],
-          epoch: int) -> dict[str, np.ndarray]:
-    """The rows of ``pieces[i]`` for each ``i`` in ``ids``, concatenated, decoded and transformed."""
+def _read(ids: np.ndarray, info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform], epoch: int) -> Any:
+    """The rows of ``pieces[i]`` for each ``i`` in ``ids``, concatenated: without a transform, as read (an Arrow table:
+    Ray Data's own block format, decoded by the consumer as the native source decodes); with one, decoded and transformed."""
     mine = [pieces[int(i)] for i in ids]
-    cols, index = _reader(info, cfg).window(mine, {}, epoch)
-    rows = {k: v[index] for k, v in cols.items()}
-    return transform(rows, info.row_ids(mine), epoch) if transform is not None else rows
+    reader = _reader(info, cfg)
+    if transform is None:
+        tables, handles = [], {}
+        for p in mine:
+            table = reader.read_table(p.shard, p.row_group, handles)
+            tables.append(table.slice(p.start, p.rows) if hasattr(p, "start") else table.take(pa.array(p.index)))  # Unit | Rows
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    cols, index = reader.window(mine, {}, epoch)
+    return transform({k: v[index] for k, v in cols.items()}, info.row_ids(mine), epoch)
 
 
 class _ReadActor:
@@ -51,12 +59,12 @@ class _ReadActor:
     def __init__(self, info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform], epoch: int):
         self.args = (info, cfg, pieces, transform, epoch)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         return _read(batch["id"], *self.args)
 
 
 def _read_batch(batch: dict[str, np.ndarray], info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform],
-                epoch: int) -> dict[str, np.ndarray]:
+                epoch: int) -> Any:
     return _read(batch["id"], info, cfg, pieces, transform, epoch)
 
 
@@ -107,7 +115,8 @@ class RayDataSource:
         if not pieces:
             return
         self.stats["ray_data_datasets"] += 1
-        blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="numpy",
+        arrow = self.transform is None  # then blocks are Arrow tables, decoded here
+        blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="pyarrow" if arrow else "numpy",
                                                                  prefetch_batches=self.cfg.prefetch_windows))
         held: list[dict[str, np.ndarray]] = []
         have = 0
@@ -119,6 +128,8 @@ class RayDataSource:
                 except Exception as exc:
                     raise _user_error(exc) from None
                 self.stats["ray_data_blocks"] += 1
+                if arrow:
+                    b = decode(self.info.schema, b, key=self.info.key, uri=self.info.uri)
                 held.append(b)
                 have += len(next(iter(b.values())))
             cols = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}

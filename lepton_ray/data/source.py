@@ -115,14 +115,8 @@ class ParquetSource:
         fh = self._with_retries(shard.path, lambda: self.afs.open_input_file(shard.path))
         return pq.ParquetFile(fh, pre_buffer=True)  # a row group's column chunks in few coalesced GETs
 
-    def row_group(self, shard: int, row_group: int, handles: dict[int, Any]) -> dict[str, np.ndarray]:
-        """One row group, decoded to one array per input and target (``[n, *shape]``); kept in memory across epochs while the
-        decoded row groups fit in ``data.memory_cache_bytes`` (least recently used evicted first)."""
-        key = (shard, row_group)
-        with self._decoded_lock:
-            if key in self._decoded:
-                self._decoded.move_to_end(key)
-                return self._decoded[key]
+    def read_table(self, shard: int, row_group: int, handles: dict[int, Any]) -> pa.Table:
+        """One row group's input and target columns, as read (not decoded, not cached)."""
         path = self.info.shards[shard].path
         if shard not in handles:
             try:
@@ -140,6 +134,17 @@ class ParquetSource:
             except Exception as exc:
                 raise IOError(f"{self.info.key}: reading row group {row_group} of '{path}' failed (a damaged shard?): "
                               f"{type(exc).__name__}: {exc}") from None
+        return table
+
+    def row_group(self, shard: int, row_group: int, handles: dict[int, Any]) -> dict[str, np.ndarray]:
+        """One row group, decoded to one array per input and target (``[n, *shape]``); kept in memory across epochs while the
+        decoded row groups fit in ``data.memory_cache_bytes`` (least recently used evicted first)."""
+        key = (shard, row_group)
+        with self._decoded_lock:
+            if key in self._decoded:
+                self._decoded.move_to_end(key)
+                return self._decoded[key]
+        table = self.read_table(shard, row_group, handles)
         arrays = decode(self.info.schema, table, key=self.info.key, uri=self.info.shards[shard].path)
         self.stats["row_groups_decoded"] += 1
         with self._decoded_lock:
