@@ -183,6 +183,115 @@ def training_wait_fraction(uri: str, steps: int, tmp: str) -> tuple[float, float
     return float(np.mean([r["data_wait_frac"] for r in recs])), result.metrics["samples_per_s"]
 
 
+# ---- a CPU-heavy transform: where it runs decides how long the trainer waits (--heavy)
+
+HEAVY_W = np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32) / 6
+
+
+def heavy(batch: dict, reps: int) -> dict:
+    """Per-row CPU work (``reps`` tanh(x @ W) layers over the 32 features), returning the batch unchanged otherwise:
+    a stand-in for decoding and augmenting an image. Shipped by value to the workers (it lives in ``__main__``)."""
+    y = batch["x"]
+    for _ in range(reps):
+        y = np.tanh(y @ HEAVY_W)
+    return {**batch, "x": batch["x"] + 0 * y}
+
+
+def heavy_driver(uri: str, steps: int, batch: int, tmp: str, out: str) -> None:
+    """Runs on the head node's core: calibrates ``heavy`` to ~0.75 x one training step of a 1-worker, 1-thread run,
+    then trains with ``data.engine`` native and ray_data, the transform on the second node's core; writes a JSON."""
+    import json
+
+    import torch
+    from torch import nn
+
+    import lepton_ray
+    from lepton_ray.models.mlp import mlp
+
+    torch.set_num_threads(1)
+    net, opt = mlp(input_dim=32, num_outputs=2, hidden=[256, 256]), None
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    xb, yb = torch.randn(batch, 32), torch.randint(0, 2, (batch,))
+    for i in range(60):
+        if i == 10:
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xb), yb).backward()
+        opt.step()
+    step_s = (time.perf_counter() - t0) / 50
+    rows = {"x": np.random.default_rng(0).normal(size=(batch, 32)).astype(np.float32)}
+    t0 = time.perf_counter()
+    heavy(rows, 10)
+    per_rep = (time.perf_counter() - t0) / 10
+    reps = max(1, round(0.75 * step_s / per_rep))
+    result = {"step_s": step_s, "transform_s": reps * per_rep, "reps": reps}
+    for engine in ("native", "ray_data"):
+        cfg = {"model": {"name": "mlp", "hidden": [256, 256]},
+               "data": {"train": uri, "features": ["x"], "label": "label", "engine": engine, "memory_cache_bytes": 0,
+                        "transform_kwargs": {"reps": reps}, "cpus": 1,
+                        "transform_resources": {"num_cpus": 0, "resources": {"data_node": 1}}},
+               "train": {"max_steps": steps, "batch_size": batch, "optimizer": "sgd", "lr": 0.01, "log_every_steps": 20},
+               "scaling": {"num_workers": 1, "cpus_per_worker": 1, "shared_filesystem": True},
+               "checkpoint": {"every_n_steps": 0}, "run": {"dir": f"{tmp}/runs", "name": engine}}
+        r = lepton_ray.Trainer(cfg, transform=heavy, progress=False).fit()
+        recs = [x for x in r.records if "data_wait_frac" in x and "event" not in x][1:]  # the first window warms up
+        result[engine] = {"data_wait_frac": float(np.mean([x["data_wait_frac"] for x in recs])), "samples_per_s": r.metrics["samples_per_s"]}
+    Path(out).write_text(json.dumps(result))
+
+
+def heavy_transform(args: argparse.Namespace, tmp: str) -> dict:
+    """A 2-node local cluster (head: the trainer, pinned to core 0; second node: only ``data_node``, pinned to core 1),
+    token authentication on; the driver runs pinned to core 0 too. Returns what :func:`heavy_driver` wrote."""
+    import json
+    import secrets
+    import signal
+
+    here = Path(__file__).resolve()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    n = args.heavy_rows
+    x = np.random.default_rng(0).normal(size=(n, 32)).astype(np.float32)
+    data = Path(tmp) / "heavy.parquet"
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 32), "label": (x[:, 0] > 0).astype(np.int64)}),
+                   data, row_group_size=4096)
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    loopback = next(h for h in (socket.gethostname(), "localhost.localdomain", "ip6-localhost")
+                    if h != "localhost" and _resolves_to_loopback(h))
+    temp = tempfile.mkdtemp(prefix="lrh-", dir="/tmp")
+    common = ["--block", "--disable-usage-stats", "--object-store-memory=300000000", f"--dashboard-agent-listen-port={free_port()}",
+              f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    nodes = [subprocess.Popen(["taskset", "-c", "0", ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
+                               "--node-ip-address=127.0.0.1", "--include-dashboard=false", *common],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)]
+    try:
+        time.sleep(15)
+        common = [c if not c.startswith("--") or "port" not in c else c.split("=")[0] + f"={free_port()}" for c in common]
+        nodes.append(subprocess.Popen(["taskset", "-c", "1", ray_bin, "start", f"--address={loopback}:{port}", "--num-cpus=0",
+                                       '--resources={"data_node": 1}', *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}))
+        time.sleep(15)
+        out = Path(tmp) / "heavy.json"
+        subprocess.run(["taskset", "-c", "0", sys.executable, str(here), "--heavy-driver", str(data), str(out)], env=env, check=True,
+                       timeout=1200)
+        return json.loads(out.read_text())
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+        time.sleep(5)
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+def _resolves_to_loopback(host: str) -> bool:
+    try:
+        return socket.gethostbyname(host) == "127.0.0.1"
+    except OSError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
@@ -192,7 +301,24 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data rows (engine ray_data, Ray Data's own path)")
     ap.add_argument("--data-cpus", type=int, default=2, help="logical CPUs of the Ray instance the Ray Data rows run on")
+    ap.add_argument("--heavy", action="store_true", help="only the CPU-heavy transform part (a 2-node local cluster, taskset)")
+    ap.add_argument("--heavy-rows", type=int, default=400_000)
+    ap.add_argument("--heavy-steps", type=int, default=400)
+    ap.add_argument("--heavy-driver", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.heavy_driver:
+        with tempfile.TemporaryDirectory() as tmp:
+            return heavy_driver(args.heavy_driver[0], args.heavy_steps, 512, tmp, args.heavy_driver[1])
+    if args.heavy:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = heavy_transform(args, tmp)
+        print(f"CPU-heavy transform ({r['reps']} tanh layers, {1e3 * r['transform_s']:.1f} ms per 512-row batch; a training step"
+              f" {1e3 * r['step_s']:.1f} ms), 1 worker pinned to core 0, the transform's node pinned to core 1:")
+        for engine in ("native", "ray_data"):
+            print(f"  data.engine {engine:8s}: data wait {100 * r[engine]['data_wait_frac']:5.1f}% of step time,"
+                  f" {r[engine]['samples_per_s']:,.0f} samples/s")
+        print("  bar: ray_data <= 10% where native >= 40%")
+        return
 
     moto, endpoint = start_moto()
     try:
