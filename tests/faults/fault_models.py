@@ -23,12 +23,15 @@ def _rank() -> int:
 class Faulty(nn.Module):
     """An MLP that writes its pid file, sleeps ``delay_s`` per training forward (so a test can act mid-run) and,
     on rank ``stop_rank``'s ``stop_at``-th training forward, freezes its own process with SIGSTOP, once per
-    ``marker`` file (which records the pid and the time it stopped)."""
+    ``marker`` file (which records the pid and the time it stopped). With ``hang``, that rank blocks in Python instead
+    (:func:`hang_in_python`): its process runs, its heartbeat thread keeps beating, its loop never finishes the step
+    and the other ranks wait for it in the step's all-reduce."""
 
-    def __init__(self, inner: nn.Module, pid_dir: str, delay_s: float, stop_rank: int, stop_at: int, marker: str):
+    def __init__(self, inner: nn.Module, pid_dir: str, delay_s: float, stop_rank: int, stop_at: int, marker: str,
+                 hang: bool = False):
         super().__init__()
         self.inner, self.pid_dir, self.delay_s = inner, pid_dir, delay_s
-        self.stop_rank, self.stop_at, self.marker = stop_rank, stop_at, marker
+        self.stop_rank, self.stop_at, self.marker, self.hang = stop_rank, stop_at, marker, hang
         self.calls = 0
 
     def forward(self, x):
@@ -45,14 +48,23 @@ class Faulty(nn.Module):
                 else:
                     os.write(fd, f"{os.getpid()} {time.time()}".encode())
                     os.close(fd)
+                    if self.hang:
+                        hang_in_python()
                     os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(self.delay_s)
         return self.inner(x)
 
 
+def hang_in_python() -> None:
+    """Never return, in a loop that holds no lock and releases the GIL (the process's other threads run on): what a
+    rank waiting forever on something of its own looks like. Only a kill ends it; its name is what a stack dump shows."""
+    while True:
+        time.sleep(0.2)
+
+
 def faulty_mlp(input_dim: int, num_outputs: int, pid_dir: str, delay_s: float = 0.0, stop_rank: int = 1, stop_at: int = 0,
-               marker: str = "") -> nn.Module:
-    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at, marker)
+               marker: str = "", hang: bool = False) -> nn.Module:
+    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at, marker, hang)
 
 
 class Slow(nn.Module):
