@@ -91,3 +91,40 @@ class Slow(nn.Module):
 
 def slow_mlp(input_dim: int, num_outputs: int, delay_s: float, pid_dir: str, hidden=(32,)) -> nn.Module:
     return Slow(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), delay_s, pid_dir)
+
+
+def _watch_read_retries(path: Path) -> None:
+    """In a training worker: find this process's data stream (a ``WorkerStream``; its ``stats`` count ``read_retries``)
+    and write its count to ``path`` whenever it changes, so a test sees a failed-and-retried read as it happens, on every
+    rank (the run's records carry rank 0's count, at the end)."""
+    import gc
+
+    stream = None
+    while stream is None:  # by class name: no attribute of anything else is touched (a lazy loader would load it)
+        stream = next((o for o in gc.get_objects() if type(o).__name__ == "WorkerStream"), None)
+        time.sleep(0.2)
+    stats = stream.stats
+    seen = -1
+    while True:
+        count = int(stats["read_retries"])
+        if count != seen:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(str(count))
+            tmp.replace(path)
+            seen = count
+        time.sleep(0.05)
+
+
+def retry_counting_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn.Module:
+    """``lr_testing_models.record_ids_mlp``, and in a training worker a thread that keeps ``<log_dir>/retries-rank<r>``
+    equal to its stream's ``read_retries`` (see :func:`_watch_read_retries`)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from lr_testing_models import record_ids_mlp
+
+    if dist.is_initialized():  # a training worker (the driver builds the model too, without a process group)
+        path = Path(log_dir) / f"retries-rank{dist.get_rank()}"
+        threading.Thread(target=_watch_read_retries, args=(path,), name="test-read-retries", daemon=True).start()
+    return record_ids_mlp(input_dim, num_outputs, log_dir)
