@@ -13,7 +13,6 @@ retry budget (``data.read_retries``) is far longer than it.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from botocore.exceptions import EndpointConnectionError
-from moto.server import ThreadedMotoServer
 
+from conftest import moto_server
 from lepton_ray import ConfigError, Trainer, TrainingError, load_config
 from lepton_ray.data import prepare
 from lepton_ray.train.checkpoint import CheckpointError, CheckpointStore
@@ -173,24 +172,16 @@ def test_shard_damaged_inside_fails_the_run_naming_it(tmp_path):
 # --------------------------------------------------------------------------- 3. the S3 server goes down
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _S3Server:
-    """A moto S3 server of this test's own on 127.0.0.1 that can be stopped and started again on the same port."""
+    """A moto S3 server of this test's own on 127.0.0.1 that can be stopped and started again on the same port (the
+    first start binds a port of its own: no guess)."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self._server, self.port = moto_server()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = None
-        self.start()
 
     def start(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        self._server, _ = moto_server(self.port)
 
     def stop(self) -> None:
         if self._server is not None:
