@@ -18,6 +18,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from hypothesis import settings
@@ -47,19 +48,66 @@ os.environ.update(
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: a guess, which a later bind may lose to another process. Only for what cannot
+    bind port 0 itself or take a bound socket (``ray start`` flags, Serve's HTTP port, torch's MASTER_PORT); whatever
+    can, does (the moto servers); a ``ray start`` that loses its ports is started again on fresh ones
+    (:func:`ray_start`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def moto_server(port: int = 0):
+    """A started moto S3 server on 127.0.0.1: on ``port``, or (0) on a port the server itself bound."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, server.get_host_and_port()[1]
+
+
+def ray_start(make: Callable[[], tuple[list[str], dict[str, str]]], log: Path, attempts: int = 3,
+              wait_s: float = 180) -> subprocess.Popen:
+    """``ray start --block *args`` (``make()`` gives the arguments and environment, with fresh ports each call) in its
+    own process group (stopped by that group's id with :func:`ray_stop`, nobody else's). Started again, on fresh
+    ports, when it fails: a port taken between :func:`free_port` and Ray's bind, or a raylet that missed Ray's fixed
+    30 s to register with its GCS on a loaded 2-core machine ("The current node timed out during startup")."""
+    for attempt in range(1, attempts + 1):
+        args, env = make()
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env)
+        deadline = time.monotonic() + wait_s
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                ray_stop(proc)
+                if attempt == attempts:
+                    raise RuntimeError(f"ray start failed {attempts} times; the last:\n{log.read_text()[-3000:]}")
+                break
+            time.sleep(0.5)
+        else:
+            return proc
+    raise AssertionError("unreachable")
+
+
+def ray_stop(proc: subprocess.Popen) -> None:
+    """Stop a :func:`ray_start` node: SIGTERM to its process group, then (after 5 s: a graceful stop takes ~30 s on a
+    loaded 2-core machine, nothing here needs it graceful) SIGKILL to whatever of it is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1; AWS_* variables point at it for this session."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, port = moto_server()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
@@ -94,40 +142,28 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
     """
     import ray
 
-    port, dashboard_port = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           "--object-store-memory=1000000000", "--disable-usage-stats"]
-    # RAY_ADDRESS in the cluster's own processes too: Ray Train's PlacementGroupCleaner (and any state-API
-    # call inside the cluster) otherwise auto-detects "the latest cluster" on a machine running several,
-    # fails to watch its controller, and a trial ASHA stops leaks its workers' placement group.
-    with open(log, "wb") as out:
-        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_ADDRESS": address})
+    ports: dict[str, int] = {}
+
+    def make() -> tuple[list[str], dict[str, str]]:
+        ports.update(gcs=free_port(), dashboard=free_port())
+        # RAY_ADDRESS in the cluster's own processes too: Ray Train's PlacementGroupCleaner (and any state-API
+        # call inside the cluster) otherwise auto-detects "the latest cluster" on a machine running several,
+        # fails to watch its controller, and a trial ASHA stops leaks its workers' placement group.
+        return (["--head", f"--port={ports['gcs']}", "--num-cpus=4", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=1000000000", "--disable-usage-stats"],
+                {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ports['gcs']}"})
+
+    head = ray_start(make, tmp_path_factory.mktemp("ray") / "ray-start.log", wait_s=120)
+    address, dashboard_port = f"127.0.0.1:{ports['gcs']}", ports["dashboard"]
     try:
-        deadline = time.monotonic() + 120
-        while b"Ray runtime started" not in log.read_bytes():
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
         ray.init(address=address)
         os.environ["RAY_ADDRESS"] = address
         yield types.SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard_port}")
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        os.killpg(head.pid, signal.SIGTERM)
-        try:  # `ray start --block` takes ~30 s to stop on a loaded 2-core machine; nothing here needs it graceful
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of this cluster is still left
-        except ProcessLookupError:
-            pass
+        ray_stop(head)
 
 
 @pytest.fixture(scope="session")

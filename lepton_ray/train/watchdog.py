@@ -234,7 +234,9 @@ class Watchdog(threading.Thread):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         detected = time.time()
-        live = [r for r in beats if r not in stuck and beats[r]["age"] <= self.timeout_s / 2]
+        # every rank whose heartbeat thread answers dumps its stacks: in a deadlock that is the stuck ranks too (they
+        # are alive, only not advancing), and their stacks are the diagnosis; a frozen or lost rank cannot answer
+        live = [r for r in beats if beats[r]["age"] <= self.timeout_s / 2]
         ray.get(self.board.want_stacks.remote(True), timeout=30)
         deadline = time.monotonic() + self.stacks_wait_s + 2 * BEAT_S
         while time.monotonic() < deadline and not self._stop_event.is_set():

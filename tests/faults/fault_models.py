@@ -23,12 +23,15 @@ def _rank() -> int:
 class Faulty(nn.Module):
     """An MLP that writes its pid file, sleeps ``delay_s`` per training forward (so a test can act mid-run) and,
     on rank ``stop_rank``'s ``stop_at``-th training forward, freezes its own process with SIGSTOP, once per
-    ``marker`` file (which records the pid and the time it stopped)."""
+    ``marker`` file (which records the pid and the time it stopped). With ``hang``, that rank blocks in Python instead
+    (:func:`hang_in_python`): its process runs, its heartbeat thread keeps beating, its loop never finishes the step
+    and the other ranks wait for it in the step's all-reduce."""
 
-    def __init__(self, inner: nn.Module, pid_dir: str, delay_s: float, stop_rank: int, stop_at: int, marker: str):
+    def __init__(self, inner: nn.Module, pid_dir: str, delay_s: float, stop_rank: int, stop_at: int, marker: str,
+                 hang: bool = False):
         super().__init__()
         self.inner, self.pid_dir, self.delay_s = inner, pid_dir, delay_s
-        self.stop_rank, self.stop_at, self.marker = stop_rank, stop_at, marker
+        self.stop_rank, self.stop_at, self.marker, self.hang = stop_rank, stop_at, marker, hang
         self.calls = 0
 
     def forward(self, x):
@@ -45,14 +48,23 @@ class Faulty(nn.Module):
                 else:
                     os.write(fd, f"{os.getpid()} {time.time()}".encode())
                     os.close(fd)
+                    if self.hang:
+                        hang_in_python()
                     os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(self.delay_s)
         return self.inner(x)
 
 
+def hang_in_python() -> None:
+    """Never return, in a loop that holds no lock and releases the GIL (the process's other threads run on): what a
+    rank waiting forever on something of its own looks like. Only a kill ends it; its name is what a stack dump shows."""
+    while True:
+        time.sleep(0.2)
+
+
 def faulty_mlp(input_dim: int, num_outputs: int, pid_dir: str, delay_s: float = 0.0, stop_rank: int = 1, stop_at: int = 0,
-               marker: str = "") -> nn.Module:
-    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at, marker)
+               marker: str = "", hang: bool = False) -> nn.Module:
+    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at, marker, hang)
 
 
 class Slow(nn.Module):
@@ -79,3 +91,40 @@ class Slow(nn.Module):
 
 def slow_mlp(input_dim: int, num_outputs: int, delay_s: float, pid_dir: str, hidden=(32,)) -> nn.Module:
     return Slow(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), delay_s, pid_dir)
+
+
+def _watch_read_retries(path: Path) -> None:
+    """In a training worker: find this process's data stream (a ``WorkerStream``; its ``stats`` count ``read_retries``)
+    and write its count to ``path`` whenever it changes, so a test sees a failed-and-retried read as it happens, on every
+    rank (the run's records carry rank 0's count, at the end)."""
+    import gc
+
+    stream = None
+    while stream is None:  # by class name: no attribute of anything else is touched (a lazy loader would load it)
+        stream = next((o for o in gc.get_objects() if type(o).__name__ == "WorkerStream"), None)
+        time.sleep(0.2)
+    stats = stream.stats
+    seen = -1
+    while True:
+        count = int(stats["read_retries"])
+        if count != seen:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(str(count))
+            tmp.replace(path)
+            seen = count
+        time.sleep(0.05)
+
+
+def retry_counting_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn.Module:
+    """``lr_testing_models.record_ids_mlp``, and in a training worker a thread that keeps ``<log_dir>/retries-rank<r>``
+    equal to its stream's ``read_retries`` (see :func:`_watch_read_retries`)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from lr_testing_models import record_ids_mlp
+
+    if dist.is_initialized():  # a training worker (the driver builds the model too, without a process group)
+        path = Path(log_dir) / f"retries-rank{dist.get_rank()}"
+        threading.Thread(target=_watch_read_retries, args=(path,), name="test-read-retries", daemon=True).start()
+    return record_ids_mlp(input_dim, num_outputs, log_dir)

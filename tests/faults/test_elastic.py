@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_multinode import BIN, REPO, _loopback_name, _start, _stop, free_port, two_nodes  # noqa: F401 (a fixture)
+from conftest import free_port
+from test_multinode import BIN, REPO, _loopback_name, _start, _stop, two_nodes  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # ~3 min on 2 cores: CI keeps the resize itself (tests/integration/test_data_pipeline.py)
 

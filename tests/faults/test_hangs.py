@@ -1,5 +1,6 @@
 """A worker frozen mid-run (SIGSTOP) does not hang the run: the watchdog dumps the live ranks' stacks, kills the
-frozen process, and Ray Train restarts the group or the run fails naming it (train.collective_timeout_s)."""
+frozen process, and Ray Train restarts the group or the run fails naming it (train.collective_timeout_s). Nor does a
+collective that never completes (every rank alive, none advancing: the deadlock rule)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -21,14 +23,14 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 TIMEOUT_S = 10
 
 
-def _config(tmp_path: Path, blobs: Path, marker: Path, **extra) -> dict:
+def _config(tmp_path: Path, blobs: Path, marker: Path, hang: bool = False, timeout_s: float = TIMEOUT_S, **extra) -> dict:
     pids = tmp_path / "pids"
     pids.mkdir(exist_ok=True)
     return small_config(
         tmp_path, blobs,
         model={"factory": "faults.fault_models:faulty_mlp",
-               "kwargs": {"pid_dir": str(pids), "stop_rank": 1, "stop_at": 15, "marker": str(marker)}},
-        train={"max_steps": 30, "collective_timeout_s": TIMEOUT_S},
+               "kwargs": {"pid_dir": str(pids), "stop_rank": 1, "stop_at": 15, "marker": str(marker), "hang": hang}},
+        train={"max_steps": 30, "collective_timeout_s": timeout_s},
         **extra,
     )
 
@@ -103,3 +105,76 @@ def test_frozen_worker_is_restarted_under_max_failures(tmp_path, blobs):
         print(f"\ndetected {stalled[0]['time'] - float(stopped_at):.1f} s after the freeze (collective_timeout_s {TIMEOUT_S})")
     finally:
         _reap(marker)
+
+
+DEADLOCK_TIMEOUT_S = 20
+"""The deadlock test's collective_timeout_s: a live rank counts as silent only after 10 s without a heartbeat (once a
+second), a margin a machine several times slower than the 2-core one still keeps."""
+
+GUARD_S = 150
+"""How long after the hang the test itself gives up on the watchdog (it acts ~10-20 s after it) and kills the ranks."""
+
+
+def _guard(run_dir: Path, marker: Path, pids: Path, done: threading.Event, fired: list) -> None:
+    """The test's own bound: once the hang began, wait for the watchdog's ``stalled`` record; if none comes within
+    ``GUARD_S`` (a watchdog that does not act: the run would wait forever), SIGKILL the ranks so fit() returns."""
+    while not marker.exists():
+        if done.wait(0.5):
+            return
+    deadline = time.monotonic() + GUARD_S
+    while time.monotonic() < deadline:
+        if done.wait(1.0) or ((run_dir / "metrics.jsonl").exists() and _stalled(run_dir)):
+            return
+    fired.append(time.time())
+    for path in [marker, *pids.glob("rank*.pid")]:
+        try:
+            os.kill(int(path.read_text().split()[0]), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_a_collective_that_never_completes_is_a_deadlock_whose_ranks_are_killed_and_restarted(tmp_path, blobs):
+    """Rank 1 blocks in Python at its 15th training forward while its heartbeat thread beats on; rank 0 waits for it in
+    that step's all-reduce (the shm transport's barrier, a gloo group with torch's 30-min default timeout: nothing but
+    the watchdog ends the wait). Every heartbeat alive, no rank advancing for collective_timeout_s: the deadlock rule.
+    Lock-step ranks are at the same step, so both are the lowest and both are killed, after both dumped their stacks
+    (both beat: both are live); max_failures 1: the group restarts from the step-10 checkpoint and finishes."""
+    marker, pids = tmp_path / "hung", tmp_path / "pids"
+    run_dir = tmp_path / "runs" / "t"
+    cfg = load_config(_config(tmp_path, blobs, marker, hang=True, timeout_s=DEADLOCK_TIMEOUT_S, scaling={"max_failures": 1},
+                              sync={"allreduce": {"cpu_transport": "shm"}}))
+    done, fired = threading.Event(), []
+    guard = threading.Thread(target=_guard, args=(run_dir, marker, pids, done, fired), daemon=True)
+    guard.start()
+    try:
+        result = Trainer(cfg, progress=False).fit()
+    finally:
+        done.set()
+        guard.join()
+        _reap(marker)
+    assert marker.exists(), "the model never hung"
+    assert not fired, f"the watchdog did not act within {GUARD_S} s of the hang; the test killed the ranks"
+    hung_pid, hung_at = marker.read_text().split()
+    stalled = _stalled(run_dir)
+    assert len(stalled) == 1, stalled
+    record = stalled[0]
+    assert record["ranks"] == [0, 1]  # both at the lowest step
+    assert record["steps"] == {"0": 14, "1": 14}  # rank 1 hung in its 15th step; rank 0 waited in it
+    # no rank advanced for the whole timeout (the board saw step 14 at most milliseconds before rank 1 hung)
+    assert record["time"] - float(hung_at) >= DEADLOCK_TIMEOUT_S - 0.5
+    host = re.escape(socket.gethostname())
+    found = re.findall(rf"rank (\d) \(host {host}, pid (\d+), after step 14: no progress for (\d+) s\)", record["diagnosis"])
+    assert [r for r, _, _ in found] == ["0", "1"], record["diagnosis"]
+    assert found[1][1] == hung_pid
+    assert all(int(s) >= DEADLOCK_TIMEOUT_S for _, _, s in found), record["diagnosis"]
+    assert "no heartbeat" not in record["diagnosis"]  # the deadlock branch, not the silent one
+    assert f"train.collective_timeout_s {DEADLOCK_TIMEOUT_S}" in record["diagnosis"]
+    for rank, pid, _ in found:
+        assert not _alive(int(pid))
+    dumps = {rank: run_dir / "stacks" / f"rank{rank}-{pid}.txt" for rank, pid, _ in found}
+    assert f"Stack dumps of the live ranks: {run_dir / 'stacks'} ({dumps['0'].name}, {dumps['1'].name})" in record["diagnosis"]
+    assert "hang_in_python" in dumps["1"].read_text()  # where rank 1 is stuck
+    assert "train_loop" in dumps["0"].read_text() and "hang_in_python" not in dumps["0"].read_text()
+    assert result.metrics["steps"] == 30
+    assert [r["step"] for r in result.records if r.get("event") == "start"] == [0, 10]
+    print(f"\ndetected {record['time'] - float(hung_at):.1f} s after the hang (collective_timeout_s {DEADLOCK_TIMEOUT_S})")

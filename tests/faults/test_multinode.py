@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,49 +19,18 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from conftest import free_port, ray_start, ray_stop
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:  # tests/conftest.py's (``conftest`` here is tests/faults' own)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(args: Callable[[], list[str]], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """``ray start ... --block`` in its own process group (stopped by that group's id, nobody else's).
-
-    Tried twice (with fresh ports): Ray gives a new raylet a fixed 30 s to register with the GCS, which a
-    loaded 2-core machine sometimes misses ("The current node timed out during startup")."""
-    for attempt in (1, 2):
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args()], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=env)
-        deadline = time.monotonic() + 180
-        while b"Ray runtime started" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop(proc)
-                if attempt == 2:
-                    raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
-                break
-            time.sleep(0.5)
-        else:
-            return proc
-    raise AssertionError("unreachable")
+    """``ray start ... --block`` with ``args()`` (fresh ports on every try): :func:`conftest.ray_start`."""
+    return ray_start(lambda: (args(), env), log)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    try:  # a graceful stop took ~30 s per node on 2 cores; whatever is left after 5 s is killed with its group
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of this node is still left
-    except ProcessLookupError:
-        pass
+_stop = ray_stop
 
 
 def _python(code: str, cluster: types.SimpleNamespace, timeout: float = 120) -> str:
@@ -73,26 +41,44 @@ def _python(code: str, cluster: types.SimpleNamespace, timeout: float = 120) -> 
     return proc.stdout
 
 
+LOOPBACK_ALIAS = "lepton-node2"
+"""The host name ``.ci/run`` maps to 127.0.0.1 in /etc/hosts for these tests (and removes again), exported to them as
+``LEPTON_RAY_LOOPBACK_NAME``."""
+
+
 def _loopback_name() -> str:
-    """A host name other than 'localhost' that resolves to 127.0.0.1 (Ray rewrites the literal ones)."""
-    for name in (socket.gethostname(), "localhost.localdomain", "ip6-localhost"):
+    """A host name other than 'localhost' that resolves to 127.0.0.1 (Ray rewrites the literal ones): the one CI set up
+    (``LEPTON_RAY_LOOPBACK_NAME``), else ``lepton-node2`` or one the machine has. None is a failure, never a skip: a
+    missing name would silently drop every multi-node test."""
+    wanted = os.environ.get("LEPTON_RAY_LOOPBACK_NAME")
+    for name in ([wanted] if wanted else [LOOPBACK_ALIAS, socket.gethostname(), "localhost.localdomain", "ip6-localhost"]):
         try:
             if name != "localhost" and socket.gethostbyname(name) == "127.0.0.1":
                 return name
         except OSError:
             continue
-    pytest.skip("no host name other than 'localhost' resolves to 127.0.0.1 here, so a second Ray node cannot join on loopback")
+    pytest.fail(("LEPTON_RAY_LOOPBACK_NAME=" + repr(wanted) + " does not resolve to 127.0.0.1" if wanted else
+                 "no host name other than 'localhost' resolves to 127.0.0.1 here")
+                + f", so a second Ray node cannot join on loopback. Add one (as .ci/run does, as root):"
+                  f" echo '127.0.0.1 {LOOPBACK_ALIAS}' >> /etc/hosts", pytrace=False)
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head and one more node, 2 logical CPUs each, token authentication on (a fresh token for this
     cluster, in RAY_AUTH_TOKEN: nobody's ~/.ray/auth_token is read or written)."""
+    join_as = _loopback_name()  # before anything starts: a missing name fails the test at once
     tmp = Path(tempfile.mkdtemp(prefix="lr2n-", dir="/tmp"))  # short: Ray's socket paths live under it
-    port, dashboard = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    base = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    base.pop("RAY_AUTH_TOKEN_PATH", None)
+    ports: dict[str, int] = {}
+
+    def head() -> tuple[list[str], dict[str, str]]:  # fresh ports on every try
+        ports.update(gcs=free_port(), dashboard=free_port())
+        return (["--head", f"--port={ports['gcs']}", f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                 f"--ray-client-server-port={free_port()}", *node_args()],
+                {**base, "RAY_ADDRESS": f"127.0.0.1:{ports['gcs']}"})
 
     def node_args() -> list[str]:  # fresh ports per node: two nodes share this machine
         return ["--num-cpus=2", "--object-store-memory=300000000", "--disable-usage-stats",
@@ -101,13 +87,14 @@ def two_nodes():
 
     nodes = []
     try:
-        nodes.append(_start(lambda: ["--head", f"--port={port}", f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1",
-                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                                     f"--ray-client-server-port={free_port()}", *node_args()], tmp / "head.log", env))
+        nodes.append(ray_start(head, tmp / "head.log"))
+        port, dashboard = ports["gcs"], ports["dashboard"]
+        address = f"127.0.0.1:{port}"
+        env = {**base, "RAY_ADDRESS": address}
         # Ray refuses a second node under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (tests/conftest.py's loopback switch), and
         # with it on maps "127.0.0.1" (as --address or --node-ip-address) to the machine's routable IP; a host name for
         # 127.0.0.1 keeps the node on loopback: its node IP is then its source address towards the head, 127.0.0.1.
-        join = f"--address={_loopback_name()}:{port}"
+        join = f"--address={join_as}:{port}"
         nodes.append(_start(lambda: [join, *node_args()], tmp / "worker.log", {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}))
         cluster = types.SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard}", env=env, nodes=nodes, tmp=tmp)
         deadline = time.monotonic() + 120
