@@ -84,7 +84,7 @@ MUTATIONS = [
     ),
     Mutation(
         "deal one row twice after a resize (shares overlap by one row)",
-        "lepton_ray/data/pipeline.py",
+        "lepton_ray/data/plan.py",
         "        return _slice(rest, lo, lo + base + (rank < extra))\n",
         "        return _slice(rest, max(lo - 1, 0), lo + base + (rank < extra))\n",
         "tests/unit/test_stream.py::test_a_resize_mid_epoch_reads_every_row_at_most_once",
