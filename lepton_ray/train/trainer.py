@@ -396,6 +396,11 @@ class Trainer:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.min_workers} workers need {s.min_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
             check_paths_reachable(cfg, self.node_local_paths)  # a worker on another node could not read a local path
+            workers, cpus = s.max_workers * s.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
+            if data_cpus(cfg) and cpus < workers + data_cpus(cfg) and not cfg.data.transform_resources.resources:
+                log.warning("data.cpus: the Ray cluster has %g CPUs; the workers take %g and data.engine ray_data asks %g more:"
+                            " its tasks will wait for CPUs (add nodes, or pin them with data.transform_resources.resources)",
+                            cpus, workers, data_cpus(cfg))
             self._start_run_dir()
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(
