@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -56,8 +59,31 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+RUN_ACTORS = ("TrainController", "RayTrainWorker", "_RayShardServer", "_Peer")
+"""The actor classes of a run in flight (Ray Train's controller and workers, PS shards, warm-group helpers)."""
+
+
 class BackgroundFit:
-    """``trainer.fit(**kwargs)`` in a thread, for a test that acts on the run mid-way (kills a process)."""
+    """``trainer.fit(**kwargs)`` in a thread, for a test that acts on the run mid-way (kills a process). Use it as a
+    context manager: a test that fails while the run is still going stops it (nothing a test starts outlives it)."""
+
+    def __enter__(self) -> "BackgroundFit":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread.is_alive():
+            self.stop()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGKILL the processes of every run actor still alive (the tests run one at a time on the session cluster), then
+        wait for the thread: ``fit`` returns with an error once its controller or group is gone."""
+        from ray.util.state import list_actors
+
+        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10000):
+            if a.class_name in RUN_ACTORS and a.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(a.pid, signal.SIGKILL)
+        self._thread.join(timeout=timeout_s)
 
     def __init__(self, trainer: Any, **kwargs: Any):
         self.trainer, self._out = trainer, {}

@@ -14,7 +14,8 @@ _WHERE = {
     "WorkerStream": "stream", "TableInfo": "table", "data_exists": "table", "describe": "table", "load_arrays": "table",
 }
 
-__all__ = sorted([*_WHERE, "prepare"])
+__all__ = ["BUILDERS", "ShardCache", "TableInfo", "WorkerStream", "build_data", "data_exists", "describe", "epoch_units",
+           "load_arrays", "prepare", "steps_in_epoch"]
 
 
 def __getattr__(name: str) -> Any:

@@ -81,6 +81,9 @@ class DatasetStream:
         raise ValueError(f"{self.info.key}: a run on a ray.data.Dataset keeps its number of workers ({self.world_size}); it"
                          f" was checkpointed at another ({history[-1].world_size})")
 
+    def start(self, epoch: int, start_step: int = 0) -> None:
+        """Nothing to begin early: the split's pass starts when the epoch is iterated."""
+
     def close(self) -> None:
         pass
 

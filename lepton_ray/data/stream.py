@@ -68,7 +68,8 @@ class WorkerStream:
         self.source: Source = make_source(info, cfg, self.stats, load_transform(cfg, seed))
         self._steps: dict[int, int] = {}
         self._history: dict[int, tuple[Segment, ...]] = {}  # an epoch begun at other world sizes: its earlier segments
-        self._next: Optional[tuple[int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None  # next epoch, prefetching
+        # the reading already begun: (epoch, start step, its producer), for the next epoch or the loop's first
+        self._next: Optional[tuple[int, int, tuple["queue.Queue[Any]", threading.Event, threading.Thread]]] = None
 
     def describe(self) -> dict[str, Any]:
         """Where this stream's rows are read and transformed (the run's ``start`` record says it)."""
@@ -216,10 +217,17 @@ class WorkerStream:
         producer.start()
         return out, stop, producer
 
+    def start(self, epoch: int, start_step: int = 0) -> None:
+        """Begin reading ``epoch`` from ``start_step`` now, in the background: the loop calls this before it builds the
+        model, so the first batches (and a Ray Data engine's start-up) overlap the build. ``epoch`` then picks it up."""
+        if self.claim is None and start_step < self.steps(epoch):
+            self.close()
+            self._next = (epoch, start_step, self._start(epoch, start_step))
+
     def close(self) -> None:
         """Stop the next epoch's prefetch, if one is running (the training loop calls this at its end)."""
         if self._next is not None:
-            _, (_, stop, producer) = self._next
+            _, _, (_, stop, producer) = self._next
             self._next = None
             stop.set()
             producer.join(timeout=10)
@@ -240,8 +248,8 @@ class WorkerStream:
         b, steps = self.local_batch, self.steps(epoch)
         if start_step >= steps:
             return
-        if self._next is not None and self._next[0] == epoch and start_step == 0:
-            (_, (out, stop, producer)), self._next = self._next, None
+        if self._next is not None and self._next[:2] == (epoch, start_step):
+            (_, _, (out, stop, producer)), self._next = self._next, None
         else:
             self.close()
             out, stop, producer = self._start(epoch, start_step)
@@ -263,7 +271,7 @@ class WorkerStream:
                         received += len(item[1])
                         if received >= wanted and self.steps(epoch + 1) > 0:
                             self.close()
-                            self._next = (epoch + 1, self._start(epoch + 1, 0))
+                            self._next = (epoch + 1, 0, self._start(epoch + 1, 0))
                     seg = segments[0]
                     cols, rows, pos = seg
                     idx = rows[pos:pos + need]

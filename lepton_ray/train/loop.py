@@ -310,7 +310,13 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     step, epoch, start, latest = resume.step, resume.epoch, resume.step_in_epoch, resume.checkpoint
     total = resume.total_steps(t, stream, pace.stepwise)
     sched = Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
-    p = _build(cfg, spec, strategy, total, fresh=latest is None)
+    if epoch < t.epochs if t.max_steps is None else step < total:
+        stream.start(epoch, start)  # the first batches are read while the model is built
+    try:
+        p = _build(cfg, spec, strategy, total, fresh=latest is None)
+    except BaseException:
+        stream.close()
+        raise
     loss, inputs = make_loss(cfg.model, schema), tuple(c.name for c in schema.inputs)
     torch.manual_seed(t.seed + 1000 * (ctx.rank + 1))  # per-rank dropout streams (a resume restores them)
     if latest is not None:

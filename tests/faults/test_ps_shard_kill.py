@@ -46,16 +46,16 @@ def test_killed_shard_restarts_from_checkpoint_and_run_finishes(tmp_path, digits
 
     cfg = _config(tmp_path, digits_data, mode, "killed")
     trainer = Trainer(cfg, progress=False)
-    run = BackgroundFit(trainer)
-    run.wait_for_step(70)  # past the step-60 checkpoint
-    shards = [a for a in list_actors(filters=[("class_name", "=", "_RayShardServer"), ("state", "=", "ALIVE")], detail=True)
-              if a.name.startswith(f"{SHARD_PREFIX}{trainer.run_name}:")]
-    assert len(shards) == 2, shards
-    store = CheckpointStore(trainer.checkpoint_uri)
-    killed_at = time.time()
-    os.kill(max(shards, key=lambda a: a.name).pid, signal.SIGKILL)  # the OS kills the process: no Ray call involved
-    committed = store.steps()
-    result = run.result(timeout_s=600)
+    with BackgroundFit(trainer) as run:
+        run.wait_for_step(70)  # past the step-60 checkpoint
+        shards = [a for a in list_actors(filters=[("class_name", "=", "_RayShardServer"), ("state", "=", "ALIVE")], detail=True)
+                  if a.name.startswith(f"{SHARD_PREFIX}{trainer.run_name}:")]
+        assert len(shards) == 2, shards
+        store = CheckpointStore(trainer.checkpoint_uri)
+        killed_at = time.time()
+        os.kill(max(shards, key=lambda a: a.name).pid, signal.SIGKILL)  # the OS kills the process: no Ray call involved
+        committed = store.steps()
+        result = run.result(timeout_s=600)
 
     starts = [r["step"] for r in result.records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[0] == 0 and starts[1] == committed[-1] >= 60, (starts, committed)

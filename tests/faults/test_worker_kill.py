@@ -4,6 +4,7 @@ parameters of an uninterrupted run (fp32, CPU, same seed: 1e-6). The figure: det
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -33,15 +34,15 @@ def _config(tmp_path: Path, blobs: Path, strategy: str, name: str, delay_s: floa
 def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(tmp_path, blobs, strategy):
     cfg = load_config(_config(tmp_path, blobs, strategy, "killed", delay_s=0.1))
     trainer = Trainer(cfg, progress=False)
-    run = BackgroundFit(trainer)
-    run.wait_for_step(13)  # past the step-10 checkpoint
-    pid = int((tmp_path / "pids-killed" / "rank1").read_text())
-    store = CheckpointStore(trainer.checkpoint_uri)
-    before = store.steps()
-    killed_at = time.time()
-    os.kill(pid, signal.SIGKILL)
-    committed = store.steps()  # the dead group commits nothing more; the restarted one needs seconds to start
-    result = run.result()
+    with BackgroundFit(trainer) as run:
+        run.wait_for_step(13)  # past the step-10 checkpoint
+        pid = int((tmp_path / "pids-killed" / "rank1").read_text())
+        store = CheckpointStore(trainer.checkpoint_uri)
+        before = store.steps()
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+        committed = store.steps()  # the dead group commits nothing more; the restarted one needs seconds to start
+        result = run.result()
 
     starts = [r for r in result.records if r.get("event") == "start"]
     assert len(starts) == 2 and starts[0]["step"] == 0, starts
@@ -78,8 +79,8 @@ def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(
     assert G._CACHE["group"].world == 2  # the warm group it left behind
 
     trainer = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "warm", delay_s=0.1)), progress=False)
-    run = BackgroundFit(trainer, keep_warm=True)
-    try:
+    with contextlib.ExitStack() as cleanup, BackgroundFit(trainer, keep_warm=True) as run:  # the run stopped, then its group
+        cleanup.callback(lambda: G._CACHE["group"].close() if "group" in G._CACHE else None)  # nothing left running
         run.wait_for_step(13)
         pid = int((tmp_path / "pids-warm" / "rank1").read_text())
         assert pid != os.getpid() and pid in G._CACHE["group"].pids  # rank 1 is the warm group's helper
@@ -87,9 +88,6 @@ def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(
         os.kill(pid, signal.SIGKILL)
         committed = store.steps()
         result = run.result(timeout_s=300)
-    finally:
-        if "group" in G._CACHE:
-            G._CACHE["group"].close()  # the replacement group (or, after a failed assertion, the run's): nothing left running
     starts = [r for r in result.records if r.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, committed[-1]] and committed[-1] >= 10, (starts, committed)
     assert "worker_process" not in starts[0]["phases_s"]  # the warm group, not a Ray Train start-up

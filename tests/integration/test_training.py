@@ -17,7 +17,7 @@ from lepton_ray import Trainer, TrainingError, load_config
 from lepton_ray.data.stream import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore
-from run_configs import final_params, small_config
+from run_configs import RUN_ACTORS, BackgroundFit, final_params, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -195,3 +195,18 @@ def test_gpu_nccl_training(tmp_path, blobs, precision):
                   scaling={"num_workers": workers, "use_gpu": True})
     result = Trainer(cfg, progress=False).fit()
     assert result.metrics["eval_accuracy"] > 0.9
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_run_in_the_background_is_stopped_when_its_test_fails(tmp_path, blobs):
+    """What the fault tests rely on: a test that fails mid-run leaves no run going on the session cluster."""
+    from ray.util.state import list_actors
+
+    trainer = Trainer(small_config(tmp_path, blobs, train={"max_steps": 1_000_000}, checkpoint={"every_n_steps": 0}), progress=False)
+    with pytest.raises(AssertionError, match="^a check failed mid-run$"):
+        with BackgroundFit(trainer) as run:
+            run.wait_for_step(3)
+            raise AssertionError("a check failed mid-run")
+    assert not run._thread.is_alive()  # fit() returned (with an error) once its controller and workers were gone
+    alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000) if a.class_name in RUN_ACTORS]
+    assert alive == []

@@ -300,3 +300,18 @@ def test_the_cursor_names_the_segments_of_the_epoch(tmp_path):
     s.resume_after(1, (Segment(2, 32, 3),))
     assert s.cursor(1, 5) == {"world_size": 1, "local_batch": 64, "step_in_segment": 2, "segments": [[2, 32, 3]]}
     assert s.cursor(2, 0) == {"world_size": 1, "local_batch": 64, "step_in_segment": 0, "segments": []}
+
+
+def test_reading_begun_early_is_the_reading_the_epoch_uses(tmp_path):
+    """``start(epoch, step)`` (the loop calls it before building the model) begins the same read ``epoch(epoch, step)``
+    would: the same batches as a stream that did not start early, from the producer already running."""
+    write_ids(tmp_path / "d")
+    early, plain = streams(tmp_path / "d", 2)[0], streams(tmp_path / "d", 2)[0]
+    early.start(1, 3)
+    producer = early._next[2][2]
+    assert producer.is_alive() or early._next[2][0].qsize() > 0  # reading already
+    assert ids_of(early, 1, 3) == ids_of(plain, 1, 3)
+    early.start(2, 0)
+    unused = early._next[2][2]
+    early.close()  # a start the loop never used (a failed model build) is stopped
+    assert early._next is None and not unused.is_alive()
