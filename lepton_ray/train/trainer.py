@@ -191,6 +191,9 @@ class Trainer:
     ):
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
         datasets = check_datasets(datasets or {})
+        if transform is not None and "train" in datasets:
+            raise ConfigError("transform: does not apply to a ray.data.Dataset passed as datasets['train']; apply it to the"
+                              " Dataset (ds.map_batches(fn)) before passing it")
         self.config = check_config(with_callables(with_datasets(config, datasets), model=model, loss=loss, transform=transform))
         self.resume = resume
         self.progress = progress

@@ -92,3 +92,7 @@ def test_a_dataset_and_a_config_path_for_one_split_is_an_error(tmp_path, blobs):
         Trainer(small_config(tmp_path, blobs), datasets={"train": ray.data.read_parquet(str(blobs))}, progress=False)
     with pytest.raises(ConfigError, match=r"^datasets\['train'\]: expected a ray.data.Dataset, got list$"):
         Trainer(small_config(tmp_path, blobs), datasets={"train": [1, 2]}, progress=False)
+    cfg = small_config(tmp_path, blobs)
+    del cfg["data"]["train"]
+    with pytest.raises(ConfigError, match=r"^transform: does not apply to a ray.data.Dataset passed as datasets\['train'\]; apply"):
+        Trainer(cfg, datasets={"train": ray.data.read_parquet(str(blobs))}, transform=lambda b: b, progress=False)
