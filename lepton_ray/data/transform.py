@@ -83,9 +83,10 @@ class Transform:
             result[k] = np.require(v, None, ["C", "W"])
         return result
 
-    def schema_after(self, schema: Schema, sample: dict[str, np.ndarray]) -> Schema:
-        """``schema`` as the model sees it: each column's dtype and per-row shape after the transform of ``sample``
-        (a few decoded rows; run on the driver, so a broken transform fails before any worker starts)."""
+    def on_sample(self, schema: Schema, sample: dict[str, np.ndarray]) -> tuple[Schema, dict[str, np.ndarray]]:
+        """``sample`` (a few decoded rows of ``schema``) transformed, and ``schema`` as the model then sees it: each
+        column's dtype and per-row shape after the transform. Run on the driver, so a broken transform fails before
+        any worker starts."""
         try:
             out = self(sample, np.arange(len(next(iter(sample.values())))), epoch=0)
         except TransformError as exc:
@@ -99,7 +100,7 @@ class Transform:
                                   " int64, int32, uint8, bool")
             return replace(c, dtype=dtype, shape=tuple(int(d) for d in v.shape[1:]))
 
-        return Schema(inputs=tuple(after(c) for c in schema.inputs), targets=tuple(after(c) for c in schema.targets))
+        return Schema(inputs=tuple(after(c) for c in schema.inputs), targets=tuple(after(c) for c in schema.targets)), out
 
 
 def load_transform(cfg: Any, seed: int) -> Optional[Transform]:

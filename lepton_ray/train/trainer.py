@@ -98,42 +98,43 @@ def check_datasets(datasets: dict[str, Any]) -> dict[str, Any]:
     return datasets
 
 
-def with_datasets(config: Union[Config, dict, str, os.PathLike], datasets: dict[str, Any]) -> Union[Config, dict, str, os.PathLike]:
-    """``config`` whose ``data.train`` / ``data.eval`` name the Datasets passed for them (``"dataset:train"``): a split
-    given both ways is an error; one given as a Dataset may be left out of the config."""
-    if not datasets:
-        return config
-    if isinstance(config, (Config, dict)):
-        raw = load_config(config).to_dict() if isinstance(config, Config) else json.loads(json.dumps(config))
+def with_passed(config: Union[Config, dict, str, os.PathLike], datasets: dict[str, Any], *,
+                model: Optional[Callable[..., Any]] = None, loss: Optional[Callable[..., Any]] = None,
+                transform: Optional[Callable[..., Any]] = None) -> Config:
+    """``config`` completed by what was passed to the ``Trainer`` beside it (the caller's own config is left as it was):
+
+    * Python callables in place of ``model.factory``, ``model.loss`` and ``data.transform``: each is registered
+      (:func:`lepton_ray.imports.register`) and the config records its name, ``"callable:module.qualname"``;
+    * ``data.train`` / ``data.eval`` naming the Datasets passed for them (``"dataset:train"``): a split given both ways is
+      an error; one given as a Dataset may be left out of the config.
+    """
+    if not datasets or isinstance(config, Config):
+        raw = load_config(config).to_dict()
+    elif isinstance(config, dict):
+        raw = json.loads(json.dumps(config))
     else:  # a YAML file that may leave data.train out
         raw = yaml.safe_load(Path(config).read_text()) or {}
         raw.setdefault("run", {}).setdefault("name", Path(config).stem)
-    data = raw.setdefault("data", {})
+    data, model_section = raw.setdefault("data", {}), raw.setdefault("model", {})
+    for fn, section, key in ((model, model_section, "factory"), (loss, model_section, "loss"), (transform, data, "transform")):
+        if fn is not None:
+            section[key] = register(fn)
     for split in datasets:
         if data.get(split) not in (None, "", f"dataset:{split}"):
             raise ConfigError(f"data.{split}: given twice, as '{data[split]}' in the config and as datasets['{split}']; give one")
         data[split] = f"dataset:{split}"
-    for key, why in (("transform", "apply it to the Dataset (ds.map_batches(fn)) before passing it"),
-                     ("builder", "a Dataset is built by its own code")):
-        if data.get(key) and "train" in datasets:
-            raise ConfigError(f"data.{key}: does not apply to a ray.data.Dataset passed as datasets['train']; {why}")
-    if data.get("engine", "native") != "native" and "train" in datasets:
-        raise ConfigError("data.engine: a ray.data.Dataset passed as datasets['train'] is read by Ray Data already; leave data.engine out")
-    if isinstance(raw.get("scaling", {}).get("num_workers"), list) and "train" in datasets:
-        raise ConfigError("scaling.num_workers: a run on a ray.data.Dataset keeps its number of workers (its streaming_split is made"
-                          " once); give one number")
-    return raw
-
-
-def with_callables(config: Union[Config, dict, str, os.PathLike], *, model: Optional[Callable[..., Any]] = None,
-                   loss: Optional[Callable[..., Any]] = None, transform: Optional[Callable[..., Any]] = None) -> Config:
-    """``config`` with Python callables in place of ``model.factory``, ``model.loss`` and ``data.transform``: each is
-    registered (:func:`lepton_ray.imports.register`) and the config records its name, ``"callable:module.qualname"``."""
-    cfg = load_config(config)  # a copy: the caller's Config is left as it was
-    for fn, section, key in ((model, cfg.model, "factory"), (loss, cfg.model, "loss"), (transform, cfg.data, "transform")):
-        if fn is not None:
-            setattr(section, key, register(fn))
-    return cfg
+    if "train" in datasets:
+        for key, option, why in (("transform", "transform" if transform is not None else "data.transform",
+                                  "apply it to the Dataset (ds.map_batches(fn)) before passing it"),
+                                 ("builder", "data.builder", "a Dataset is built by its own code")):
+            if data.get(key):
+                raise ConfigError(f"{option}: does not apply to a ray.data.Dataset passed as datasets['train']; {why}")
+        if data.get("engine", "native") != "native":
+            raise ConfigError("data.engine: a ray.data.Dataset passed as datasets['train'] is read by Ray Data already; leave data.engine out")
+        if isinstance(raw.get("scaling", {}).get("num_workers"), list):
+            raise ConfigError("scaling.num_workers: a run on a ray.data.Dataset keeps its number of workers (its streaming_split is"
+                              " made once); give one number")
+    return load_config(raw)
 
 
 def data_cpus(cfg: Config) -> float:
@@ -191,10 +192,7 @@ class Trainer:
     ):
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
         datasets = check_datasets(datasets or {})
-        if transform is not None and "train" in datasets:
-            raise ConfigError("transform: does not apply to a ray.data.Dataset passed as datasets['train']; apply it to the"
-                              " Dataset (ds.map_batches(fn)) before passing it")
-        self.config = check_config(with_callables(with_datasets(config, datasets), model=model, loss=loss, transform=transform))
+        self.config = check_config(with_passed(config, datasets, model=model, loss=loss, transform=transform))
         self.resume = resume
         self.progress = progress
         cfg = self.config
@@ -208,10 +206,12 @@ class Trainer:
         if cfg.train.batch_size > self.train_info.num_rows:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
         for w in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):  # elastic: every size the run may take
-            if self.train_info.dataset is not None and self.train_info.num_rows // w // (cfg.train.batch_size // w) > 0:
-                continue
-            if self.train_info.dataset is None and steps_in_epoch(self.train_info, world_size=w, local_batch=cfg.train.batch_size // w,
-                                                                  epoch=0, seed=cfg.train.seed, shuffle=cfg.data.shuffle) > 0:
+            local = cfg.train.batch_size // w
+            if self.train_info.dataset is not None:  # split evenly (streaming_split(equal=True))
+                steps = self.train_info.num_rows // w // local
+            else:
+                steps = steps_in_epoch(self.train_info, world_size=w, local_batch=local, epoch=0, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+            if steps > 0:
                 continue
             raise ConfigError(
                 f"train.batch_size: {cfg.train.batch_size} leaves a worker without a full batch of {cfg.train.batch_size // w} rows"
@@ -220,8 +220,7 @@ class Trainer:
         self.baseline: dict[str, float] = {}
         """Reference metrics computed on the driver (the unigram bits per byte of the eval split), reported beside the run's."""
         self._with_classes()
-        self._with_transform()
-        self._check_model()
+        self._check_model(self._with_transform(self._sample()))
         self.services = STRATEGIES[cfg.sync.strategy].Services(cfg)
         self.services.check(self._model)
         self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
@@ -240,7 +239,6 @@ class Trainer:
             return describe_dataset(f"data.{split}", datasets[split], d)
         uri = getattr(d, split)
         return describe(f"data.{split}", uri, d) if uri else None
-
 
     def _model(self) -> "torch.nn.Module":
         """The model exactly as every worker initialises it (same seed), for strategy checks and services. Built
@@ -291,24 +289,23 @@ class Trainer:
         first = pq.ParquetFile(info.shards[0].path, filesystem=arrow_filesystem(fs)).read_row_group(0, columns=info.schema.parquet_columns())
         return decode(info.schema, first.slice(0, rows), key=info.key, uri=info.uri)
 
-    def _with_transform(self) -> None:
-        """``data.transform``: the schema the model sees is the one after it, found by running it on a few rows here
-        (a transform that fails or breaks its contract fails now, before any worker starts)."""
+    def _with_transform(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``data.transform``: the schema the model sees is the one after it, found by running it on ``sample`` here (a
+        transform that fails or breaks its contract fails now, before any worker starts). Returns the sample as the
+        model sees it."""
         transform = load_transform(self.config.data, self.config.train.seed)
         if transform is None:
-            return
-        self.train_info = replace(self.train_info, transformed=transform.schema_after(self.train_info.schema, self._sample()))
+            return sample
+        transformed, sample = transform.on_sample(self.train_info.schema, sample)
+        self.train_info = replace(self.train_info, transformed=transformed)
         if self.eval_info is not None:
-            self.eval_info = replace(self.eval_info, transformed=self.train_info.transformed)
+            self.eval_info = replace(self.eval_info, transformed=transformed)
+        return sample
 
-    def _check_model(self) -> None:
-        """One forward pass and loss on two rows of data.train (transformed), on the driver: a model whose output does
-        not fit its loss fails here, before any worker starts, with both shapes."""
+    def _check_model(self, sample: dict[str, np.ndarray]) -> None:
+        """One forward pass and loss on ``sample`` (rows of data.train as the model sees them), on the driver: a model
+        whose output does not fit its loss fails here, before any worker starts, with both shapes."""
         info, m = self.train_info, self.config.model
-        sample = self._sample()
-        transform = load_transform(self.config.data, self.config.train.seed)
-        if transform is not None:
-            sample = transform(sample, np.arange(2), epoch=0)
         batch = {k: torch.from_numpy(v) for k, v in sample.items()}
         try:
             loss = make_loss(m, info.batch_schema)
@@ -399,11 +396,11 @@ class Trainer:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:
                 raise ConfigError(f"scaling.use_gpu: {s.min_workers} workers need {s.min_workers} GPUs; the Ray cluster has {ray.cluster_resources().get('GPU', 0):g}")
             check_paths_reachable(cfg, self.node_local_paths)  # a worker on another node could not read a local path
-            workers, cpus = s.max_workers * s.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
-            if data_cpus(cfg) and cpus < workers + data_cpus(cfg) and not cfg.data.transform_resources.resources:
+            workers, cpus, extra = s.max_workers * s.cpus_per_worker, ray.cluster_resources().get("CPU", 0), data_cpus(cfg)
+            if extra and cpus < workers + extra and not cfg.data.transform_resources.resources:
                 log.warning("data.cpus: the Ray cluster has %g CPUs; the workers take %g and data.engine ray_data asks %g more:"
                             " its tasks will wait for CPUs (add nodes, or pin them with data.transform_resources.resources)",
-                            cpus, workers, data_cpus(cfg))
+                            cpus, workers, extra)
             self._start_run_dir()
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(

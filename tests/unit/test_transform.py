@@ -53,15 +53,16 @@ def test_row_seeds_depend_on_seed_epoch_and_row_only():
 def test_schema_after_the_transform_is_what_the_model_sees():
     schema = Schema(inputs=(Column("image", ("image",), "uint8", (64,)),), targets=(Column("label", ("label",), "int64", (), 10),))
     sample = {"image": np.zeros((2, 64), np.uint8), "label": np.zeros(2, np.int64)}
-    after = Transform(images_to_float, "t", seed=0).schema_after(schema, sample)
+    after, rows = Transform(images_to_float, "t", seed=0).on_sample(schema, sample)
     assert after.inputs == (Column("image", ("image",), "float32", (1, 8, 8)),)
+    assert rows["image"].shape == (2, 1, 8, 8) and rows["image"].dtype == np.float32  # the rows it found that from
     assert after.targets == schema.targets  # num_classes kept
 
 
 def test_a_broken_transform_is_a_config_error_on_the_driver():
     schema = Schema(inputs=(Column("x", ("x",), "float32", (3,)),), targets=())
     with pytest.raises(ConfigError, match=r"^data.transform 'tests:drop_a_row' returned 1 rows of 'x' for 2 rows in"):
-        Transform(drop_a_row, "tests:drop_a_row", seed=0).schema_after(schema, {"x": np.zeros((2, 3), np.float32)})
+        Transform(drop_a_row, "tests:drop_a_row", seed=0).on_sample(schema, {"x": np.zeros((2, 3), np.float32)})
 
 
 def _jitter(batch, seeds):
