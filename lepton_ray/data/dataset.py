@@ -21,7 +21,7 @@ from lepton_ray.config import ConfigError, DataConfig
 from lepton_ray.data.schema import Schema, decode
 from lepton_ray.data.table import TableInfo
 
-__all__ = ["GUARANTEES", "DatasetStream", "dataset_arrays", "describe_dataset"]
+__all__ = ["GUARANTEES", "DatasetStream", "dataset_arrays", "dataset_steps", "describe_dataset"]
 
 GUARANTEES = ("every row at most once per epoch, order not reproducible, a resume takes the rest of the interrupted epoch"
               " from a fresh pass (rows may repeat across it), fixed number of workers")
@@ -57,6 +57,11 @@ def dataset_arrays(info: TableInfo, rows: Optional[int] = None) -> dict[str, np.
     return decode(info.schema, pa.concat_tables(tables), key=info.key, uri="the ray.data.Dataset")
 
 
+def dataset_steps(info: TableInfo, world_size: int, local_batch: int) -> int:
+    """Steps per epoch of every worker on a Dataset: ``streaming_split(equal=True)`` gives each the same rows."""
+    return info.num_rows // world_size // local_batch
+
+
 class DatasetStream:
     """A worker's batches from its split of a user's Dataset: the :class:`~lepton_ray.data.stream.WorkerStream`
     interface the loop uses (steps, epoch, cursor, describe, close, stats), with the guarantees of :data:`GUARANTEES`."""
@@ -72,7 +77,7 @@ class DatasetStream:
                 f" equal=True)", "transform": None, "guarantees": GUARANTEES}
 
     def steps(self, epoch: int) -> int:
-        return self.info.num_rows // self.world_size // self.local_batch
+        return dataset_steps(self.info, self.world_size, self.local_batch)
 
     def cursor(self, epoch: int, step: int) -> dict[str, Any]:
         return {"world_size": self.world_size, "local_batch": self.local_batch, "step_in_segment": step, "segments": []}

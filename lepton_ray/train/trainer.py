@@ -207,8 +207,10 @@ class Trainer:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
         for w in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):  # elastic: every size the run may take
             local = cfg.train.batch_size // w
-            if self.train_info.dataset is not None:  # split evenly (streaming_split(equal=True))
-                steps = self.train_info.num_rows // w // local
+            if self.train_info.dataset is not None:
+                from lepton_ray.data.dataset import dataset_steps
+
+                steps = dataset_steps(self.train_info, w, local)
             else:
                 steps = steps_in_epoch(self.train_info, world_size=w, local_batch=local, epoch=0, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
             if steps > 0:
