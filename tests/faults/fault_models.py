@@ -128,3 +128,25 @@ def retry_counting_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn
         path = Path(log_dir) / f"retries-rank{dist.get_rank()}"
         threading.Thread(target=_watch_read_retries, args=(path,), name="test-read-retries", daemon=True).start()
     return record_ids_mlp(input_dim, num_outputs, log_dir)
+
+
+class SlowIds(nn.Module):
+    """An MLP over features 1.. that, on each training forward, appends ``<pid> <ids...>`` to ``<log_dir>/rank<r>.txt``
+    (feature 0 is the row id; the pid tells one attempt's process from the next) and sleeps ``delay_s`` until the file
+    ``<log_dir>/fast`` exists (so a fault lands mid-run, and the test can let the rest of the run go at full speed)."""
+
+    def __init__(self, inner: nn.Module, log_dir: str, delay_s: float):
+        super().__init__()
+        self.inner, self.log_dir, self.delay_s = inner, Path(log_dir), delay_s
+
+    def forward(self, x):
+        if self.training:
+            with open(self.log_dir / f"rank{_rank()}.txt", "a") as fh:
+                fh.write(" ".join(str(v) for v in [os.getpid(), *(int(i) for i in x[:, 0].tolist())]) + "\n")
+            if not (self.log_dir / "fast").exists():
+                time.sleep(self.delay_s)
+        return self.inner(x[:, 1:])
+
+
+def slow_ids_mlp(input_dim: int, num_outputs: int, log_dir: str, delay_s: float) -> nn.Module:
+    return SlowIds(mlp(input_dim=input_dim - 1, num_outputs=num_outputs, hidden=[32]), log_dir, delay_s)

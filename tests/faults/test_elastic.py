@@ -1,7 +1,9 @@
 """Node loss on an elastic run (``scaling.num_workers: [1, 2]``, Ray Train V2's elastic worker group) on a real
 2-node cluster: the second node's raylet is killed mid-epoch; the run continues with one worker (from the newest
 checkpoint, dealing only the rows of the interrupted epoch not yet read), grows back to two when a node joins
-again, and ends. The figures: loss -> first step at 1 worker, join -> first step at 2 workers."""
+again, and ends. Every worker records the row ids of each batch it trains on: the batches that count (each attempt's,
+from the step it resumed at up to the step the next attempt resumed at) hold every row of every epoch exactly once,
+across both resizes. The figures: loss -> first step at 1 worker, join -> first step at 2 workers."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -36,16 +41,47 @@ def _wait(what: str, ok, timeout: float, proc: subprocess.Popen) -> float:
     return time.time()
 
 
-def test_node_lost_mid_epoch_continues_smaller_and_grows_back(two_nodes, tmp_path):  # noqa: F811
-    from lepton_ray.data.builders import digits
+ROWS, BATCH = 1024, 64  # 16 steps an epoch, at either size
 
-    digits(str(tmp_path / "digits" / "train.parquet"), str(tmp_path / "digits" / "eval.parquet"))
-    run_dir = tmp_path / "runs" / "elastic"
+
+def _ids_table(n: int, seed: int) -> pa.Table:
+    """Feature 0 the row id (the model records it and trains on the rest), a label the other features decide."""
+    x = np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+    return pa.table({"id": np.arange(n, dtype=np.float32), **{f"f{i}": x[:, i] for i in range(4)},
+                     "label": (x[:, 0] + x[:, 1] > 0).astype(np.int64)})
+
+
+def _counted_batches(log_dir: Path, starts: list[dict], world: int) -> dict[int, list[int]]:
+    """step -> the ids all ranks trained on at that step, keeping of each attempt only the steps from the one it resumed
+    at up to the one the next attempt resumed at (the later steps were rolled back). A rank's lines carry its process's
+    pid: its processes in order of appearance are its attempts (rank 1 exists only in the 2-worker ones)."""
+    kept: dict[int, list[int]] = {}
+    for rank in range(world):
+        lines = [[int(v) for v in line.split()] for line in (log_dir / f"rank{rank}.txt").read_text().splitlines()]
+        pids = list(dict.fromkeys(line[0] for line in lines))
+        attempts = [i for i, s in enumerate(starts) if s["world_size"] > rank]
+        assert len(pids) == len(attempts), (rank, pids, [s["world_size"] for s in starts])
+        for pid, a in zip(pids, attempts):
+            first, end = starts[a]["step"], starts[a + 1]["step"] if a + 1 < len(starts) else None
+            batches = [line[1:] for line in lines if line[0] == pid]
+            for step, ids in enumerate(batches, start=first):
+                if end is None or step < end:
+                    kept.setdefault(step, []).extend(ids)
+    return kept
+
+
+def test_node_lost_mid_epoch_continues_smaller_and_grows_back(two_nodes, tmp_path):  # noqa: F811
+    from lepton_ray.data import prepare
+
+    prepare(_ids_table(ROWS, 0), str(tmp_path / "ids" / "train"), num_shards=4, row_group_rows=64, seed=0)
+    pq.write_table(_ids_table(512, 1), tmp_path / "ids" / "eval.parquet")
+    run_dir, log = tmp_path / "runs" / "elastic", tmp_path / "log"
+    log.mkdir()
     config = {
-        "model": {"factory": "faults.fault_models:slow_mlp", "kwargs": {"delay_s": 0.1, "pid_dir": str(tmp_path / "pids")}},
-        "data": {"train": str(tmp_path / "digits" / "train.parquet"), "eval": str(tmp_path / "digits" / "eval.parquet"),
-                 "label": "label"},
-        "train": {"epochs": 40, "batch_size": 64, "lr": 0.1, "seed": 0, "log_every_steps": 1},
+        "model": {"factory": "faults.fault_models:slow_ids_mlp", "kwargs": {"delay_s": 0.1, "log_dir": str(log)}},
+        "data": {"train": str(tmp_path / "ids" / "train"), "eval": str(tmp_path / "ids" / "eval.parquet"),
+                 "label": "label", "shuffle_buffer_rows": 200},
+        "train": {"epochs": 40, "batch_size": BATCH, "lr": 0.1, "seed": 0, "log_every_steps": 1},
         # one 2-CPU worker per 2-CPU node; every resize is a restart from the newest checkpoint
         "scaling": {"num_workers": [1, 2], "cpus_per_worker": 2, "max_failures": 4, "resize_check_s": 5,
                     "worker_start_timeout_s": 20,
@@ -84,6 +120,7 @@ def test_node_lost_mid_epoch_continues_smaller_and_grows_back(two_nodes, tmp_pat
                                       {**two_nodes.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}))
         joined = time.time()
         two = _wait("a step at 2 workers again", lambda: steps_at(2, after=max(steps_at(1) or [0])), 300, proc)
+        (log / "fast").touch()  # both resizes happened: the rest of the run goes at full speed
         for r in readers:
             r.join(timeout=600)
         proc.wait(timeout=60)
@@ -98,6 +135,12 @@ def test_node_lost_mid_epoch_continues_smaller_and_grows_back(two_nodes, tmp_pat
     shrink = next(s for s in starts if s["world_size"] == 1)
     assert shrink["resumed_from"] and any("resumed with 1 workers, checkpointed with 2" in n for n in shrink["notes"]), shrink
     assert result["eval_accuracy"] > 0.9
+    kept = _counted_batches(log, starts, 2)
+    assert sorted(kept) == list(range(result["steps"])), "a step no attempt trained, or one trained past the end"
+    steps_per_epoch = ROWS // BATCH
+    for epoch in range(result["steps"] // steps_per_epoch):
+        rows = sorted(i for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch) for i in kept[step])
+        assert rows == list(range(ROWS)), f"epoch {epoch}: not every row exactly once"
     print(f"\nelastic: node lost -> first step at 1 worker {one - lost:.1f} s; node joined -> first step at 2 workers "
           f"{two - joined:.1f} s; world sizes {sizes}")
     for t, line in out["stderr"]:  # what the controller did after the loss, on the test's clock
