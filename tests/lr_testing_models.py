@@ -111,3 +111,35 @@ def die_once_on_id(batch, bad_id: int, marker: str):
 
 def drop_a_row(batch):
     return {k: v[1:] for k, v in batch.items()}
+
+
+class HoldLaterTrial(nn.Module):
+    """An MLP whose ``hold_at``-th training forward, in a sweep trial that starts after another trial finished (a file
+    matches ``finished_glob``), writes ``<hold_file>.held`` and waits until ``hold_file`` exists: a test holds that trial
+    mid-run, past a checkpoint, for as long as it needs (the first trial, and the held one once released, run on)."""
+
+    def __init__(self, inner: nn.Module, hold_at: int, finished_glob: str, hold_file: str):
+        super().__init__()
+        self.inner, self.hold_at, self.finished_glob, self.hold_file = inner, hold_at, finished_glob, hold_file
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            import glob
+            import time
+
+            self.calls += 1
+            if self.calls == self.hold_at and glob.glob(self.finished_glob):
+                open(self.hold_file + ".held", "a").close()
+                deadline = time.monotonic() + 300
+                while not os.path.exists(self.hold_file):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.hold_file} never appeared")
+                    time.sleep(0.05)
+        return self.inner(x)
+
+
+def hold_later_trial_mlp(input_dim: int, num_outputs: int, hold_at: int, finished_glob: str, hold_file: str,
+                         hidden=(32,)) -> nn.Module:
+    return HoldLaterTrial(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=list(hidden)), hold_at, finished_glob,
+                          hold_file)

@@ -25,13 +25,16 @@ class Faulty(nn.Module):
     on rank ``stop_rank``'s ``stop_at``-th training forward, freezes its own process with SIGSTOP, once per
     ``marker`` file (which records the pid and the time it stopped). With ``hang``, that rank blocks in Python instead
     (:func:`hang_in_python`): its process runs, its heartbeat thread keeps beating, its loop never finishes the step
-    and the other ranks wait for it in the step's all-reduce."""
+    and the other ranks wait for it in the step's all-reduce. With ``hold_at``, every rank's ``hold_at``-th training
+    forward writes ``<hold_file>.held`` and waits until the file ``hold_file`` exists (a test holds the run there until
+    it has done what it must do mid-run, so no race with the run's end)."""
 
     def __init__(self, inner: nn.Module, pid_dir: str, delay_s: float, stop_rank: int, stop_at: int, marker: str,
-                 hang: bool = False):
+                 hang: bool = False, hold_at: int = 0, hold_file: str = ""):
         super().__init__()
         self.inner, self.pid_dir, self.delay_s = inner, pid_dir, delay_s
         self.stop_rank, self.stop_at, self.marker, self.hang = stop_rank, stop_at, marker, hang
+        self.hold_at, self.hold_file = hold_at, hold_file
         self.calls = 0
 
     def forward(self, x):
@@ -51,6 +54,13 @@ class Faulty(nn.Module):
                     if self.hang:
                         hang_in_python()
                     os.kill(os.getpid(), signal.SIGSTOP)
+            if self.calls == self.hold_at:
+                open(self.hold_file + ".held", "a").close()
+                deadline = time.monotonic() + 300
+                while not os.path.exists(self.hold_file):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.hold_file} never appeared")
+                    time.sleep(0.05)
             time.sleep(self.delay_s)
         return self.inner(x)
 
@@ -63,8 +73,9 @@ def hang_in_python() -> None:
 
 
 def faulty_mlp(input_dim: int, num_outputs: int, pid_dir: str, delay_s: float = 0.0, stop_rank: int = 1, stop_at: int = 0,
-               marker: str = "", hang: bool = False) -> nn.Module:
-    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at, marker, hang)
+               marker: str = "", hang: bool = False, hold_at: int = 0, hold_file: str = "") -> nn.Module:
+    return Faulty(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[32]), pid_dir, delay_s, stop_rank, stop_at,
+                  marker, hang, hold_at, hold_file)
 
 
 class Slow(nn.Module):

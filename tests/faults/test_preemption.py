@@ -22,12 +22,12 @@ from run_configs import final_params, merge_sections, small_config
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _config(tmp_path: Path, blobs: Path, name: str, delay_s: float, **extra) -> dict:
+def _config(tmp_path: Path, blobs: Path, name: str, delay_s: float, hold: dict | None = None, **extra) -> dict:
     pids = tmp_path / f"pids-{name}"
     pids.mkdir(exist_ok=True)
     cfg = small_config(
         tmp_path, blobs,
-        model={"factory": "faults.fault_models:faulty_mlp", "kwargs": {"pid_dir": str(pids), "delay_s": delay_s}},
+        model={"factory": "faults.fault_models:faulty_mlp", "kwargs": {"pid_dir": str(pids), "delay_s": delay_s, **(hold or {})}},
         train={"max_steps": 40, "schedule": "cosine", "warmup_steps": 5},
         run={"name": name},
     )
@@ -44,13 +44,6 @@ def _wait_for(what: str, ok, timeout: float = 300.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max([json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()] or [0])
-
-
 def _alive(pid: int) -> bool:
     try:  # a zombie (killed, not yet reaped by its raylet) is gone for our purpose
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -65,15 +58,18 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_sigterm_to_a_worker_checkpoints_and_resume_loses_nothing(tmp_path, blobs):
     """SIGTERM to rank 1 mid-run: the run fails with a just-in-time checkpoint of the step it stopped at; a resume
-    from it ends with the parameters of an uninterrupted run (1e-6)."""
-    cfg = load_config(_config(tmp_path, blobs, "t", delay_s=0.1))
+    from it ends with the parameters of an uninterrupted run (1e-6). The ranks hold at their 15th step until the signal
+    is sent, so it always lands mid-run, however slow the machine."""
+    sent_file = tmp_path / "sigterm-sent"
+    cfg = load_config(_config(tmp_path, blobs, "t", delay_s=0.1, hold={"hold_at": 15, "hold_file": str(sent_file)}))
     run_dir, pid_file = tmp_path / "runs" / "t", tmp_path / "pids-t" / "rank1.pid"
     sent: dict[str, float] = {}
 
     def preempt() -> None:
-        _wait_for("step 12", lambda: _steps_logged(run_dir) >= 12)
-        sent["pid"], sent["time"], sent["step"] = int(pid_file.read_text()), time.time(), _steps_logged(run_dir)
+        _wait_for("the ranks held at their 15th step", lambda: Path(f"{sent_file}.held").exists())
+        sent["pid"], sent["time"], sent["step"] = int(pid_file.read_text()), time.time(), 14  # 14 steps done
         os.kill(int(sent["pid"]), signal.SIGTERM)
+        sent_file.touch()
 
     sender = threading.Thread(target=preempt, daemon=True)
     sender.start()

@@ -104,12 +104,12 @@ def _digits_config(tmp_path, digits_data, **sections) -> dict:
 
 @pytest.mark.parametrize("mode,bound", [("ssp", 2), pytest.param("async", None, marks=pytest.mark.slow)])  # CI: ssp
 def test_async_and_ssp_with_a_straggler_converge_on_digits(tmp_path, digits_data, mode, bound):
-    """Rank 1 sleeps 20 ms per step (a straggler). ssp (staleness 2): the recorded gap between the fastest
+    """Rank 1 sleeps 60 ms per step (a straggler, slow enough to stay one on a loaded machine). ssp (staleness 2): the recorded gap between the fastest
     and the slowest worker reaches 2 and never exceeds it; async (no bound): the fast worker runs further
     ahead. Both reach >= 0.93 held-out accuracy on digits."""
     cfg = _digits_config(
         tmp_path, digits_data,
-        model={"factory": "ps_testing_models:slow_mlp", "kwargs": {"slow_rank": 1, "delay_s": 0.02, "hidden": [64]}},
+        model={"factory": "ps_testing_models:slow_mlp", "kwargs": {"slow_rank": 1, "delay_s": 0.06, "hidden": [64]}},
         sync={"ps": {"mode": mode, "staleness": bound or 0}},
     )
     result = Trainer(load_config(cfg), progress=False).fit()
@@ -191,12 +191,12 @@ def test_recommender_learns_and_pushes_only_touched_rows(tmp_path, click_data, s
 
 
 def test_dynamic_balance_keeps_the_fast_worker_busy_within_the_bound(tmp_path, digits_data):
-    """``balance: dynamic`` with a straggler (rank 1 sleeps 20 ms per batch), ssp staleness 2: the fast
+    """``balance: dynamic`` with a straggler (rank 1 sleeps 60 ms per batch), ssp staleness 2: the fast
     worker takes more than its half of every epoch (it keeps computing while held at the bound), the
     recorded gap never exceeds 2, checkpoints are committed at epoch ends only, and digits reaches 0.93."""
     cfg = load_config(_digits_config(
         tmp_path, digits_data, checkpoint={"every_n_steps": 40},
-        model={"factory": "ps_testing_models:slow_mlp", "kwargs": {"slow_rank": 1, "delay_s": 0.02, "hidden": [64]}},
+        model={"factory": "ps_testing_models:slow_mlp", "kwargs": {"slow_rank": 1, "delay_s": 0.06, "hidden": [64]}},
         sync={"ps": {"mode": "ssp", "staleness": 2, "balance": "dynamic"}},
     ))
     result = Trainer(cfg, progress=False).fit()

@@ -92,23 +92,29 @@ def test_too_many_concurrent_trials_is_an_error_before_any_trial(ray_cluster, tm
 
 
 def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    """SIGKILL the `lepton-ray sweep` driver after a trial finished; the same command finishes the sweep:
-    finished trials untouched, no trial trained from scratch twice, every trial in the final table."""
+    """SIGKILL the `lepton-ray sweep` driver after a trial finished, while the second one is held past its checkpoints
+    (its model waits at its 25th step until the test released it, so the kill never races the trial's end); the same
+    command finishes the sweep: finished trials untouched, the interrupted one resumed from its checkpoint, no trial
+    trained from scratch twice, every trial in the final table."""
     args = [str(BIN / "lepton-ray"), "sweep", str(REPO / "examples" / "digits_sweep.yaml"), "--json", "--no-progress"]
+    trials = tmp_path / "sweeps" / "digits_sweep" / "trials"
+    hold = tmp_path / "released"
+    model = {"hold_at": 25, "finished_glob": str(trials / "*" / "result.json"), "hold_file": str(hold), "hidden": [128, 64]}
     for item in _digits(tmp_path, "train.epochs=8", "sweep.num_samples=2", "sweep.scheduler=fifo", "sweep.seed=2",
-                        "checkpoint.every_n_steps=10", "sweep.max_concurrent_trials=1"):
+                        "checkpoint.every_n_steps=10", "sweep.max_concurrent_trials=1",
+                        "model.factory=lr_testing_models:hold_later_trial_mlp", f"model.kwargs={json.dumps(model)}"):
         args += ["--set", item]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    trials = tmp_path / "sweeps" / "digits_sweep" / "trials"
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 400
-    while not list(trials.glob("*/result.json")):
+    while not Path(f"{hold}.held").exists():  # the second trial waits at its 25th step: checkpoints 10 and 20 are committed
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(0.1)  # a warm trial starts within a second of the previous one's end: kill while the second runs
+        assert time.monotonic() < deadline, "the second trial never reached its hold"
+        time.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    hold.touch()  # the resumed trial passes its 25th step (its new process counts from the step it resumed at)
     finished = {p.parent.name: (p.read_text(), (p.parent / "metrics.jsonl").read_text()) for p in trials.glob("*/result.json")}
     assert not (trials.parent / "sweep_results.csv").exists()  # it really was interrupted
 
@@ -123,10 +129,13 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(ray_cluster, t
     for trial, (result_json, metrics) in finished.items():  # not rerun: their files are byte-for-byte the same
         assert (trials / trial / "result.json").read_text() == result_json
         assert (trials / trial / "metrics.jsonl").read_text() == metrics
-    for r in rows:  # no trial trained from scratch twice; an interrupted one resumed from its checkpoint
+    resumed = []
+    for r in rows:  # no trial trained from scratch twice; the interrupted one resumed from its checkpoint
         starts = [x for x in _records(trials / r["trial"]) if x.get("event") == "start"]
         assert sum(x["resumed_from"] is None for x in starts) == 1, (r["trial"], starts)
+        resumed += [x["resumed_from"] for x in starts if x["resumed_from"] is not None]
         assert json.loads((trials / r["trial"] / "result.json").read_text())["steps"] == 8 * (1438 // int(r["batch_size"]))
+    assert len(finished) == 1 and len(resumed) == 1 and resumed[0].endswith("/step_00000020"), resumed
 
 
 def _params(checkpoint: str) -> dict:
