@@ -49,12 +49,18 @@ os.environ.update(
 
 def free_port() -> int:
     """A port that was free a moment ago: a guess, which a later bind may lose to another process. Only for what cannot
-    bind port 0 itself or take a bound socket (``ray start`` flags, Serve's HTTP port, torch's MASTER_PORT); whatever
-    can, does (the moto servers); a ``ray start`` that loses its ports is started again on fresh ones
-    (:func:`ray_start`)."""
+    bind port 0 itself or take a bound socket (``ray start`` flags, Serve's HTTP port); whatever can, does (the moto
+    servers); a ``ray start`` that loses its ports is started again on fresh ones (:func:`ray_start`); the process groups
+    a test spawns meet in a file (:func:`rendezvous`), not on a port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous() -> str:
+    """The ``init_method`` for the torch process group of processes a test spawns: a fresh file (torch's FileStore)
+    in a new temporary directory, so no port is guessed."""
+    return "file://" + os.path.join(tempfile.mkdtemp(prefix="lr-pg-"), "store")
 
 
 def moto_server(port: int = 0):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port, write_blobs
+from conftest import rendezvous, write_blobs
 from lepton_ray import Trainer, load_config
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore, model_state
@@ -40,9 +39,8 @@ def _seeded(tmp_path: Path, raw: dict) -> dict:
     return {**raw, "train": {**raw["train"], "init_from": seed.uri}}
 
 
-def _worker(rank: int, port: int, world: int, spec: LoopSpec) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, init: str, world: int, spec: LoopSpec) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         train_loop(spec, WorkerContext(rank, world))
     finally:
@@ -55,7 +53,7 @@ def _run(raw: dict, world: int = WORLD, checkpoint_uri: str = "", sink: str = ""
     trainer = Trainer(cfg, progress=False)
     spec = LoopSpec(cfg.to_dict(), trainer.train_info, trainer.eval_info, checkpoint_uri or trainer.checkpoint_uri,
                     sink=Sink(sink) if sink else None)
-    mp.start_processes(_worker, args=(free_port(), world, spec), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(rendezvous(), world, spec), nprocs=world, start_method="spawn", join=True)
     return trainer
 
 

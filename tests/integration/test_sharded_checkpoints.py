@@ -8,7 +8,6 @@ and the next step's loss; a serving bundle made from it predicts what the sharde
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import free_port
+from conftest import rendezvous
 from lepton_ray import Trainer, load_config
 from lepton_ray.models import build_model
 from lepton_ray.sync import STRATEGIES, WorkerInfo
@@ -42,14 +41,13 @@ ROWS = torch.linspace(-3, 3, 24 * 16).reshape(24, 16)  # fixed rows: predictions
 LABELS = torch.arange(24) % 4
 
 
-def _load_and_step(rank: int, port: int, world: int, raw: dict, uri: str, out: str) -> None:
+def _load_and_step(rank: int, init: str, world: int, raw: dict, uri: str, out: str) -> None:
     """Build ``fsdp`` at ``world`` workers and load the newest checkpoint under ``uri``. Rank 0 writes the gap between
     the loaded (gathered) parameters and the saved ones, the sharded model's predictions on fixed rows, and the loss
     on them after one AdamW step on them from the loaded state (the optimizer state, resharded, decides that step)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         cfg = load_config(raw)
         trainer = Trainer(cfg, progress=False)
@@ -89,7 +87,7 @@ def test_an_fsdp_checkpoint_of_2_workers_resumes_on_1_and_on_3(tmp_path):
         shutil.copytree(Path(whole.checkpoint_uri) / "step_00000003", cut / "step_00000003")
         out = tmp_path / f"loaded{world}.pt"
         at = {**raw, "scaling": {"num_workers": world}}
-        mp.start_processes(_load_and_step, args=(free_port(), world, at, str(cut), str(out)), nprocs=world, start_method="spawn", join=True)
+        mp.start_processes(_load_and_step, args=(rendezvous(), world, at, str(cut), str(out)), nprocs=world, start_method="spawn", join=True)
         loaded[world] = torch.load(out)
         assert loaded[world]["step"] == 3 and loaded[world]["gap"] <= 1e-6
         assert abs(loaded[world]["loss"] - loaded[2]["loss"]) <= 1e-4

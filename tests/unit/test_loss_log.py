@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import rendezvous
 
 from lepton_ray.train.metrics import LossLog as _LossLog
 
@@ -32,9 +31,8 @@ class _Clock:
         return next(self.readings)
 
 
-def _rank(rank: int, port: int, out: str, records: int, per_record: tuple[float, float], target_s: float) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _rank(rank: int, init: str, out: str, records: int, per_record: tuple[float, float], target_s: float) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         buf = _ListBuffer()
         log = _LossLog(buf, 2, collective=True, target_s=target_s, clock=_Clock(per_record[rank]))
@@ -56,7 +54,7 @@ def _rank(rank: int, port: int, out: str, records: int, per_record: tuple[float,
 
 def _run(tmp_path, records: int, per_record: tuple[float, float], target_s: float):
     out = str(tmp_path / "log")
-    mp.spawn(_rank, args=(free_port(), out, records, per_record, target_s), nprocs=2, join=True)
+    mp.spawn(_rank, args=(rendezvous(), out, records, per_record, target_s), nprocs=2, join=True)
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 
