@@ -413,11 +413,18 @@ class TrainConfig(Section):
     log_every_steps: int = 1
     """Steps per metrics record in metrics.jsonl (each record costs one 2-number all-reduce)."""
     collective_timeout_s: float = 300.0
-    """Hang guard (Ray Train runs). A collective waiting this long fails (the process-group timeout), and the
-    driver's watchdog acts on a worker whose heartbeat has been silent for half of it (a frozen or lost
-    process) or, when no worker advanced a step for all of it, on the workers at the lowest step: it writes
-    the live workers' stacks to ``<run dir>/stacks/`` and kills the stuck ones, so the run restarts
-    (``scaling.max_failures``) or fails naming them. Keep it above the longest evaluation or checkpoint."""
+    """Hang guard (Ray Train runs). The driver's watchdog acts on a worker whose heartbeat has been silent for
+    half of it (a frozen or lost process) or, when no worker advanced a step for all of it, on the workers at
+    the lowest step: it writes the live workers' stacks to ``<run dir>/stacks/`` and kills the stuck ones, so
+    the run restarts (``scaling.max_failures``) or fails naming them. A collective waiting a minute longer
+    fails by itself (:attr:`process_group_timeout_s`). Keep it above the longest evaluation or checkpoint."""
+
+    @property
+    def process_group_timeout_s(self) -> float:
+        """torch's own timeout for every collective of the run (the default group's and the shared-memory
+        transport's barriers): ``collective_timeout_s`` plus a minute, so the watchdog, which acts at
+        ``collective_timeout_s``, diagnoses a hang first; where none runs (a warm group) it ends the hang."""
+        return self.collective_timeout_s + 60.0
 
     activation_checkpointing: Optional[list[str]] = None
     """Module class names (e.g. ``[Block]`` for the built-in gpt) whose activations are recomputed in backward

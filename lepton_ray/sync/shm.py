@@ -29,6 +29,7 @@ nothing is left behind when the processes end.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import mmap
 import os
 import secrets
@@ -64,6 +65,14 @@ def bucket_capacity(params: list[nn.Parameter], bucket_mb: float) -> int:
     return min(sum(numels), int(bucket_mb * 2**20) // 4 + max(numels), MAX_CHUNK)
 
 
+def _default_group_timeout() -> datetime.timedelta:
+    """The default process group's collective timeout (``train.process_group_timeout_s`` in a run)."""
+    try:
+        return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    except (AttributeError, RuntimeError):  # torch's internals moved: its default
+        return dist.default_pg_timeout
+
+
 class SharedMemoryAllReduce:
     """The comm hook's state: the mapping, this rank's place in it, and a barrier group.
 
@@ -75,7 +84,9 @@ class SharedMemoryAllReduce:
         if world_size < 2:
             raise ValueError(f"a shared-memory all-reduce needs at least 2 ranks, got world_size={world_size}")
         self.rank, self.world, self.capacity = rank, world_size, capacity
-        self.group = dist.new_group(backend="gloo")  # barriers of their own: never interleaved with DDP's collectives
+        # barriers of their own (never interleaved with DDP's collectives), waiting as long as the default group's do:
+        # torch gives a new group its backend's default timeout (30 min), not the default group's
+        self.group = dist.new_group(backend="gloo", timeout=_default_group_timeout())
         self.fallbacks = 0  # buckets that went through gloo instead
         self._flag = torch.zeros(1)
         self._parity = 0

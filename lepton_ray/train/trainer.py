@@ -415,7 +415,7 @@ class Trainer:
             trainer = TorchTrainer(
                 _worker_entry,
                 train_loop_config={"spec": spec},
-                torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=math.ceil(cfg.train.collective_timeout_s)),
+                torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo", timeout_s=math.ceil(cfg.train.process_group_timeout_s)),
                 scaling_config=ray.train.ScalingConfig(num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
                                                        elastic_resize_monitor_interval_s=s.resize_check_s, use_gpu=s.use_gpu,
                                                        resources_per_worker=resources),
@@ -476,9 +476,9 @@ class Trainer:
 
     def _warm_shape(self) -> dict[str, Any]:
         """The warm group a run of this config trains in: its workers, their CPUs, and how long a collective may wait
-        (a stuck rank fails its collective then: a failure like any other)."""
+        (no watchdog runs there: a stuck rank fails its collective then, a failure like any other)."""
         s = self.config.scaling
-        return {"world": s.num_workers, "cpus_per_worker": s.cpus_per_worker, "timeout_s": self.config.train.collective_timeout_s}
+        return {"world": s.num_workers, "cpus_per_worker": s.cpus_per_worker, "timeout_s": self.config.train.process_group_timeout_s}
 
     def _fit_in(self, group_of: Callable[[], Any], report: Optional[Callable[[dict[str, Any]], None]],
                 phases: dict[str, Optional[float]], retries: int = 0) -> Result:

@@ -115,7 +115,7 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
     cfg = load_config(raw)
     s = cfg.scaling
-    group = warm_group(s.max_workers, s.cpus_per_worker, s.use_gpu)  # a new actor's helpers start while the Trainer checks
+    group = warm_group(s.max_workers, s.cpus_per_worker, s.use_gpu, cfg.train.process_group_timeout_s)  # a new actor's helpers start while the Trainer checks
     interval, total = trial_schedule(raw, plan["num_rows"])
     run_dir = Path(plan["trials_dir"]) / trial_id
 

@@ -57,6 +57,40 @@ def test_average_is_the_exact_mean_on_every_rank(tmp_path, world):
     assert glob.glob(str(tmp_path / "lepton_allreduce_*")) == []  # rank 0 unlinked the mapping
 
 
+def _stuck_peer_worker(rank: int, world: int, store: str, out: str, directory: str) -> None:
+    """Rank 1 never joins the average: rank 0's wait in the transport's barrier ends at the default group's timeout."""
+    import datetime
+    import os
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3))
+    shm = SharedMemoryAllReduce(rank, world, capacity=1000, directory=directory)
+    done = f"{out}/rank0.txt"
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            shm.average_(torch.ones(10))
+            what = "returned"
+        except RuntimeError as exc:
+            what = f"raised after {time.monotonic() - started:.0f} s: {exc}"
+        with open(done + ".tmp", "w") as fh:
+            fh.write(what)
+        os.replace(done + ".tmp", done)
+    else:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    os._exit(0)  # no teardown collective with a peer that left
+
+
+def test_a_peer_that_never_arrives_fails_the_barrier_at_the_default_groups_timeout(tmp_path):
+    """torch gives a new group its backend's default timeout (30 min); the transport's barrier group waits as long as
+    the default group does (the run's ``train.process_group_timeout_s``), here 3 s."""
+    mp.spawn(_stuck_peer_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    what = (tmp_path / "rank0.txt").read_text()
+    assert re.match(r"raised after (\d+) s: ", what), what
+    assert int(re.match(r"raised after (\d+) s", what).group(1)) < 60, what  # 3 s, not torch's 30-min default
+
+
 def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int, dtype: torch.dtype) -> None:
     """The same model trained twice from the same start on the same batches: DDP's gloo hook vs the shm hook."""
     _init(rank, world, store)
