@@ -75,15 +75,22 @@ class BackgroundFit:
             self.stop()
 
     def stop(self, timeout_s: float = 60) -> None:
-        """SIGKILL the processes of every run actor still alive (the tests run one at a time on the session cluster), then
-        wait for the thread: ``fit`` returns with an error once its controller or group is gone."""
+        """SIGKILL the processes of every run actor still alive (the tests run one at a time on the session cluster) until
+        Ray's state API reports none alive (it learns of a death a moment after it), then wait for the thread: ``fit``
+        returns with an error once its controller or group is gone."""
         from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10000):
-            if a.class_name in RUN_ACTORS and a.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(a.pid, signal.SIGKILL)
-        self._thread.join(timeout=timeout_s)
+        def alive() -> list:
+            return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10000) if a.class_name in RUN_ACTORS]
+
+        deadline = time.monotonic() + timeout_s
+        while (left := alive()) and time.monotonic() < deadline:  # until Ray has seen every one of them die
+            for a in left:
+                if a.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(a.pid, signal.SIGKILL)
+            time.sleep(0.5)
+        self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
 
     def __init__(self, trainer: Any, **kwargs: Any):
         self.trainer, self._out = trainer, {}
