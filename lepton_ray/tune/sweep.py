@@ -128,8 +128,9 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"]})
         return
 
+    trainer = Trainer(cfg, resume=True, progress=False)
     try:
-        trainer = Trainer(cfg, resume=True, progress=False)
+        trainer.plan  # the resume point: the newest committed checkpoint
     except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)
         shutil.rmtree(run_dir, ignore_errors=True)
         trainer = Trainer(cfg, resume=False, progress=False)
@@ -249,7 +250,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
     # every check before any trial: data (built once here, not by racing trials), columns, batch sizes
     base = load_config(trial_config(raw, {}, s))
     probe = Trainer(base, progress=False)
-    num_rows = probe.train_info.num_rows
+    num_rows = probe.train_info.num_rows  # plans the base config: every check
     batches = [v for v in (s.space.get(BATCH_KEY, {}).get("choice") or []) if isinstance(v, int)]
     for b in batches or [cfg.train.batch_size]:
         if b > num_rows:
