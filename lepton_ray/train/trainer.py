@@ -22,7 +22,6 @@ import yaml
 
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
-from lepton_ray.data.table import TableInfo
 from lepton_ray.imports import register, registered
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES
@@ -204,7 +203,8 @@ class Trainer:
 
     @functools.cached_property
     def plan(self) -> RunPlan:
-        """The run's plan, made on first use (``fit()`` makes it first): reads storage, builds the model once."""
+        """The run's plan (:func:`~lepton_ray.train.plan.make_plan`), made on first use — ``fit()`` makes it first: reads
+        storage, runs the model on 2 rows."""
         return make_plan(self.config, self._datasets, resume=self.resume, data=self._data_plan)
 
     # what the plan found, planned on first use
@@ -218,6 +218,7 @@ class Trainer:
     node_local_paths = _planned("node_local_paths")
 
     def _model(self) -> torch.nn.Module:
+        """The model as every worker initialises it (what the strategy's services start from)."""
         return initial_model(self.config, self.train_info)
 
     # ------------------------------------------------------------------ run
