@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -200,12 +199,17 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self._data_plan = data_plan
+        self._plan: Optional[RunPlan] = None
+        self._planning = threading.Lock()  # one plan, also when another thread reads run_dir while fit() plans
 
-    @functools.cached_property
+    @property
     def plan(self) -> RunPlan:
         """The run's plan (:func:`~lepton_ray.train.plan.make_plan`), made on first use — ``fit()`` makes it first: reads
         storage, runs the model on 2 rows."""
-        return make_plan(self.config, self._datasets, resume=self.resume, data=self._data_plan)
+        with self._planning:
+            if self._plan is None:
+                self._plan = make_plan(self.config, self._datasets, resume=self.resume, data=self._data_plan)
+            return self._plan
 
     # what the plan found, planned on first use
     train_info = _planned("data.train")
