@@ -1,4 +1,4 @@
-"""The driver side: check everything, start the Ray Train worker group, watch it, write the result."""
+"""The driver side: plan the run (:mod:`lepton_ray.train.plan`), start the Ray Train worker group, watch it, write the result."""
 
 from __future__ import annotations
 
@@ -6,38 +6,30 @@ import contextlib
 import json
 import logging
 import math
+import operator
 import os
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 import yaml
 
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
-from lepton_ray.data.builders import build_data
-from lepton_ray.data.plan import steps_in_epoch
-from lepton_ray.data.schema import Column, Schema, decode, resolve_columns
-from lepton_ray.data.table import TableInfo, data_exists, describe, load_arrays
-from lepton_ray.data.transform import load_transform
 from lepton_ray.imports import register, registered
-from lepton_ray.models import build_model
-from lepton_ray.storage import arrow_filesystem, filesystem, is_local, join, redact_config
+from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES
 from lepton_ray.train import metrics as M
-from lepton_ray.train.checkpoint import CheckpointStore, load_model, open_checkpoint
-from lepton_ray.train.context import WorkerContext, isolated
-from lepton_ray.train.losses import ShapeError, default_loss, make_loss, model_inputs
+from lepton_ray.train.context import WorkerContext
 from lepton_ray.train.loop import LoopSpec, train_loop
+from lepton_ray.train.plan import DataPlan, RunPlan, initial_model, make_plan
 from lepton_ray.train.watchdog import Watchdog, WorkerGuard
-from lepton_ray.train.placement import check_paths_reachable, node_local_paths
+from lepton_ray.train.placement import check_paths_reachable
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
 
@@ -168,11 +160,19 @@ def start_local_ray(**init_kwargs: Any) -> None:
     ray.init(address="local", **init_kwargs)
 
 
+def _planned(path: str) -> Any:
+    """A read-only ``Trainer`` attribute that is part of its plan (``"data.train"``: ``trainer.plan.data.train``)."""
+    get = operator.attrgetter(path)
+    return property(lambda self: get(self.plan), doc=f"``self.plan.{path}`` (makes the plan on first use).")
+
+
 class Trainer:
     """Data-parallel training of one config on a Ray cluster.
 
-    Everything that can be checked is checked here, before Ray starts: the
-    config, the data paths and columns, the checkpoint directory.
+    Constructing a Trainer checks the config and does no I/O; ``fit()`` first plans the run
+    (:func:`~lepton_ray.train.plan.make_plan`: the data paths and columns, the model on two rows, the
+    checkpoint directory), before Ray starts, then launches it. ``train_info``, ``run_name`` and the
+    other planned attributes make the plan on first use.
 
     >>> result = Trainer("examples/digits.yaml").fit()  # doctest: +SKIP
     >>> result.metrics["eval_accuracy"] > 0.95  # doctest: +SKIP
@@ -189,161 +189,41 @@ class Trainer:
         loss: Optional[Callable[..., Any]] = None,
         transform: Optional[Callable[..., Any]] = None,
         datasets: Optional[dict[str, Any]] = None,
+        data_plan: Optional[DataPlan] = None,
     ):
+        """``data_plan``: the data described already (a sweep's, shared with its trials); used where it was made for
+        the same data inputs, else described again."""
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
-        datasets = check_datasets(datasets or {})
-        self.config = check_config(with_passed(config, datasets, model=model, loss=loss, transform=transform))
+        self._datasets = check_datasets(datasets or {})
+        self.config = check_config(with_passed(config, self._datasets, model=model, loss=loss, transform=transform))
         self.resume = resume
         self.progress = progress
-        cfg = self.config
-        d = cfg.data
-        if d.builder and not data_exists(d.train, d.storage_options) and "train" not in datasets:
-            build_data(d.builder, d.train, d.eval, d.storage_options, d.builder_kwargs)
-        self.train_info = self._describe("train", datasets)
-        self.eval_info = self._describe("eval", datasets)
-        if self.eval_info is not None:
-            resolve_columns(self.train_info.schema, self.eval_info.schema, "data.eval", d.eval)
-        if cfg.train.batch_size > self.train_info.num_rows:
-            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than data.train ({self.train_info.num_rows} rows)")
-        for w in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):  # elastic: every size the run may take
-            local = cfg.train.batch_size // w
-            if self.train_info.dataset is not None:
-                from lepton_ray.data.dataset import dataset_steps
+        self._data_plan = data_plan
+        self._plan: Optional[RunPlan] = None
+        self._planning = threading.Lock()  # one plan, also when another thread reads run_dir while fit() plans
 
-                steps = dataset_steps(self.train_info, w, local)
-            else:
-                steps = steps_in_epoch(self.train_info, world_size=w, local_batch=local, epoch=0, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-            if steps > 0:
-                continue
-            raise ConfigError(
-                f"train.batch_size: {cfg.train.batch_size} leaves a worker without a full batch of {cfg.train.batch_size // w} rows"
-                f" in epoch 0 ({self.train_info.num_rows} rows in {len(self.train_info.shards)} file(s) dealt to {w} workers);"
-                " use a smaller batch or prepare the data with more row groups")
-        self.baseline: dict[str, float] = {}
-        """Reference metrics computed on the driver (the unigram bits per byte of the eval split), reported beside the run's."""
-        self._with_classes()
-        self._check_model(self._with_transform(self._sample()))
-        self.services = STRATEGIES[cfg.sync.strategy].Services(cfg)
-        self.services.check(self._model)
-        self.run_name, self.run_dir, self.checkpoint_uri = self._resolve_run()
-        self.node_local_paths = node_local_paths(cfg, self.checkpoint_uri)  # resolved now, against the launch cwd
+    @property
+    def plan(self) -> RunPlan:
+        """The run's plan (:func:`~lepton_ray.train.plan.make_plan`), made on first use — ``fit()`` makes it first: reads
+        storage, runs the model on 2 rows."""
+        with self._planning:
+            if self._plan is None:
+                self._plan = make_plan(self.config, self._datasets, resume=self.resume, data=self._data_plan)
+            return self._plan
 
-    # ------------------------------------------------------------------ checks
+    # what the plan found, planned on first use
+    train_info = _planned("data.train")
+    eval_info = _planned("data.eval")
+    baseline = _planned("data.baseline")  # reference metrics computed on the driver, reported beside the run's
+    services = _planned("services")
+    run_name = _planned("run_name")
+    run_dir = _planned("run_dir")
+    checkpoint_uri = _planned("checkpoint_uri")
+    node_local_paths = _planned("node_local_paths")
 
-    def _describe(self, split: str, datasets: dict[str, Any]) -> Optional[TableInfo]:
-        """What ``data.<split>`` holds: the Dataset passed for it, or the files its URI names (None: no such split)."""
-        d = self.config.data
-        if split in datasets:
-            from lepton_ray.data.dataset import GUARANTEES, describe_dataset
-
-            if split == "train":
-                log.warning("data.train is a ray.data.Dataset: %s (data named by path keeps the exactly-once, reproducible order)", GUARANTEES)
-            return describe_dataset(f"data.{split}", datasets[split], d)
-        uri = getattr(d, split)
-        return describe(f"data.{split}", uri, d) if uri else None
-
-    def _model(self) -> "torch.nn.Module":
-        """The model exactly as every worker initialises it (same seed), for strategy checks and services. Built
-        :func:`isolated`: whatever a model's code changes in this process (RNGs, environment) is undone, so a run
-        in this process (``fit(local=True)``, a sweep trial) starts from the state a fresh worker has."""
-        with isolated():
-            torch.manual_seed(self.config.train.seed)
-            model = build_model(self.config.model, self.train_info.batch_schema)
-        if self.config.train.init_from:  # a seed checkpoint: services (parameter servers) start from its weights too
-            load_model(open_checkpoint(self.config.train.init_from, self.config.checkpoint.storage_options), model)
-        return model
-
-    def _values(self, info: TableInfo, column: Column) -> np.ndarray:
-        """Every value of one target column of a split, flattened."""
-        only = replace(info, schema=Schema((), (column,)))  # read just this column
-        return load_arrays(only, self.config.data.storage_options)[column.name].reshape(-1)
-
-    def _with_classes(self) -> None:
-        """Classification: each integer target's class count (max + 1 over both splits), checked to be ids 0..K-1."""
-        m = self.config.model
-        if (m.loss or default_loss(m.task)) != "cross_entropy":
-            return
-        counts = {}
-        for c in self.train_info.schema.targets:
-            split_values = [self._values(i, c) for i in (self.train_info, self.eval_info) if i is not None]
-            values = np.concatenate(split_values)
-            values = values[values != m.ignore_index]
-            if not np.issubdtype(values.dtype, np.integer) or (values.size and values.min() < 0):
-                raise ConfigError(
-                    f"data.targets.{c.name}: column '{c.columns[0]}' must hold class ids 0..K-1 for cross_entropy"
-                    f" (found dtype {values.dtype}, min {values.min() if values.size else 'none'}); for real-valued targets set"
-                    f" model.task: regression (or model.loss: mse)")
-            counts[c.name] = int(values.max()) + 1 if values.size else 1
-            if len(split_values) == 2 and "bits_per_byte" in (m.metrics or []):
-                self.baseline[f"{M.EVAL_PREFIX}unigram_bits_per_byte"] = unigram_bits(*split_values, counts[c.name], m.ignore_index)
-        self.train_info = replace(self.train_info, schema=self.train_info.schema.with_classes(counts))
-        if self.eval_info is not None:
-            self.eval_info = replace(self.eval_info, schema=self.eval_info.schema.with_classes(counts))
-
-    def _sample(self, rows: int = 2) -> dict[str, np.ndarray]:
-        """The first ``rows`` rows of data.train, decoded, before any transform."""
-        info = self.train_info
-        if info.dataset is not None:
-            from lepton_ray.data.dataset import dataset_arrays
-
-            return dataset_arrays(info, rows)
-        fs, _ = filesystem(info.uri, self.config.data.storage_options)
-        first = pq.ParquetFile(info.shards[0].path, filesystem=arrow_filesystem(fs)).read_row_group(0, columns=info.schema.parquet_columns())
-        return decode(info.schema, first.slice(0, rows), key=info.key, uri=info.uri)
-
-    def _with_transform(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``data.transform``: the schema the model sees is the one after it, found by running it on ``sample`` here (a
-        transform that fails or breaks its contract fails now, before any worker starts). Returns the sample as the
-        model sees it."""
-        transform = load_transform(self.config.data, self.config.train.seed)
-        if transform is None:
-            return sample
-        transformed, sample = transform.on_sample(self.train_info.schema, sample)
-        self.train_info = replace(self.train_info, transformed=transformed)
-        if self.eval_info is not None:
-            self.eval_info = replace(self.eval_info, transformed=transformed)
-        return sample
-
-    def _check_model(self, sample: dict[str, np.ndarray]) -> None:
-        """One forward pass and loss on ``sample`` (rows of data.train as the model sees them), on the driver: a model
-        whose output does not fit its loss fails here, before any worker starts, with both shapes."""
-        info, m = self.train_info, self.config.model
-        batch = {k: torch.from_numpy(v) for k, v in sample.items()}
-        try:
-            loss = make_loss(m, info.batch_schema)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        model = self._model().eval()  # eval mode: no dropout draws, no training-only side effects of a user model
-        try:
-            with torch.no_grad(), isolated():
-                out = model(model_inputs(batch, tuple(c.name for c in info.batch_schema.inputs), loss.name))
-                loss(out, batch)
-        except ShapeError as exc:
-            raise ConfigError(f"model: {exc}") from None
-        except Exception as exc:  # the user's model or loss fails on real rows: say so now, not in every worker
-            shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in batch.items())
-            raise ConfigError(f"model: a forward pass on 2 rows of data.train ({shapes}) failed: {type(exc).__name__}: {exc}") from None
-
-    def _store(self, name: str) -> CheckpointStore:
-        c = self.config.checkpoint
-        root = join(c.dir, name) if c.dir else str(Path(self.config.run.dir) / name / "checkpoints")
-        if is_local(root):  # absolute: Ray Train's workers run in another working directory
-            root = os.path.abspath(os.path.expanduser(root.removeprefix("file://")))
-        return CheckpointStore(root, c.storage_options, c.keep_last)
-
-    def _resolve_run(self) -> tuple[str, Path, str]:
-        """A fresh run gets a run name nobody used yet (name, name-1, ...); --resume continues ``run.name``."""
-        base = self.config.run.name
-        if self.resume:
-            store = self._store(base)
-            if store.latest() is None:
-                raise ConfigError(f"--resume: run '{base}' has no committed checkpoint under '{store.uri}'; nothing to resume")
-            return base, Path(self.config.run.dir) / base, store.uri
-        name, i = base, 0
-        while (Path(self.config.run.dir) / name).exists() or self._store(name).steps():
-            i += 1
-            name = f"{base}-{i}"
-        return name, Path(self.config.run.dir) / name, self._store(name).uri
+    def _model(self) -> torch.nn.Module:
+        """The model as every worker initialises it (what the strategy's services start from)."""
+        return initial_model(self.config, self.train_info)
 
     # ------------------------------------------------------------------ run
 
@@ -364,6 +244,8 @@ class Trainer:
         through Ray Train. The loop, checkpoints and records are the same in all of these.
         """
         phases = {"driver_process": M.process_started(), "trainer": self._created, "fit": time.time()}
+        self.plan  # plan first: every check, before Ray starts or any worker runs
+        phases["planned"] = time.time()
         if local:
             s = self.config.scaling
             if s.num_workers != 1 or self.services.starts_actors():  # an elastic [min, max] is not 1 either
@@ -538,18 +420,6 @@ class Trainer:
         )
         (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         return result
-
-
-def unigram_bits(train: np.ndarray, eval: np.ndarray, classes: int, ignore_index: int = -100) -> float:
-    """Bits per token of ``eval`` under the token frequencies of ``train`` (add-one smoothed): the score of a
-    model that ignores context, the baseline a sequence model must beat.
-
-    >>> round(unigram_bits(np.array([0, 0, 0, 1]), np.array([0, 1]), 2), 4)  # p = 4/6, 2/6
-    1.085
-    """
-    train, eval = train[train != ignore_index], eval[eval != ignore_index]
-    p = (np.bincount(train, minlength=classes) + 1.0) / (len(train) + classes)
-    return float(-np.log2(p[eval]).mean())
 
 
 RAY_TRAIN_ENV = {"poll_interval_s": "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",

@@ -40,6 +40,7 @@ from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
+from lepton_ray.train.plan import check_run, describe_data
 from lepton_ray.train.trainer import Trainer, data_cpus, ensure_ray
 from lepton_ray.tune import results as R
 from lepton_ray.tune.space import (
@@ -99,6 +100,15 @@ def _absolute(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one trial (runs in a Tune actor)
 
 
+def _trial_raw(plan: dict[str, Any], params: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """The config of trial ``trial_id``: the sweep's, with ``params`` set, run in ``<trials>/<trial_id>``."""
+    raw = trial_config(plan["config"], params, load_config(plan["config"]).sweep)
+    raw["run"] = {"name": trial_id, "dir": plan["trials_dir"]}
+    if raw["checkpoint"]["dir"] is not None:
+        raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
+    return raw
+
+
 def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     """Tune's function trainable: one trial = one lepton_ray training run with ``params`` set, in this
     (reused) trial actor's warm worker group: rank 0 is this process, and it reports every evaluation
@@ -107,15 +117,11 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     import ray.tune
 
     launched = time.time()
-    sweep_cfg = load_config(plan["config"]).sweep
     trial_id = ray.tune.get_context().get_trial_id()
-    raw = trial_config(plan["config"], params, sweep_cfg)
-    raw["run"] = {"name": trial_id, "dir": plan["trials_dir"]}
-    if raw["checkpoint"]["dir"] is not None:
-        raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
+    raw = _trial_raw(plan, params, trial_id)
     cfg = load_config(raw)
     s = cfg.scaling
-    group = warm_group(s.max_workers, s.cpus_per_worker, s.use_gpu, cfg.train.process_group_timeout_s)  # a new actor's helpers start while the Trainer checks
+    group = warm_group(s.max_workers, s.cpus_per_worker, s.use_gpu, cfg.train.process_group_timeout_s)  # a new actor's helpers start while the trial plans
     interval, total = trial_schedule(raw, plan["num_rows"])
     run_dir = Path(plan["trials_dir"]) / trial_id
 
@@ -128,11 +134,14 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"]})
         return
 
+    # planned on the sweep's data description (no storage listed for the data again): this trial checks only what its
+    # swept keys change, and finds its resume point
+    trainer = Trainer(cfg, resume=True, progress=False, data_plan=plan["data"])
     try:
-        trainer = Trainer(cfg, resume=True, progress=False)
+        trainer.plan  # the resume point: the newest committed checkpoint
     except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)
         shutil.rmtree(run_dir, ignore_errors=True)
-        trainer = Trainer(cfg, resume=False, progress=False)
+        trainer = Trainer(cfg, resume=False, progress=False, data_plan=plan["data"])
     if trainer.run_name != trial_id:  # explicit per-trial names: nothing else may claim this directory
         raise RuntimeError(f"trial {trial_id}: its run directory is taken ({trainer.run_dir})")
     info_path = run_dir / "trial.json"
@@ -224,6 +233,16 @@ def _scheduler(cfg: Config, mode: str, num_rows: int) -> Any:
     return ASHAScheduler(time_attr=EVALUATION, max_t=horizon + 1, grace_period=grace, reduction_factor=a.reduction_factor)
 
 
+def _plan(raw: dict[str, Any], name: str, trials_dir: Path) -> dict[str, Any]:
+    """What every trial gets: the sweep's config and where it writes, and its data described once, here (built
+    here too, not by racing trials), with the base config's checks (columns, batch size, the model on 2 rows) run
+    before any trial starts. A trial re-checks only what its swept keys change."""
+    base = load_config(trial_config(raw, {}, load_config(raw).sweep))
+    data = describe_data(base, {})
+    check_run(base, data)
+    return {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": data.train.num_rows, "data": data}
+
+
 def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True) -> SweepResult:
     """Run (or continue) the sweep that ``config``'s ``sweep:`` section describes.
 
@@ -246,10 +265,8 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
     tune_dir, trials_dir = sweep_dir / "tune", sweep_dir / "trials"
     metric, mode = s.metric, resolve_mode(s)
 
-    # every check before any trial: data (built once here, not by racing trials), columns, batch sizes
-    base = load_config(trial_config(raw, {}, s))
-    probe = Trainer(base, progress=False)
-    num_rows = probe.train_info.num_rows
+    plan = _plan(raw, name, trials_dir)
+    num_rows = plan["num_rows"]
     batches = [v for v in (s.space.get(BATCH_KEY, {}).get("choice") or []) if isinstance(v, int)]
     for b in batches or [cfg.train.batch_size]:
         if b > num_rows:
@@ -268,7 +285,6 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
     started = ensure_ray(min_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker, extra_cpus=data_cpus(cfg))
     try:
         concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
-        plan = {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": num_rows}
         trainable = tune.with_resources(tune.with_parameters(_run_trial, plan=plan), tune.PlacementGroupFactory(trial_bundles(cfg)))
         if exists:
             print(f"continuing sweep '{name}' from {sweep_dir}", flush=True)

@@ -138,7 +138,7 @@ def test_truncated_shard_is_an_error_naming_it(tmp_path):
     paths[1].write_bytes(paths[1].read_bytes()[:1000])
     with pytest.raises(ConfigError, match=rf"^data\.train: '{paths[1]}' is not a readable Parquet file: .*; to train without it,"
                                           r" set data\.on_bad_shard: skip$"):
-        Trainer(_ids_config(tmp_path, str(d), "error", epochs=1), progress=False)
+        Trainer(_ids_config(tmp_path, str(d), "error", epochs=1), progress=False).fit()
     with pytest.raises(ConfigError, match=r"^data\.on_bad_shard: 'skipp' is not one of error, skip"):
         load_config(_ids_config(tmp_path, str(d), "typo", epochs=1, on_bad_shard="skipp"))
 

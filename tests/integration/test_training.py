@@ -104,7 +104,7 @@ def test_ray_train_restart_resumes_automatically(tmp_path, blobs):
     assert [s["step"] for s in starts] == [0, 10]
     assert _max_diff(final_params(result), _uninterrupted(tmp_path, blobs)) <= 1e-6
     # the start-up phases, in seconds after fit(): each after the one before, the restarted group's later still
-    order = ["driver_process", "trainer", "ray", "ray_train", "worker_process", "worker_entry", "loop_entered", "ready"]
+    order = ["driver_process", "trainer", "planned", "ray", "ray_train", "worker_process", "worker_entry", "loop_entered", "ready"]
     for start in starts:
         phases = start["phases_s"]
         assert sorted(phases, key=phases.get) == order and phases["trainer"] <= 0 <= phases["ray"], phases

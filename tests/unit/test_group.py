@@ -92,6 +92,6 @@ def test_the_start_record_times_each_start_up_phase_from_fit(tmp_path):
     """A run's start record has its start-up phases in seconds after ``fit()``: the driver's before it, the loop's after."""
     result = Trainer(load_config(_config(tmp_path, "phases")), progress=False).fit(local=True)
     phases = next(r for r in result.records if r.get("event") == "start")["phases_s"]
-    assert sorted(phases, key=phases.get) == ["driver_process", "trainer", "loop_entered", "ready"], phases
+    assert sorted(phases, key=phases.get) == ["driver_process", "trainer", "planned", "loop_entered", "ready"], phases
     assert phases["trainer"] <= 0 <= phases["loop_entered"]
     assert result.metrics["time_to_first_step_s"] >= phases["ready"]

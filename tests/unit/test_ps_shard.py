@@ -205,13 +205,13 @@ def _cfg(blobs, **sync) -> dict:
 def test_hybrid_needs_an_embedding(blobs):
     with raises("sync.strategy: 'hybrid' needs a model with nn.Embedding or nn.EmbeddingBag tables for the parameter"
                 " servers; model 'mlp' has none (use 'allreduce' or 'ps')"):
-        Trainer(_cfg(blobs, strategy="hybrid"), progress=False)
+        Trainer(_cfg(blobs, strategy="hybrid"), progress=False).fit()
 
 
 def test_more_shards_than_parameters(blobs):
     with raises("sync.ps.num_shards: 5 is more than the model's parameters allow: 4 dense tensor(s) and embedding"
                 " tables of at most 0 rows fill only 4 shard(s)"):
-        Trainer(_cfg(blobs, strategy="ps", ps={"num_shards": 5}), progress=False)
+        Trainer(_cfg(blobs, strategy="ps", ps={"num_shards": 5}), progress=False).fit()
 
 
 def test_grad_clip_with_ps_is_refused(blobs):
@@ -219,7 +219,7 @@ def test_grad_clip_with_ps_is_refused(blobs):
     cfg["train"]["grad_clip_norm"] = 1.0
     with raises("train.grad_clip_norm: not supported with sync.strategy 'ps' (gradients are combined on the parameter"
                 " servers, no worker sees the global gradient), got 1"):
-        Trainer(cfg, progress=False)
+        Trainer(cfg, progress=False).fit()
 
 
 @pytest.mark.parametrize(("strategy", "mode", "why"), [
@@ -233,7 +233,7 @@ def test_dynamic_balance_needs_ps_with_async_or_ssp(tmp_path, strategy, mode, wh
     cfg["data"].update(inputs={"ids": "ids", "dense": "dense"}, targets={"label": "label"})
     cfg["model"] = {"name": "recommender", "hidden": [8], "kwargs": {"num_embeddings": 10, "embedding_dim": 2}}
     with raises(f"sync.ps.balance: 'dynamic' needs sync.strategy 'ps' with sync.ps.mode 'async' or 'ssp' ({why}); use balance 'static'"):
-        Trainer(cfg, progress=False)
+        Trainer(cfg, progress=False).fit()
 
 
 def test_balance_must_be_static_or_dynamic():

@@ -106,11 +106,11 @@ def test_fsdp_units_are_checked_on_the_driver_before_any_worker_starts(tmp_path)
     from lepton_ray import ConfigError
 
     with pytest.raises(ConfigError, match=r"^sync.fsdp.units: 'Blok' is not a module class of the model; its classes are: Linear, MLP, ReLU$"):
-        Trainer(load_config(_config(tmp_path, "fsdp", fsdp={"units": ["Blok"]})), progress=False)
+        Trainer(load_config(_config(tmp_path, "fsdp", fsdp={"units": ["Blok"]})), progress=False).fit()
 
 
 def test_fsdp_cpu_offload_needs_gpu_workers(tmp_path):
     from lepton_ray import ConfigError
 
     with pytest.raises(ConfigError, match=r"^sync.fsdp.cpu_offload: keeps GPU workers' shards in host memory; these workers are CPU"):
-        Trainer(load_config(_config(tmp_path, "fsdp", fsdp={"cpu_offload": True})), progress=False)
+        Trainer(load_config(_config(tmp_path, "fsdp", fsdp={"cpu_offload": True})), progress=False).fit()

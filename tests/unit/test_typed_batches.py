@@ -95,7 +95,7 @@ def test_eval_split_with_another_shape_is_refused_before_ray(tmp_path):
            "model": {"name": "gpt", "kwargs": {"n_layer": 1, "n_head": 1, "n_embd": 8}}, "train": {"batch_size": 8},
            "run": {"dir": str(tmp_path / "runs")}}
     with raises(f"data.eval: column 'input' (tokens) in '{tmp_path / 'eval.parquet'}' is uint8 [4] per row; data.train has uint8 [8]"):
-        Trainer(cfg, progress=False)
+        Trainer(cfg, progress=False).fit()
 
 
 def test_a_per_token_target_with_a_flat_model_fails_on_the_driver_with_both_shapes(tmp_path):
@@ -106,7 +106,7 @@ def test_a_per_token_target_with_a_flat_model_fails_on_the_driver_with_both_shap
            "train": {"batch_size": 8}, "run": {"dir": str(tmp_path / "runs")}}
     with raises("model: cross_entropy: the model's output [2, 256] does not fit the target [2, 8]: expected logits "
                 "[B, C, ...] or [B, ..., C] against class ids [B, ...]"):
-        Trainer(cfg, progress=False)
+        Trainer(cfg, progress=False).fit()
 
 
 def test_class_ids_must_be_non_negative_integers(tmp_path):
@@ -115,7 +115,7 @@ def test_class_ids_must_be_non_negative_integers(tmp_path):
            "run": {"dir": str(tmp_path / "runs")}}
     with raises("data.targets.label: column 'label' must hold class ids 0..K-1 for cross_entropy (found dtype float64, min 0.5);"
                 " for real-valued targets set model.task: regression (or model.loss: mse)"):
-        Trainer(cfg, progress=False)
+        Trainer(cfg, progress=False).fit()
 
 
 def test_prepare_records_every_columns_dtype_and_shape(tmp_path):
