@@ -214,8 +214,9 @@ def _check_batches(cfg: Config, info: TableInfo) -> None:
 def initial_model(cfg: Config, train: TableInfo) -> torch.nn.Module:
     """The model exactly as every worker initialises it (same seed), for strategy checks and services. Built
     :func:`isolated`: whatever a model's code changes in this process (RNGs, environment) is undone, so a run
-    in this process (``fit(local=True)``, a sweep trial) starts from the state a fresh worker has."""
-    with isolated():
+    in this process (``fit(local=True)``, a sweep trial) starts from the state a fresh worker has; on the CPU, whatever
+    device context the caller is in (a plan made lazily inside a strategy's meta-device build)."""
+    with isolated(), torch.device("cpu"):
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, train.batch_schema)
     if cfg.train.init_from:  # a seed checkpoint: services (parameter servers) start from its weights too

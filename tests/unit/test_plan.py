@@ -100,3 +100,14 @@ def test_a_sweep_trial_plans_on_the_described_data_and_checks_its_own_swept_keys
         trial({"model.kwargs": {"features": 15}}, "t3").plan
     with pytest.raises(ConfigError, match=r"^data.train: '.*' does not exist$"):  # a swept data key: the data is described again
         trial({"data.shuffle": False}, "t4").plan
+
+
+def test_a_plan_made_inside_a_meta_device_context_checks_the_model_on_the_cpu(blobs, tmp_path):
+    """The first planned attribute may be read inside a strategy's meta-device build (a model factory that asks for
+    ``trainer.train_info``): the plan's forward-pass check still builds and runs its model on the CPU."""
+    import torch
+
+    trainer = Trainer(load_config(_cfg(blobs, tmp_path)), progress=False)
+    with torch.device("meta"):
+        info = trainer.train_info
+    assert info.num_rows == 512 and [c.name for c in info.batch_schema.inputs] == ["x"]
