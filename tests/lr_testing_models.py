@@ -113,6 +113,19 @@ def drop_a_row(batch):
     return {k: v[1:] for k, v in batch.items()}
 
 
+def hold_until(path: str, timeout_s: float = 300) -> None:
+    """Write ``<path>.held`` (the test sees the run has arrived), then wait until the file ``path`` exists (the test
+    released it); a test that never does fails the run after ``timeout_s`` instead of hanging it."""
+    import time
+
+    open(path + ".held", "a").close()
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
 class HoldLaterTrial(nn.Module):
     """An MLP whose ``hold_at``-th training forward, in a sweep trial that starts after another trial finished (a file
     matches ``finished_glob``), writes ``<hold_file>.held`` and waits until ``hold_file`` exists: a test holds that trial
@@ -126,16 +139,10 @@ class HoldLaterTrial(nn.Module):
     def forward(self, x):
         if self.training:
             import glob
-            import time
 
             self.calls += 1
             if self.calls == self.hold_at and glob.glob(self.finished_glob):
-                open(self.hold_file + ".held", "a").close()
-                deadline = time.monotonic() + 300
-                while not os.path.exists(self.hold_file):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.hold_file} never appeared")
-                    time.sleep(0.05)
+                hold_until(self.hold_file)
         return self.inner(x)
 
 

@@ -55,12 +55,9 @@ class Faulty(nn.Module):
                         hang_in_python()
                     os.kill(os.getpid(), signal.SIGSTOP)
             if self.calls == self.hold_at:
-                open(self.hold_file + ".held", "a").close()
-                deadline = time.monotonic() + 300
-                while not os.path.exists(self.hold_file):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.hold_file} never appeared")
-                    time.sleep(0.05)
+                from lr_testing_models import hold_until
+
+                hold_until(self.hold_file)
             time.sleep(self.delay_s)
         return self.inner(x)
 
