@@ -34,6 +34,17 @@ def small_config(tmp_path: Path, data_path: Path, **sections) -> dict:
     return merge_sections(cfg, **sections)
 
 
+def ids_table(n: int, seed: int = 0):
+    """Rows whose feature 0 is the row id (``lr_testing_models.record_ids_mlp`` and the elastic test's model record it
+    and train on the rest), 4 seeded normal features and a label feature 1 (the first of them) decides."""
+    import numpy as np
+    import pyarrow as pa
+
+    x = np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+    return pa.table({"id": np.arange(n).astype(np.float32), **{f"f{i}": x[:, i] for i in range(4)},
+                     "label": (x[:, 0] > 0).astype(np.int64)})
+
+
 def merge_sections(cfg: dict, **sections) -> dict:
     """``cfg`` with each keyword section merged in (one level deep, see :func:`small_config`)."""
     for section, values in sections.items():

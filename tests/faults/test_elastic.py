@@ -15,13 +15,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from conftest import free_port
+from run_configs import ids_table
 from test_multinode import BIN, REPO, _loopback_name, _start, _stop, two_nodes  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow  # ~3 min on 2 cores: CI keeps the resize itself (tests/integration/test_data_pipeline.py)
@@ -42,13 +41,6 @@ def _wait(what: str, ok, timeout: float, proc: subprocess.Popen) -> float:
 
 
 ROWS, BATCH = 1024, 64  # 16 steps an epoch, at either size
-
-
-def _ids_table(n: int, seed: int) -> pa.Table:
-    """Feature 0 the row id (the model records it and trains on the rest), a label the other features decide."""
-    x = np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
-    return pa.table({"id": np.arange(n, dtype=np.float32), **{f"f{i}": x[:, i] for i in range(4)},
-                     "label": (x[:, 0] + x[:, 1] > 0).astype(np.int64)})
 
 
 def _counted_batches(log_dir: Path, starts: list[dict], world: int) -> dict[int, list[int]]:
@@ -73,8 +65,8 @@ def _counted_batches(log_dir: Path, starts: list[dict], world: int) -> dict[int,
 def test_node_lost_mid_epoch_continues_smaller_and_grows_back(two_nodes, tmp_path):  # noqa: F811
     from lepton_ray.data import prepare
 
-    prepare(_ids_table(ROWS, 0), str(tmp_path / "ids" / "train"), num_shards=4, row_group_rows=64, seed=0)
-    pq.write_table(_ids_table(512, 1), tmp_path / "ids" / "eval.parquet")
+    prepare(ids_table(ROWS, 0), str(tmp_path / "ids" / "train"), num_shards=4, row_group_rows=64, seed=0)
+    pq.write_table(ids_table(512, 1), tmp_path / "ids" / "eval.parquet")
     run_dir, log = tmp_path / "runs" / "elastic", tmp_path / "log"
     log.mkdir()
     config = {

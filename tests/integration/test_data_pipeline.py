@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +16,7 @@ from lepton_ray import ConfigError, Trainer, TrainingError, load_config
 from lepton_ray.config import DataConfig
 from lepton_ray.data import WorkerStream, describe, prepare
 from lepton_ray.data.builders import digits
+from run_configs import ids_table
 
 
 def _digits_local(tmp_path: Path) -> Path:
@@ -59,13 +59,6 @@ def test_prepare_on_s3_then_train_equals_the_local_run(tmp_path, bucket, engine)
         assert any(p.is_file() for p in (tmp_path / "cache").rglob("*"))  # filled by the data tasks, not the driver
 
 
-def _ids_table(n: int) -> pa.Table:
-    ids = np.arange(n)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    return pa.table({"id": ids.astype(np.float32), **{f"f{i}": x[:, i] for i in range(4)}, "label": (x[:, 0] > 0).astype(np.int64)})
-
-
 def _recorded(log_dir: Path, world: int) -> list[list[list[int]]]:
     return [[[int(i) for i in line.split()] for line in (log_dir / f"rank{r}.txt").read_text().splitlines()] for r in range(world)]
 
@@ -78,7 +71,7 @@ ENGINES = pytest.mark.parametrize("engine", ["native", "ray_data"])
 def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, bucket, engine):
     """Ids each worker consumed: stopped at step 5 of an epoch of 16, resumed to its end; union = every row once, in the
     order of an uninterrupted run of the native engine (the uninterrupted run reads natively, the stopped one with ``engine``)."""
-    prepare(_ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
+    prepare(ids_table(1024), f"s3://{bucket}/ids", num_shards=4, row_group_rows=64, seed=0)
 
     def cfg(name: str, log: Path, max_steps: int) -> dict:
         log.mkdir(parents=True, exist_ok=True)
@@ -113,7 +106,7 @@ def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, buc
 def test_resume_at_another_worker_count_mid_epoch_consumes_every_row_exactly_once(tmp_path, bucket, before, after, engine):
     """Stopped at step 5 of an epoch of 16 with ``before`` workers, resumed to its end with ``after`` (what an elastic
     resize does): the rest of the epoch is exactly the rows the first workers had not read, so every row once."""
-    prepare(_ids_table(1024), f"s3://{bucket}/ids{before}", num_shards=4, row_group_rows=64, seed=0)
+    prepare(ids_table(1024), f"s3://{bucket}/ids{before}", num_shards=4, row_group_rows=64, seed=0)
     log = tmp_path / "log"
     log.mkdir()
 
@@ -145,7 +138,7 @@ def test_resume_at_another_worker_count_mid_epoch_consumes_every_row_exactly_onc
 
 
 def test_cache_serves_later_epochs_and_refetches_a_tampered_shard(tmp_path, bucket, s3_endpoint):
-    prepare(_ids_table(1024), f"s3://{bucket}/c", num_shards=4, row_group_rows=128, seed=0)
+    prepare(ids_table(1024), f"s3://{bucket}/c", num_shards=4, row_group_rows=128, seed=0)
     # memory_cache_bytes=0: every epoch reads its shards again, so this test sees the disk cache serve them
     cfg = DataConfig(train=f"s3://{bucket}/c", cache_dir=str(tmp_path / "cache"), memory_cache_bytes=0)
     info = describe("data.train", cfg.train, cfg)
@@ -219,20 +212,20 @@ def test_schema_differs_between_shards(tmp_path):
 
 
 def test_missing_feature_column_on_s3(bucket):
-    prepare(_ids_table(64), f"s3://{bucket}/f", num_shards=2)
+    prepare(ids_table(64), f"s3://{bucket}/f", num_shards=2)
     with pytest.raises(ConfigError, match=rf"^data\.features: column 'nope' is not in data\.train 's3://{bucket}/f' \(columns: id, f0, f1, f2, f3, label\)$"):
         _describe(f"s3://{bucket}/f", features=["nope"])
 
 
 def test_unfinished_prepare_is_refused(bucket, s3_endpoint):
-    prepare(_ids_table(64), f"s3://{bucket}/u", num_shards=2)
+    prepare(ids_table(64), f"s3://{bucket}/u", num_shards=2)
     boto3.client("s3", endpoint_url=s3_endpoint).delete_object(Bucket=bucket, Key="u/_manifest.json")
     with pytest.raises(ConfigError, match=r"has shard-\*\.parquet files but no _manifest\.json: an unfinished `lepton-ray data prepare`"):
         _describe(f"s3://{bucket}/u")
 
 
 def test_manifest_that_does_not_match_is_refused(tmp_path):
-    prepare(_ids_table(64), str(tmp_path / "m"), num_shards=2)
+    prepare(ids_table(64), str(tmp_path / "m"), num_shards=2)
     shard = tmp_path / "m" / "shard-00001.parquet"
     pq.write_table(pa.table({"id": [1.0], "f0": [1.0], "f1": [1.0], "f2": [1.0], "f3": [1.0], "label": [0]}), shard)
     with pytest.raises(ConfigError, match=r"shard-00001\.parquet' has \d+ bytes but the manifest says \d+; the data set changed after it was prepared$"):
@@ -267,7 +260,7 @@ def test_ray_data_engine_gives_the_native_batches_bitwise(tmp_path):
     epoch, in an epoch resumed at step 3, and in the rest of an epoch resized from 2 workers (4 steps) to 1."""
     from lepton_ray.data.plan import Segment
 
-    pq.write_table(_ids_table(1000), tmp_path / "ids.parquet", row_group_size=100)
+    pq.write_table(ids_table(1000), tmp_path / "ids.parquet", row_group_size=100)
     got = {}
     for engine in ("native", "ray_data"):
         two = _engine_streams(tmp_path / "ids.parquet", engine, 2)
@@ -310,7 +303,7 @@ def _ids_cfg(tmp_path: Path, data: str, log: Path, **data_extra) -> dict:
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_raising_transform_fails_the_run_naming_it_and_the_row(tmp_path):
-    pq.write_table(_ids_table(1024), tmp_path / "ids.parquet", row_group_size=64)
+    pq.write_table(ids_table(1024), tmp_path / "ids.parquet", row_group_size=64)
     cfg = _ids_cfg(tmp_path, str(tmp_path / "ids.parquet"), tmp_path / "log", transform="lr_testing_models:fail_on_id",
                    transform_kwargs={"bad_id": 300})
     with pytest.raises(TrainingError) as err:
@@ -324,7 +317,7 @@ def test_a_raising_transform_fails_the_run_naming_it_and_the_row(tmp_path):
 def test_a_transform_process_killed_mid_epoch_loses_and_repeats_no_row(tmp_path, concurrency):
     """The process running the transform dies on the batch holding row 300 (once): Ray Data runs that piece again in
     a new process, and the epoch's 1024 rows each reach the model exactly once."""
-    pq.write_table(_ids_table(1024), tmp_path / "ids.parquet", row_group_size=64)
+    pq.write_table(ids_table(1024), tmp_path / "ids.parquet", row_group_size=64)
     marker = tmp_path / "died"
     cfg = _ids_cfg(tmp_path, str(tmp_path / "ids.parquet"), tmp_path / "log", transform="lr_testing_models:die_once_on_id",
                    transform_kwargs={"bad_id": 300, "marker": str(marker)}, transform_resources={"concurrency": concurrency})
