@@ -12,6 +12,8 @@ are not used: the open-source Ray has no resume, and ``streaming_split`` deals b
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import logging
 import re
@@ -49,8 +51,8 @@ def _read(ids: np.ndarray, info: Any, cfg: DataConfig, pieces: list[Any], transf
             table = reader.read_table(p.shard, p.row_group, handles)
             tables.append(table.slice(p.start, p.rows) if hasattr(p, "start") else table.take(pa.array(p.index)))  # Unit | Rows
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-    cols, index = reader.window(mine, {}, epoch)
-    return transform({k: v[index] for k, v in cols.items()}, info.row_ids(mine), epoch)
+    reader.transform = transform  # this task's (the reader is kept across tasks, the transform comes with each)
+    return reader.window(mine, {}, epoch)[0]  # transformed rows come in piece order
 
 
 class _ReadActor:
@@ -66,6 +68,23 @@ class _ReadActor:
 def _read_batch(batch: dict[str, np.ndarray], info: Any, cfg: DataConfig, pieces: list[Any], transform: Optional[Transform],
                 epoch: int) -> Any:
     return _read(batch["id"], info, cfg, pieces, transform, epoch)
+
+
+@contextlib.contextmanager
+def _context() -> Iterator[None]:
+    """Ray Data's current context set for the engine's Datasets made inside (a Dataset keeps a copy of it) and put
+    back after (the process may be a warm group's rank 0, or a user's): the plan's order (``preserve_order``,
+    whichever task finishes first) and no progress bars."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options, ctx.enable_progress_bars
+    ctx.execution_options = copy.copy(ctx.execution_options)
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
+    try:
+        yield
+    finally:
+        ctx.execution_options, ctx.enable_progress_bars = saved
 
 
 _RAISED = re.compile(r"^\S*(TransformError|OSError): (.*)$", re.M)
@@ -98,17 +117,15 @@ class RayDataSource:
     def _dataset(self, pieces: list[Any], epoch: int) -> Any:
         import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # the plan's order, whichever task finishes first
-        ctx.enable_progress_bars = False
         r = self.cfg.transform_resources
-        ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))  # one block (one task) per piece
         args = (self.info, self.cfg, pieces, self.transform, epoch)
         where = {"num_cpus": r.num_cpus, **({"resources": dict(r.resources)} if r.resources else {})}
-        if r.concurrency is None:
-            return ds.map_batches(_read_batch, batch_size=None, batch_format="numpy", fn_args=args, **where)
-        return ds.map_batches(_ReadActor, batch_size=None, batch_format="numpy", fn_constructor_args=args,
-                              concurrency=r.concurrency, **where)
+        with _context():  # a Dataset keeps the context it was made in
+            ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))  # one block (one task) per piece
+            if r.concurrency is None:
+                return ds.map_batches(_read_batch, batch_size=None, batch_format="numpy", fn_args=args, **where)
+            return ds.map_batches(_ReadActor, batch_size=None, batch_format="numpy", fn_constructor_args=args,
+                                  concurrency=r.concurrency, **where)
 
     def windows(self, windows: list[list[Any]], epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         pieces = [p for w in windows for p in w]
