@@ -777,6 +777,12 @@ class Config(Section):
         if s.elastic and self.sweep.enabled:
             raise ConfigError(f"scaling.num_workers: elastic {_show(s.num_workers)} is for training runs; a sweep trial"
                               " runs at a fixed worker count (e.g. scaling.num_workers: 2)")
+        d, r = self.data, self.data.transform_resources
+        need = (r.concurrency or 0) * s.max_workers or 1  # a pool's actors all live at once; tasks may take turns
+        if d.engine == "ray_data" and r.num_cpus and d.cpus // r.num_cpus < need:
+            what = f"{r.concurrency} actors x {s.max_workers} workers" if r.concurrency else "one task"
+            raise ConfigError(f"data.cpus: {d.cpus:g} CPUs hold {int(d.cpus // r.num_cpus)} data tasks of data.transform_resources.num_cpus"
+                              f" {r.num_cpus:g}; the run needs room for {what}: set data.cpus >= {need * r.num_cpus:g}")
         if t.precision == "fp16" and not s.use_gpu:
             raise ConfigError("train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'")
 

@@ -497,3 +497,16 @@ def test_elastic_needs_a_strategy_that_resizes():
 def test_num_workers_of_another_type():
     with raises("scaling.num_workers: expected an integer or a list of integers, got 'two'"):
         load_config(with_base(scaling={"num_workers": "two"}))
+
+
+def test_data_cpus_must_hold_the_data_engines_tasks_at_once():
+    """ray_data's reservation (data.cpus) must fit one task, and every actor of every worker's pool at once."""
+    ray_data = {"train": "x.parquet", "engine": "ray_data"}
+    with raises("data.cpus: 1 CPUs hold 0 data tasks of data.transform_resources.num_cpus 2; the run needs room for one task:"
+                " set data.cpus >= 2"):
+        load_config(with_base(data={**ray_data, "cpus": 1, "transform_resources": {"num_cpus": 2}}))
+    with raises("data.cpus: 2 CPUs hold 2 data tasks of data.transform_resources.num_cpus 1; the run needs room for 2 actors x 2"
+                " workers: set data.cpus >= 4"):
+        load_config(with_base(data={**ray_data, "transform_resources": {"concurrency": 2}}, scaling={"num_workers": 2}))
+    assert load_config(with_base(data={**ray_data, "cpus": 4, "transform_resources": {"concurrency": 2}}, scaling={"num_workers": 2}))
+    assert load_config(with_base(data={"train": "x.parquet", "cpus": 1, "transform_resources": {"num_cpus": 2}}))  # native: unused
