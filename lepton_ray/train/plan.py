@@ -256,14 +256,18 @@ def _store(cfg: Config, name: str) -> CheckpointStore:
     return CheckpointStore(root, c.storage_options, c.keep_last)
 
 
+def can_resume(cfg: Config) -> bool:
+    """Whether ``run.name`` has a committed checkpoint to resume from."""
+    return _store(cfg, cfg.run.name).latest() is not None
+
+
 def _resolve_run(cfg: Config, resume: bool) -> tuple[str, Path, str]:
     """A fresh run gets a run name nobody used yet (name, name-1, ...); --resume continues ``run.name``."""
     base = cfg.run.name
     if resume:
-        store = _store(cfg, base)
-        if store.latest() is None:
-            raise ConfigError(f"--resume: run '{base}' has no committed checkpoint under '{store.uri}'; nothing to resume")
-        return base, Path(cfg.run.dir) / base, store.uri
+        if not can_resume(cfg):
+            raise ConfigError(f"--resume: run '{base}' has no committed checkpoint under '{_store(cfg, base).uri}'; nothing to resume")
+        return base, Path(cfg.run.dir) / base, _store(cfg, base).uri
     name, i = base, 0
     while (Path(cfg.run.dir) / name).exists() or _store(cfg, name).steps():
         i += 1

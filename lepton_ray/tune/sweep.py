@@ -40,7 +40,7 @@ from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
-from lepton_ray.train.plan import check_run, describe_data
+from lepton_ray.train.plan import can_resume, check_run, describe_data
 from lepton_ray.train.trainer import Trainer, data_cpus, ensure_ray
 from lepton_ray.tune import results as R
 from lepton_ray.tune.space import (
@@ -134,14 +134,12 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         report({**{k: v for k, v in final.items() if k.startswith("eval_")}, "step": final["steps"]})
         return
 
-    # planned on the sweep's data description (no storage listed for the data again): this trial checks only what its
-    # swept keys change, and finds its resume point
-    trainer = Trainer(cfg, resume=True, progress=False, data_plan=plan["data"])
-    try:
-        trainer.plan  # the resume point: the newest committed checkpoint
-    except ConfigError:  # no committed checkpoint: start this trial afresh (in its own, cleared, directory)
+    resume = can_resume(cfg)  # from its newest committed checkpoint; else afresh, in its own cleared directory
+    if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-        trainer = Trainer(cfg, resume=False, progress=False, data_plan=plan["data"])
+    # planned on the sweep's data description (no storage listed for the data again): this trial checks only what its
+    # swept keys change
+    trainer = Trainer(cfg, resume=resume, progress=False, data_plan=plan["data"])
     if trainer.run_name != trial_id:  # explicit per-trial names: nothing else may claim this directory
         raise RuntimeError(f"trial {trial_id}: its run directory is taken ({trainer.run_dir})")
     info_path = run_dir / "trial.json"
