@@ -85,6 +85,23 @@ def test_a_ray_data_dataset_passed_in_trains_and_the_run_says_its_guarantees(tmp
 
 
 @pytest.mark.usefixtures("ray_cluster")
+def test_a_run_on_a_dataset_whose_worker_dies_restarts_from_its_newest_checkpoint(tmp_path, blobs):
+    """A worker process dies at its 15th step (a machine lost): under max_failures 1, Ray Train restarts the group, which
+    resumes from the checkpoint of step 10 and reads the rest from the same Dataset's splits (a fresh pass, as the
+    guarantees say) to the end."""
+    import ray.data
+
+    cfg = small_config(tmp_path, blobs, model={"factory": "lr_testing_models:crash_once_mlp",
+                                               "kwargs": {"crash_at": 15, "marker": str(tmp_path / "crashed")}},
+                       train={"max_steps": 30}, scaling={"max_failures": 1})
+    del cfg["data"]["train"]
+    result = Trainer(cfg, datasets={"train": ray.data.read_parquet(str(blobs))}, progress=False).fit()
+    assert (tmp_path / "crashed").exists() and result.metrics["steps"] == 30
+    assert result.resumed_from.endswith("step_00000010")
+    assert [r["resumed_from"] is None for r in result.records if r.get("event") == "start"] == [True, False]
+
+
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_dataset_and_a_config_path_for_one_split_is_an_error(tmp_path, blobs):
     import ray.data
 
