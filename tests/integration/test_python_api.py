@@ -64,8 +64,11 @@ def test_serving_a_checkpoint_whose_model_was_a_callable_says_how_to_give_it(tmp
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_ray_data_dataset_passed_in_trains_and_the_run_says_its_guarantees(tmp_path, blobs):
-    """A Ray user's own Dataset (read_parquet + map_batches), for train and eval, with data.train left out of the config."""
+def test_a_ray_data_dataset_passed_in_trains_says_its_guarantees_and_restarts_from_its_newest_checkpoint(tmp_path, blobs):
+    """A Ray user's own Dataset (read_parquet + map_batches), for train and eval, with data.train left out of the config.
+    A worker process dies at its 15th step (a machine lost): under max_failures 1, Ray Train restarts the group, which
+    resumes from the checkpoint of step 10 and reads the rest from the same Dataset's splits (a fresh pass, as the
+    guarantees say) to the end."""
     import ray.data
 
     from lepton_ray.data.dataset import GUARANTEES
@@ -74,31 +77,18 @@ def test_a_ray_data_dataset_passed_in_trains_and_the_run_says_its_guarantees(tmp
         return {**batch, "f0": batch["f0"] + 0.0}
 
     train = ray.data.read_parquet(str(blobs)).map_batches(shift)
-    cfg = small_config(tmp_path, blobs, train={"max_steps": 40})
-    del cfg["data"]["train"]
-    result = Trainer(cfg, datasets={"train": train, "eval": ray.data.read_parquet(str(blobs))}, progress=False).fit()
-    assert result.metrics["steps"] == 40 and result.metrics["eval_accuracy"] > 0.9
-    start = next(r for r in result.records if r.get("event") == "start")
-    assert start["data"]["engine"] == "dataset" and start["data"]["guarantees"] == GUARANTEES
-    saved = json.loads((Path(result.run_dir) / "config.yaml").read_text())
-    assert saved["data"]["train"] == "dataset:train" and saved["data"]["eval"] == "dataset:eval"
-
-
-@pytest.mark.usefixtures("ray_cluster")
-def test_a_run_on_a_dataset_whose_worker_dies_restarts_from_its_newest_checkpoint(tmp_path, blobs):
-    """A worker process dies at its 15th step (a machine lost): under max_failures 1, Ray Train restarts the group, which
-    resumes from the checkpoint of step 10 and reads the rest from the same Dataset's splits (a fresh pass, as the
-    guarantees say) to the end."""
-    import ray.data
-
     cfg = small_config(tmp_path, blobs, model={"factory": "lr_testing_models:crash_once_mlp",
                                                "kwargs": {"crash_at": 15, "marker": str(tmp_path / "crashed")}},
-                       train={"max_steps": 30}, scaling={"max_failures": 1})
+                       train={"max_steps": 40}, scaling={"max_failures": 1})
     del cfg["data"]["train"]
-    result = Trainer(cfg, datasets={"train": ray.data.read_parquet(str(blobs))}, progress=False).fit()
-    assert (tmp_path / "crashed").exists() and result.metrics["steps"] == 30
+    result = Trainer(cfg, datasets={"train": train, "eval": ray.data.read_parquet(str(blobs))}, progress=False).fit()
+    assert (tmp_path / "crashed").exists() and result.metrics["steps"] == 40 and result.metrics["eval_accuracy"] > 0.9
     assert result.resumed_from.endswith("step_00000010")
-    assert [r["resumed_from"] is None for r in result.records if r.get("event") == "start"] == [True, False]
+    starts = [r for r in result.records if r.get("event") == "start"]
+    assert [s["resumed_from"] is None for s in starts] == [True, False]
+    assert all(s["data"]["engine"] == "dataset" and s["data"]["guarantees"] == GUARANTEES for s in starts)
+    saved = json.loads((Path(result.run_dir) / "config.yaml").read_text())
+    assert saved["data"]["train"] == "dataset:train" and saved["data"]["eval"] == "dataset:eval"
 
 
 @pytest.mark.usefixtures("ray_cluster")
