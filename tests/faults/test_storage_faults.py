@@ -101,23 +101,26 @@ def test_checkpoint_store_skips_torn_and_corrupt_checkpoints(tmp_path):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_resume_skips_a_corrupted_newest_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, blobs):
-    cfg = small_config(tmp_path, blobs)  # 20 steps, checkpoints at 10 and 20
-    Trainer(cfg, progress=False).fit()
+    """The uninterrupted run is the first one: 30 steps, checkpoints at 10, 20 and 30. Its newest checkpoint corrupted,
+    a resume to step 30 starts from step 20 and must end where the first run ended."""
+    cfg = small_config(tmp_path, blobs, train={"max_steps": 30})
+    want = final_params(Trainer(cfg, progress=False).fit())
     ckpts = tmp_path / "runs" / "t" / "checkpoints"
-    assert CheckpointStore(str(ckpts)).steps() == [10, 20]
-    model_20 = ckpts / "step_00000020" / "model.pt"
-    data = bytearray(model_20.read_bytes())
+    assert CheckpointStore(str(ckpts)).steps() == [10, 20, 30]
+    model_30 = ckpts / "step_00000030" / "model.pt"
+    data = bytearray(model_30.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: the manifest is there, the checksum does not match
-    model_20.write_bytes(bytes(data))
+    model_30.write_bytes(bytes(data))
 
-    resumed = Trainer(load_config(cfg, ["train.max_steps=30"]), resume=True, progress=False).fit()
-    assert resumed.resumed_from.endswith("step_00000010") and resumed.metrics["steps"] == 30
+    resumed = Trainer(load_config(cfg), resume=True, progress=False).fit()
+    assert resumed.resumed_from.endswith("step_00000020") and resumed.metrics["steps"] == 30
     start = [r for r in resumed.records if r.get("event") == "start"][-1]
-    assert start["step"] == 10
-    assert start["notes"] == [f"skipped the checkpoint of step 20: '{ckpts}/step_00000020/model.pt' does not match its manifest"
+    assert start["step"] == 20
+    assert start["notes"] == [f"skipped the checkpoint of step 30: '{ckpts}/step_00000030/model.pt' does not match its manifest"
                               " (size or SHA-256 differ)"]
-    straight = Trainer(small_config(tmp_path, blobs, train={"max_steps": 30}, run={"name": "straight"}), progress=False).fit()
-    assert _max_diff(final_params(resumed), final_params(straight)) <= 1e-6
+    assert _max_diff(final_params(resumed), want) <= 1e-6
+    store = CheckpointStore(str(ckpts))
+    assert _max_diff(want, store.load(store.get(20), ["model"])["model"]) > 1e-3  # steps 20-30 moved it: not vacuous
 
 
 # --------------------------------------------------------------------------- 2. a damaged data shard
