@@ -5,6 +5,7 @@ parameters of an uninterrupted run (fp32, CPU, same seed: 1e-6). The figure: det
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -29,7 +30,51 @@ def _config(tmp_path: Path, blobs: Path, strategy: str, name: str, delay_s: floa
                                "kwargs": {"delay_s": delay_s, "pid_dir": str(tmp_path / f"pids-{name}"), "hidden": [32]}})
 
 
-@pytest.mark.slow  # CI keeps tests/integration/test_training.py::test_ray_train_restart_resumes_automatically (a worker dies mid-run)
+_UNINTERRUPTED: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+"""(strategy, the data's SHA-256) -> the final parameters of ``_config(..., delay_s=0.0)``'s run: one run per strategy
+and session (the warm group's test below makes the allreduce one as its first fit, before the kill tests need it)."""
+
+
+def _key(blobs: Path, strategy: str) -> tuple[str, str]:
+    return strategy, hashlib.sha256(blobs.read_bytes()).hexdigest()
+
+
+def _uninterrupted(tmp_path: Path, blobs: Path, strategy: str) -> dict[str, torch.Tensor]:
+    if _key(blobs, strategy) not in _UNINTERRUPTED:
+        cfg = load_config(_config(tmp_path, blobs, strategy, "uninterrupted", delay_s=0.0))
+        _UNINTERRUPTED[_key(blobs, strategy)] = final_params(Trainer(cfg, progress=False).fit())
+    return _UNINTERRUPTED[_key(blobs, strategy)]
+
+
+def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(tmp_path, blobs):
+    """fit(keep_warm=True) twice in one process: the first through Ray Train, the second in the warm group it left
+    (this process rank 0). Its other rank SIGKILLed mid-run: a fresh group resumes from the newest committed
+    checkpoint (max_failures 1) and the run ends with the first run's parameters (same config, same seed: 1e-6)."""
+    from lepton_ray.train import group as G
+
+    first = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "first", delay_s=0.0)), progress=False).fit(keep_warm=True)
+    _UNINTERRUPTED.setdefault(_key(blobs, "allreduce"), final_params(first))  # the kill test's uninterrupted run too
+    assert "worker_process" in next(r for r in first.records if r.get("event") == "start")["phases_s"]  # through Ray Train
+    assert G._CACHE["group"].world == 2  # the warm group it left behind
+
+    trainer = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "warm", delay_s=0.1)), progress=False)
+    with contextlib.ExitStack() as cleanup, BackgroundFit(trainer, keep_warm=True) as run:  # the run stopped, then its group
+        cleanup.callback(lambda: G._CACHE["group"].close() if "group" in G._CACHE else None)  # nothing left running
+        run.wait_for_step(13)
+        pid = int((tmp_path / "pids-warm" / "rank1").read_text())
+        assert pid != os.getpid() and pid in G._CACHE["group"].pids  # rank 1 is the warm group's helper
+        store = CheckpointStore(trainer.checkpoint_uri)
+        os.kill(pid, signal.SIGKILL)
+        committed = store.steps()
+        result = run.result(timeout_s=300)
+    starts = [r for r in result.records if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, committed[-1]] and committed[-1] >= 10, (starts, committed)
+    assert "worker_process" not in starts[0]["phases_s"]  # the warm group, not a Ray Train start-up
+    assert result.resumed_from.endswith(f"step_{committed[-1]:08d}") and result.metrics["steps"] == 40
+    got, want = final_params(result), _UNINTERRUPTED[_key(blobs, "allreduce")]
+    assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
+
+
 @pytest.mark.parametrize("strategy", ["allreduce", "ps"])
 def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(tmp_path, blobs, strategy):
     cfg = load_config(_config(tmp_path, blobs, strategy, "killed", delay_s=0.1))
@@ -50,12 +95,19 @@ def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(t
     assert before and before[-1] >= 10  # the kill came after a checkpoint: a resume from scratch would be wrong
     assert resumed == committed[-1] and result.resumed_from.endswith(f"step_{resumed:08d}")  # the newest committed one
     assert result.metrics["steps"] == 40
+    # the start-up phases, in seconds after fit(): each after the one before, the restarted group's later still
+    order = ["driver_process", "trainer", "planned", "ray", "ray_train", "worker_process", "worker_entry", "loop_entered", "ready"]
+    for start in starts:
+        phases = start["phases_s"]
+        assert sorted(phases, key=phases.get) == order and phases["trainer"] <= 0 <= phases["ray"], phases
+    assert starts[1]["phases_s"]["worker_entry"] > starts[0]["phases_s"]["ready"]  # the restarted group's, after the kill
+    # (its worker_process may be older: Ray can hand the new group a worker process it started, and kept idle, before)
+    assert result.metrics["time_to_first_step_s"] > starts[1]["phases_s"]["ready"]  # timed from fit(), as the phases are
     firsts = [r for r in result.records if r.get("event") == "first_step"]
     recovery = firsts[-1]["time"] - killed_at
     print(f"{strategy}: worker killed at step >= 13, resumed from step {resumed}; kill -> first step after restart {recovery:.1f} s")
 
-    reference = Trainer(load_config(_config(tmp_path, blobs, strategy, "uninterrupted", delay_s=0.0)), progress=False).fit()
-    got, want = final_params(result), final_params(reference)
+    got, want = final_params(result), _uninterrupted(tmp_path, blobs, strategy)
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
     assert max((got[k] - _initial(cfg, trainer)[k]).abs().max().item() for k in got) > 1e-3  # it trained: not vacuous
@@ -66,31 +118,3 @@ def _initial(cfg, trainer) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(cfg.train.seed)
     return build_model(cfg.model, trainer.train_info.schema).state_dict()
-
-
-def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(tmp_path, blobs):
-    """fit(keep_warm=True) twice in one process: the first through Ray Train, the second in the warm group it left
-    (this process rank 0). Its other rank SIGKILLed mid-run: a fresh group resumes from the newest committed
-    checkpoint (max_failures 1) and the run ends with the first run's parameters (same config, same seed: 1e-6)."""
-    from lepton_ray.train import group as G
-
-    first = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "first", delay_s=0.0)), progress=False).fit(keep_warm=True)
-    assert "worker_process" in next(r for r in first.records if r.get("event") == "start")["phases_s"]  # through Ray Train
-    assert G._CACHE["group"].world == 2  # the warm group it left behind
-
-    trainer = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "warm", delay_s=0.1)), progress=False)
-    with contextlib.ExitStack() as cleanup, BackgroundFit(trainer, keep_warm=True) as run:  # the run stopped, then its group
-        cleanup.callback(lambda: G._CACHE["group"].close() if "group" in G._CACHE else None)  # nothing left running
-        run.wait_for_step(13)
-        pid = int((tmp_path / "pids-warm" / "rank1").read_text())
-        assert pid != os.getpid() and pid in G._CACHE["group"].pids  # rank 1 is the warm group's helper
-        store = CheckpointStore(trainer.checkpoint_uri)
-        os.kill(pid, signal.SIGKILL)
-        committed = store.steps()
-        result = run.result(timeout_s=300)
-    starts = [r for r in result.records if r.get("event") == "start"]
-    assert [s["step"] for s in starts] == [0, committed[-1]] and committed[-1] >= 10, (starts, committed)
-    assert "worker_process" not in starts[0]["phases_s"]  # the warm group, not a Ray Train start-up
-    assert result.resumed_from.endswith(f"step_{committed[-1]:08d}") and result.metrics["steps"] == 40
-    got, want = final_params(result), final_params(first)
-    assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
