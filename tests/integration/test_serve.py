@@ -35,7 +35,7 @@ TOKEN = "s3cret-token-for-tests"
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tmp_path_factory):
-    """A tiny digits model (40 steps, 1 worker) and its held-out split."""
+    """A tiny digits model (40 steps, 1 worker, in this process) and its held-out split."""
     root = tmp_path_factory.mktemp("serve")
     cfg = load_config({
         "model": {"name": "mlp", "hidden": [32]},
@@ -45,7 +45,7 @@ def trained(ray_cluster, tmp_path_factory):
         "checkpoint": {"every_n_steps": 0},
         "run": {"dir": str(root / "runs"), "name": "digits"},
     })
-    result = Trainer(cfg, progress=False).fit()
+    result = Trainer(cfg, progress=False).fit(local=True)  # only its checkpoint is needed: no Ray Train start-up
     return {"root": root, "checkpoint": result.checkpoint, "eval": str(root / "data/eval.parquet"),
             "accuracy": result.metrics["eval_accuracy"]}
 
