@@ -37,7 +37,7 @@ import ray
 from ray import tune
 
 from lepton_ray.checks import check_config
-from lepton_ray.config import Config, ConfigError, load_config
+from lepton_ray.config import Config, ConfigError, SweepConfig, load_config
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
 from lepton_ray.train.plan import can_resume, check_run, describe_data
@@ -102,7 +102,7 @@ def _absolute(cfg: Config) -> dict[str, Any]:
 
 def _trial_raw(plan: dict[str, Any], params: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """The config of trial ``trial_id``: the sweep's, with ``params`` set, run in ``<trials>/<trial_id>``."""
-    raw = trial_config(plan["config"], params, load_config(plan["config"]).sweep)
+    raw = trial_config(plan["config"], params, plan["sweep"])
     raw["run"] = {"name": trial_id, "dir": plan["trials_dir"]}
     if raw["checkpoint"]["dir"] is not None:
         raw["checkpoint"]["dir"] = join(raw["checkpoint"]["dir"], plan["name"])
@@ -231,14 +231,15 @@ def _scheduler(cfg: Config, mode: str, num_rows: int) -> Any:
     return ASHAScheduler(time_attr=EVALUATION, max_t=horizon + 1, grace_period=grace, reduction_factor=a.reduction_factor)
 
 
-def _plan(raw: dict[str, Any], name: str, trials_dir: Path) -> dict[str, Any]:
+def _plan(raw: dict[str, Any], sweep_cfg: SweepConfig, name: str, trials_dir: Path) -> dict[str, Any]:
     """What every trial gets: the sweep's config and where it writes, and its data described once, here (built
     here too, not by racing trials), with the base config's checks (columns, batch size, the model on 2 rows) run
     before any trial starts. A trial re-checks only what its swept keys change."""
-    base = load_config(trial_config(raw, {}, load_config(raw).sweep))
+    base = load_config(trial_config(raw, {}, sweep_cfg))
     data = describe_data(base, {})
     check_run(base, data)
-    return {"config": raw, "name": name, "trials_dir": str(trials_dir), "num_rows": data.train.num_rows, "data": data}
+    return {"config": raw, "sweep": sweep_cfg, "name": name, "trials_dir": str(trials_dir), "num_rows": data.train.num_rows,
+            "data": data}
 
 
 def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True) -> SweepResult:
@@ -263,7 +264,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
     tune_dir, trials_dir = sweep_dir / "tune", sweep_dir / "trials"
     metric, mode = s.metric, resolve_mode(s)
 
-    plan = _plan(raw, name, trials_dir)
+    plan = _plan(raw, s, name, trials_dir)
     num_rows = plan["num_rows"]
     batches = [v for v in (s.space.get(BATCH_KEY, {}).get("choice") or []) if isinstance(v, int)]
     for b in batches or [cfg.train.batch_size]:

@@ -86,7 +86,8 @@ def test_a_sweep_trial_plans_on_the_described_data_and_checks_its_own_swept_keys
     cfg = _cfg(blobs, tmp_path)
     cfg["model"] = {"factory": register(narrow)}
     cfg["sweep"] = {"space": {"train.batch_size": {"choice": [32, 64]}}, "dir": str(tmp_path / "sweeps")}
-    plan = _plan(_absolute(load_config(cfg)), "s", tmp_path / "sweeps" / "s" / "trials")  # the sweep driver's step
+    config = load_config(cfg)
+    plan = _plan(_absolute(config), config.sweep, "s", tmp_path / "sweeps" / "s" / "trials")  # the sweep driver's step
     assert plan["data"].train.num_rows == 512
     blobs.unlink()  # from here on, a trial that read the data again would fail
 
