@@ -238,8 +238,9 @@ class Trainer:
         is then called on rank 0 after every evaluation, and an exception from it stops the run on every rank.
         ``keep_warm`` (several fits in one process: a notebook, a script over configs): after a run through Ray
         Train, keep Ray up and start a warm group of this run's shape (this process as rank 0, the others helper
-        actors); the next ``fit(keep_warm=True)`` of the same shape runs there, its first step in about a second
-        instead of a Ray Train start-up, and a worker that dies is replaced and the run resumed from its newest
+        actors, started beside the run at its first step when there are CPUs free for them, else when it ends); the
+        next ``fit(keep_warm=True)`` of the same shape runs there, its first step in about a second instead of a Ray
+        Train start-up, and a worker that dies is replaced and the run resumed from its newest
         checkpoint, at most ``scaling.max_failures`` times, as Ray Train would. Elastic and GPU runs always go
         through Ray Train. The loop, checkpoints and records are the same in all of these.
         """
@@ -274,7 +275,8 @@ class Trainer:
 
         cfg = self.config
         s = cfg.scaling
-        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker, extra_cpus=data_cpus(self.config))
+        helpers = (s.num_workers - 1) * s.cpus_per_worker if keep_warm else 0  # a local instance gets CPUs for them too
+        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker, extra_cpus=data_cpus(self.config) + helpers)
         phases["ray"] = time.time()
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:
@@ -308,7 +310,7 @@ class Trainer:
                     failure_config=ray.train.FailureConfig(max_failures=s.max_failures, controller_failure_limit=s.max_failures),
                 ),
             )
-            watcher = _Watcher(sink, self.progress, self.run_name)
+            watcher = _Watcher(sink, self.progress, self.run_name, on_first_step=self._warm_beside if keep_warm else None)
             watcher.start()
             watchdog = Watchdog(sink, cfg.train.collective_timeout_s, self.run_dir / "stacks")
             watchdog.start()
@@ -325,7 +327,7 @@ class Trainer:
                 ray.kill(sink)  # drained; not left to garbage collection (an error's traceback keeps the handle alive)
                 self.services.stop(services)
             result = self._result(watcher.records, phases["fit"])
-            if keep_warm:  # the next fit(keep_warm=True) of this shape: its helpers start now, while the caller reads this result
+            if keep_warm:  # the next fit(keep_warm=True) of this shape: its helpers (started at the first step if there was room)
                 from lepton_ray.train.group import warm_group
 
                 warm_group(**self._warm_shape())
@@ -347,6 +349,19 @@ class Trainer:
     def _start_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(json.dumps(redact_config(self.config.to_dict()), indent=1))  # JSON is YAML
+
+    def _warm_beside(self) -> None:
+        """``keep_warm``, at the run's first step: start the warm group's helpers now, beside the run, when the cluster has
+        CPUs free for them (a local instance was given them), so that the next ``fit`` finds them up. Without room they
+        start when the run ends: a helper waiting for CPUs could take those of a group Ray Train restarts."""
+        import ray
+
+        from lepton_ray.train.group import warm_group
+
+        s = self.config.scaling
+        if ray.available_resources().get("CPU", 0) >= (s.num_workers - 1) * s.cpus_per_worker:
+            log.info("keep_warm: the warm group's helpers start beside the run")
+            warm_group(**self._warm_shape())
 
     def _fit_warm(self, phases: dict[str, Optional[float]]) -> Result:
         """A run in this process's warm group; a failed group is replaced by a fresh one and the run resumes from
@@ -454,9 +469,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
 class _Watcher(threading.Thread):
     """Drains the metrics sink (which appends metrics.jsonl itself): keeps the records, drives the progress bar."""
 
-    def __init__(self, sink: Any, progress: bool, name: str):
+    def __init__(self, sink: Any, progress: bool, name: str, on_first_step: Optional[Callable[[], None]] = None):
         super().__init__(daemon=True)
-        self.sink, self.progress, self.name = sink, progress, name
+        self.sink, self.progress, self.name, self._on_first_step = sink, progress, name, on_first_step
         self.records: list[dict[str, Any]] = []
         self._stop_event = threading.Event()
         self._bar: Any = None
@@ -485,6 +500,12 @@ class _Watcher(threading.Thread):
         self.records.extend(new)
         if self.progress:
             self._update_bar(new)
+        if self._on_first_step is not None and any(r.get("event") == "first_step" for r in new):
+            call, self._on_first_step = self._on_first_step, None
+            try:
+                call()
+            except Exception as exc:  # an optional head start: the run goes on, the helpers start after it instead
+                log.warning("keep_warm: could not start the warm group beside the run (%s); it starts when the run ends", exc)
 
     def _update_bar(self, new: list[dict[str, Any]]) -> None:
         from tqdm.auto import tqdm
