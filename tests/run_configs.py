@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -32,6 +33,31 @@ def small_config(tmp_path: Path, data_path: Path, **sections) -> dict:
         "run": {"dir": str(tmp_path / "runs"), "name": "t"},
     }
     return merge_sections(cfg, **sections)
+
+
+_ONCE: dict[str, Any] = {}
+T = TypeVar("T")
+
+
+def data_digest(data: str | Path) -> str:
+    """SHA-256 of the Parquet bytes at ``data``: a file, or every ``.parquet`` file under a directory (names relative to
+    it), local or on S3 (a prepared dataset's manifest holds its creation time, so it is left out)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(data))
+    files = [root] if fs.isfile(root) else sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.removeprefix(root).encode() + fs.cat_file(f))
+    return digest.hexdigest()
+
+
+def once(key: str, run: Callable[[], T]) -> T:
+    """``run()`` once per test session and ``key`` (an uninterrupted reference run several tests compare with: the key
+    holds what decides its result, e.g. the config's varied part and :func:`data_digest` of its data)."""
+    if key not in _ONCE:
+        _ONCE[key] = run()
+    return _ONCE[key]
 
 
 def ids_table(n: int, seed: int = 0):

@@ -5,7 +5,6 @@ parameters of an uninterrupted run (fp32, CPU, same seed: 1e-6). The figure: det
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import time
@@ -16,7 +15,7 @@ import torch
 
 from lepton_ray import Trainer, load_config
 from lepton_ray.train.checkpoint import CheckpointStore
-from run_configs import BackgroundFit, final_params, small_config
+from run_configs import BackgroundFit, data_digest, final_params, once, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -30,20 +29,10 @@ def _config(tmp_path: Path, blobs: Path, strategy: str, name: str, delay_s: floa
                                "kwargs": {"delay_s": delay_s, "pid_dir": str(tmp_path / f"pids-{name}"), "hidden": [32]}})
 
 
-_UNINTERRUPTED: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-"""(strategy, the data's SHA-256) -> the final parameters of ``_config(..., delay_s=0.0)``'s run: one run per strategy
-and session (the warm group's test below makes the allreduce one as its first fit, before the kill tests need it)."""
-
-
-def _key(blobs: Path, strategy: str) -> tuple[str, str]:
-    return strategy, hashlib.sha256(blobs.read_bytes()).hexdigest()
-
-
-def _uninterrupted(tmp_path: Path, blobs: Path, strategy: str) -> dict[str, torch.Tensor]:
-    if _key(blobs, strategy) not in _UNINTERRUPTED:
-        cfg = load_config(_config(tmp_path, blobs, strategy, "uninterrupted", delay_s=0.0))
-        _UNINTERRUPTED[_key(blobs, strategy)] = final_params(Trainer(cfg, progress=False).fit())
-    return _UNINTERRUPTED[_key(blobs, strategy)]
+def _reference(blobs: Path, strategy: str) -> str:
+    """The key of ``_config(..., delay_s=0.0)``'s final parameters in :func:`run_configs.once`: one uninterrupted run per
+    strategy, data and session (the warm group's test below makes the allreduce one as its first fit)."""
+    return f"worker-kill:{strategy}:{data_digest(blobs)}"
 
 
 def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(tmp_path, blobs):
@@ -53,7 +42,7 @@ def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(
     from lepton_ray.train import group as G
 
     first = Trainer(load_config(_config(tmp_path, blobs, "allreduce", "first", delay_s=0.0)), progress=False).fit(keep_warm=True)
-    _UNINTERRUPTED.setdefault(_key(blobs, "allreduce"), final_params(first))  # the kill test's uninterrupted run too
+    want = once(_reference(blobs, "allreduce"), lambda: final_params(first))  # the kill test's uninterrupted run too
     assert "worker_process" in next(r for r in first.records if r.get("event") == "start")["phases_s"]  # through Ray Train
     assert G._CACHE["group"].world == 2  # the warm group it left behind
 
@@ -71,7 +60,7 @@ def test_a_second_fit_runs_in_the_warm_group_and_a_sigkilled_worker_is_replaced(
     assert [s["step"] for s in starts] == [0, committed[-1]] and committed[-1] >= 10, (starts, committed)
     assert "worker_process" not in starts[0]["phases_s"]  # the warm group, not a Ray Train start-up
     assert result.resumed_from.endswith(f"step_{committed[-1]:08d}") and result.metrics["steps"] == 40
-    got, want = final_params(result), _UNINTERRUPTED[_key(blobs, "allreduce")]
+    got = final_params(result)
     assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
 
 
@@ -107,7 +96,9 @@ def test_worker_sigkilled_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(t
     recovery = firsts[-1]["time"] - killed_at
     print(f"{strategy}: worker killed at step >= 13, resumed from step {resumed}; kill -> first step after restart {recovery:.1f} s")
 
-    got, want = final_params(result), _uninterrupted(tmp_path, blobs, strategy)
+    reference = lambda: final_params(Trainer(load_config(_config(tmp_path, blobs, strategy, "uninterrupted", delay_s=0.0)),
+                                             progress=False).fit())
+    got, want = final_params(result), once(_reference(blobs, strategy), reference)
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
     assert max((got[k] - _initial(cfg, trainer)[k]).abs().max().item() for k in got) > 1e-3  # it trained: not vacuous

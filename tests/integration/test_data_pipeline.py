@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from lepton_ray import ConfigError, Trainer, TrainingError, load_config
 from lepton_ray.config import DataConfig
 from lepton_ray.data import WorkerStream, describe, prepare
 from lepton_ray.data.builders import digits
-from run_configs import ids_table
+from run_configs import data_digest, ids_table, once
 
 
 def _digits_local(tmp_path: Path) -> Path:
@@ -37,24 +36,6 @@ def _train_cfg(tmp_path: Path, train: str, eval: str, name: str, **data) -> dict
     }
 
 
-_REFERENCE: dict[str, object] = {}
-
-
-def _once(data: str | Path, run):
-    """``run()`` once per session and data: the uninterrupted native run that both engines' parameter sets compare with
-    (the key holds every byte of the Parquet files under ``data``, local or on S3, so other data gets its own run)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(str(data))
-    digest = hashlib.sha256()
-    for f in sorted(f for f in fs.find(root) if f.endswith(".parquet")):
-        digest.update(f.removeprefix(root).encode() + fs.cat_file(f))
-    key = digest.hexdigest()
-    if key not in _REFERENCE:
-        _REFERENCE[key] = run()
-    return _REFERENCE[key]
-
-
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.parametrize("engine", ["native", "ray_data"])
 def test_prepare_on_s3_then_train_equals_the_local_run(tmp_path, bucket, engine):
@@ -65,7 +46,7 @@ def test_prepare_on_s3_then_train_equals_the_local_run(tmp_path, bucket, engine)
         prepare(str(src), dest, num_shards=4, row_group_rows=128, eval_fraction=0.2, seed=1)
     s3 = Trainer(_train_cfg(tmp_path, f"s3://{bucket}/digits/train", f"s3://{bucket}/digits/eval", "s3",
                             cache_dir=str(tmp_path / "cache"), engine=engine), progress=False).fit()
-    local = _once(tmp_path / "prepared", lambda: Trainer(
+    local = once("digits-local:" + data_digest(tmp_path / "prepared"), lambda: Trainer(
         _train_cfg(tmp_path, str(tmp_path / "prepared" / "train"), str(tmp_path / "prepared" / "eval"), "local"),
         progress=False).fit().metrics)
     assert s3.metrics["eval_accuracy"] == local["eval_accuracy"]
@@ -106,7 +87,7 @@ def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, buc
         }
 
     straight = tmp_path / "straight"
-    uninterrupted = _once(f"s3://{bucket}/ids", lambda: (Trainer(cfg("straight", straight, 16), progress=False).fit(),
+    uninterrupted = once("ids-straight:" + data_digest(f"s3://{bucket}/ids"), lambda: (Trainer(cfg("straight", straight, 16), progress=False).fit(),
                                                           _recorded(straight, 2))[1])
     parts = tmp_path / "parts"
     first = Trainer(cfg("parts", parts, 5), progress=False).fit()

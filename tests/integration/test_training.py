@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from lepton_ray import Trainer, TrainingError, load_config
 from lepton_ray.data.stream import WorkerStream
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore
-from run_configs import RUN_ACTORS, BackgroundFit, final_params, small_config
+from run_configs import RUN_ACTORS, BackgroundFit, data_digest, final_params, once, small_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -78,19 +77,14 @@ def _crash_config(tmp_path, blobs, marker: Path, **extra) -> dict:
     )
 
 
-_UNINTERRUPTED: dict[str, dict[str, torch.Tensor]] = {}
-
-
 def _uninterrupted(tmp_path, blobs, **extra) -> dict[str, torch.Tensor]:
-    """The final parameters of the crash config's run without the crash: one run per session and ``extra`` (the data
-    is the same seeded blobs in every test; the key holds its bytes, so other data would get its own run)."""
-    key = json.dumps(extra, sort_keys=True) + hashlib.sha256(blobs.read_bytes()).hexdigest()
-    if key not in _UNINTERRUPTED:
+    """The final parameters of the crash config's run without the crash: one run per session, ``extra`` and data."""
+    def run() -> dict[str, torch.Tensor]:
         marker = tmp_path / "never-crash"
         marker.touch()
-        cfg = _crash_config(tmp_path, blobs, marker, run={"name": "straight"}, **extra)
-        _UNINTERRUPTED[key] = final_params(Trainer(cfg, progress=False).fit())
-    return _UNINTERRUPTED[key]
+        return final_params(Trainer(_crash_config(tmp_path, blobs, marker, run={"name": "straight"}, **extra), progress=False).fit())
+
+    return once(f"crash-config:{json.dumps(extra, sort_keys=True)}:{data_digest(blobs)}", run)
 
 
 def test_checkpoint_killed_before_manifest_is_not_used(tmp_path, blobs):
