@@ -71,16 +71,17 @@ def _read_batch(batch: dict[str, np.ndarray], info: Any, cfg: DataConfig, pieces
 
 
 @contextlib.contextmanager
-def _context() -> Iterator[None]:
+def _context(cpus: float) -> Iterator[None]:
     """Ray Data's current context set for the engine's Datasets made inside (a Dataset keeps a copy of it) and put
     back after (the process may be a warm group's rank 0, or a user's): the plan's order (``preserve_order``,
-    whichever task finishes first) and no progress bars."""
+    whichever task finishes first), no progress bars, and at most ``cpus`` logical CPUs for the execution."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options, ctx.enable_progress_bars
     ctx.execution_options = copy.copy(ctx.execution_options)
     ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=cpus)
     try:
         yield
     finally:
@@ -104,10 +105,15 @@ class RayDataSource:
     """The ``ray_data`` engine's source: the stream's windows, read by Ray Data (see the module's docstring).
 
     Counts into ``stats``: ``ray_data_blocks`` (blocks received) and ``ray_data_datasets`` (executions started).
+    Each of the ``world_size`` workers' executions holds at most its share of ``data.cpus`` (at least one task's), so
+    the engine as a whole stays within ``data.cpus`` on a cluster with other work, whatever Ray Data's default
+    (every free CPU of the cluster for each execution).
     """
 
-    def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform] = None):
+    def __init__(self, info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform] = None,
+                 world_size: int = 1):
         self.info, self.cfg, self.stats, self.transform = info, cfg, stats, transform
+        self.cpus = max(cfg.cpus / world_size, cfg.transform_resources.num_cpus or 0)
         self.stats.update(ray_data_blocks=0, ray_data_datasets=0)
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per execution per worker per epoch otherwise
 
@@ -120,7 +126,7 @@ class RayDataSource:
         r = self.cfg.transform_resources
         args = (self.info, self.cfg, pieces, self.transform, epoch)
         where = {"num_cpus": r.num_cpus, **({"resources": dict(r.resources)} if r.resources else {})}
-        with _context():  # a Dataset keeps the context it was made in
+        with _context(self.cpus):  # a Dataset keeps the context it was made in
             ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))  # one block (one task) per piece
             if r.concurrency is None:
                 return ds.map_batches(_read_batch, batch_size=None, batch_format="numpy", fn_args=args, **where)

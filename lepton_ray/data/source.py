@@ -51,9 +51,11 @@ SOURCES = {"native": "lepton_ray.data.source:ParquetSource", "ray_data": "lepton
 """``data.engine`` -> its source (imported when used: Ray Data is imported only by a run that uses it)."""
 
 
-def make_source(info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform]) -> "Source":
+def make_source(info: Any, cfg: DataConfig, stats: dict[str, float], transform: Optional[Transform], world_size: int = 1) -> "Source":
+    """``world_size``: the workers reading beside this one (an engine that runs tasks shares ``data.cpus`` among them)."""
     module, _, name = SOURCES[cfg.engine].partition(":")
-    return getattr(importlib.import_module(module), name)(info, cfg, stats, transform)
+    source = getattr(importlib.import_module(module), name)
+    return source(info, cfg, stats, transform, world_size=world_size) if cfg.engine == "ray_data" else source(info, cfg, stats, transform)
 
 
 class ParquetSource:

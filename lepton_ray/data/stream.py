@@ -65,7 +65,7 @@ class WorkerStream:
             if cfg.engine != "native":
                 raise ValueError("the dynamic deal (sync.ps.balance: dynamic) reads with data.engine: native")
             self.stats.update(pieces_claimed=0, rows_dropped=0)
-        self.source: Source = make_source(info, cfg, self.stats, load_transform(cfg, seed))
+        self.source: Source = make_source(info, cfg, self.stats, load_transform(cfg, seed), world_size)
         self._steps: dict[int, int] = {}
         self._history: dict[int, tuple[Segment, ...]] = {}  # an epoch begun at other world sizes: its earlier segments
         # the reading already begun: (epoch, start step, its producer), for the next epoch or the loop's first
@@ -80,7 +80,8 @@ class WorkerStream:
             r = c.transform_resources
             pool = f"a pool of {r.concurrency} actors per worker" if r.concurrency else "Ray tasks"
             where = (f"in Ray Data: {pool} of {r.num_cpus:g} CPU each"
-                     + (f" on nodes with {', '.join(r.resources)}" if r.resources else "") + ", off the training workers' CPUs")
+                     + (f" on nodes with {', '.join(r.resources)}" if r.resources else "")
+                     + f", at most {self.source.cpus:g} CPUs per worker (data.cpus {c.cpus:g}), off the training workers' CPUs")
         return {"engine": c.engine, "reads_in": where, "transform": c.transform}
 
     def resume_after(self, epoch: int, history: tuple[Segment, ...]) -> None:

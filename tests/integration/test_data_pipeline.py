@@ -270,6 +270,10 @@ def test_ray_data_engine_gives_the_native_batches_bitwise(tmp_path):
         one.resume_after(0, (Segment(world_size=2, local_batch=32, steps=4),))
         got[engine] = [list(s.epoch(0)) + list(s.epoch(1, start_step=3)) for s in two] + [list(one.epoch(0, start_step=4))]
         assert engine == "native" or all(s.stats["ray_data_blocks"] > 0 for s in two)  # it really read through Ray Data
+    # each worker's Ray Data execution is held to its share of data.cpus (2 by default), whatever the cluster has free
+    pieces, _ = two[0]._plan(0).windows(0, 2)[0]
+    ds = two[0].source._dataset(pieces, 0)
+    assert ds.context.execution_options.resource_limits.cpu == 1.0
     for native, ray_data in zip(got["native"], got["ray_data"]):
         assert len(native) == len(ray_data) > 0
         for a, b in zip(native, ray_data):
@@ -292,7 +296,8 @@ def test_ray_data_transform_feeds_the_digits_cnn(tmp_path):
     assert result.metrics["eval_accuracy"] > 0.9
     start = next(r for r in result.records if r.get("event") == "start")
     assert start["data"] == {"engine": "ray_data", "transform": "lr_testing_models:images_to_float",
-                             "reads_in": "in Ray Data: Ray tasks of 1 CPU each, off the training workers' CPUs"}
+                             "reads_in": "in Ray Data: Ray tasks of 1 CPU each, at most 1 CPUs per worker (data.cpus 2),"
+                                         " off the training workers' CPUs"}
 
 
 def _ids_cfg(tmp_path: Path, data: str, log: Path, **data_extra) -> dict:
