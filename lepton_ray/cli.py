@@ -90,6 +90,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"held-out bits per byte: {out['eval_bits_per_byte']:.4f}" + (f" (unigram baseline {baseline:.4f})" if baseline else ""))
     elif "eval_accuracy" in out:
         print(f"held-out accuracy: {out['eval_accuracy']:.4f}")
+    breakdown = result.breakdown()
+    if breakdown:
+        print("step time per rank, seconds (share):\n" + breakdown)
     print(f"checkpoint: {out['checkpoint']}")
     print(f"run directory: {out['run_dir']}")
     if args.json:

@@ -426,6 +426,11 @@ class TrainConfig(Section):
         ``collective_timeout_s``, diagnoses a hang first; where none runs (a warm group) it ends the hang."""
         return self.collective_timeout_s + 60.0
 
+    straggler_factor: float = 1.5
+    """A rank whose compute time per step (forward + backward, its exposed synchronisation left out) exceeds the
+    median over the ranks by more than this factor in an epoch is reported as a straggler (a warning naming the
+    rank and host, a ``straggler`` record). With two ranks the median is their mean: a factor >= 2 never flags one."""
+
     activation_checkpointing: Optional[list[str]] = None
     """Module class names (e.g. ``[Block]`` for the built-in gpt) whose activations are recomputed in backward
     instead of kept from forward: less activation memory for ~one more forward of those modules; omitted = off."""
@@ -455,6 +460,7 @@ class TrainConfig(Section):
         self._require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
         self._require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         self._require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0 seconds")
+        self._require(self.straggler_factor > 1, "straggler_factor", "must be > 1 (the slowest rank's compute over the median's)")
         if self.activation_checkpointing is not None:
             self._require(len(self.activation_checkpointing) > 0, "activation_checkpointing", "must name at least one module class (or be omitted)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,22 +40,31 @@ def _seeded(tmp_path: Path, raw: dict) -> dict:
     return {**raw, "train": {**raw["train"], "init_from": seed.uri}}
 
 
-def _worker(rank: int, init: str, world: int, spec: LoopSpec) -> None:
+def _worker(rank: int, init: str, world: int, specs: list[LoopSpec]) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        train_loop(spec, WorkerContext(rank, world))
+        for spec in specs:
+            train_loop(spec, WorkerContext(rank, world))
     finally:
         dist.destroy_process_group()
 
 
 def _run(raw: dict, world: int = WORLD, checkpoint_uri: str = "", sink: str = "") -> Trainer:
     """The real loop in ``world`` spawned processes over gloo; returns the driver-side Trainer (its checkpoint URI)."""
-    cfg = load_config(raw)
-    trainer = Trainer(cfg, progress=False)
-    spec = LoopSpec(cfg.to_dict(), trainer.train_info, trainer.eval_info, checkpoint_uri or trainer.checkpoint_uri,
-                    sink=Sink(sink) if sink else None)
-    mp.start_processes(_worker, args=(rendezvous(), world, spec), nprocs=world, start_method="spawn", join=True)
-    return trainer
+    return _runs([raw], world, [checkpoint_uri], [sink])[0]
+
+
+def _runs(raws: list[dict], world: int = WORLD, checkpoint_uris: Optional[list[str]] = None, sinks: Optional[list[str]] = None) -> list[Trainer]:
+    """Several runs, one after the other, in the same ``world`` spawned processes (one start-up: ~5-10 s each);
+    ``sinks``: each run's metrics.jsonl path (rank 0's records), or "" for none."""
+    trainers, specs = [], []
+    for raw, uri, sink in zip(raws, checkpoint_uris or [""] * len(raws), sinks or [""] * len(raws)):
+        cfg = load_config(raw)
+        trainers.append(Trainer(cfg, progress=False))
+        specs.append(LoopSpec(cfg.to_dict(), trainers[-1].train_info, trainers[-1].eval_info, uri or trainers[-1].checkpoint_uri,
+                              sink=Sink(sink) if sink else None))
+    mp.start_processes(_worker, args=(rendezvous(), world, specs), nprocs=world, start_method="spawn", join=True)
+    return trainers
 
 
 def _saved(uri: str) -> dict[str, torch.Tensor]:

@@ -62,6 +62,27 @@ def record_ids_mlp(input_dim: int, num_outputs: int, log_dir: str) -> nn.Module:
     return RecordIds(mlp(input_dim=input_dim - 1, num_outputs=num_outputs, hidden=[16]), log_dir)
 
 
+class SleepyForward(nn.Module):
+    """An MLP whose training forward first sleeps ``sleep_s[rank]`` seconds: compute made slow on purpose, per rank."""
+
+    def __init__(self, inner: nn.Module, sleep_s: list[float]):
+        super().__init__()
+        self.inner, self.sleep_s = inner, sleep_s
+
+    def forward(self, x):
+        if self.training:
+            import time
+
+            import torch.distributed as dist
+
+            time.sleep(self.sleep_s[dist.get_rank() if dist.is_initialized() else 0])
+        return self.inner(x)
+
+
+def sleepy_mlp(input_dim: int, num_outputs: int, sleep_s: list[float]) -> nn.Module:
+    return SleepyForward(mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=[16]), sleep_s)
+
+
 def leaky_mlp(input_dim: int, num_outputs: int, hidden=(32,)) -> nn.Module:
     """An MLP built from process state that it then changes, as careless user code does: its output bias is
     the number in ``LEPTON_TEST_LEAK`` (0 when unset), which it then increments. A warm worker that let one

@@ -14,6 +14,7 @@ parameter), so a resume at any world size, with or without ZeRO-1, finds every p
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, ContextManager, Literal, Optional
 
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lepton_ray.config import Section
 from lepton_ray.sync.base import Strategy, WorkerInfo, options
 from lepton_ray.sync.shm import SharedMemoryAllReduce, SharedMemoryUnavailable, bucket_capacity
+from lepton_ray.train.breakdown import SyncTimer
 from lepton_ray.train.optim import optimizer_class
 
 __all__ = ["AllReduce", "AllReduceConfig", "build_ddp"]
@@ -58,11 +60,35 @@ class AllReduceConfig(Section):
         self._require(bool(self.shm_dir), "shm_dir", "must be a directory path")
 
 
-def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduced: list[torch.Tensor],
+class _Timed:
+    """A DDP comm hook's state that times the hook ``inner(state, bucket)`` into ``synced``: the time the backward pass
+    is blocked in it (the shared-memory transport averages inside the hook), and the wait from the last bucket's launch
+    to its completion (the all-reduce not hidden behind backward: nothing is left to compute then)."""
+
+    def __init__(self, inner: Any, state: Any, synced: SyncTimer):
+        self.inner, self.state, self.synced = inner, state, synced
+
+    @staticmethod
+    def hook(timed, bucket):  # no annotations: DDP compares them with the real classes
+        t0 = time.perf_counter()
+        fut = timed.inner(timed.state, bucket)
+        launched = time.perf_counter()
+        timed.synced.add(launched - t0)
+        if not bucket.is_last():
+            return fut
+
+        def waited(f):
+            timed.synced.add(time.perf_counter() - launched)
+            return f.value()
+
+        return fut.then(waited)
+
+
+def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduced: list[torch.Tensor], synced: SyncTimer,
               **ddp_kwargs: Any) -> tuple[DistributedDataParallel, Optional[SharedMemoryAllReduce], dict[str, str]]:
     """DDP around ``model`` (``reduced``: the parameters it all-reduces), with the gradient transport
-    ``opts.cpu_transport`` picks. Collective: every rank calls it. DDP broadcasts rank 0's parameters at
-    construction, so every replica starts equal.
+    ``opts.cpu_transport`` picks, its exposed time added to ``synced``. Collective: every rank calls it. DDP
+    broadcasts rank 0's parameters at construction, so every replica starts equal.
 
     Returns ``(ddp, shm or None, description)``; the description (``allreduce_transport`` and, when
     ``auto`` fell back to gloo, ``allreduce_note`` with the reason) goes into the run's start record.
@@ -80,19 +106,23 @@ def build_ddp(model: nn.Module, worker: WorkerInfo, opts: AllReduceConfig, reduc
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    if worker.device.type != "cpu" or opts.cpu_transport == "gloo":
-        return ddp, None, {"allreduce_transport": dist.get_backend()}
-    try:
-        shm = SharedMemoryAllReduce(worker.rank, worker.world_size, bucket_capacity(reduced, opts.bucket_mb), opts.shm_dir)
-    except SharedMemoryUnavailable as exc:
-        if opts.cpu_transport == "shm":
-            raise RuntimeError(f"sync.allreduce.cpu_transport 'shm' needs every worker on one host, sharing {opts.shm_dir}: {exc}. "
-                               f"Use 'auto' to fall back to gloo, or 'gloo'") from None
-        if worker.rank == 0:
-            log.warning("lepton_ray: gradients go over gloo, shared memory is unavailable: %s", exc)
-        return ddp, None, {"allreduce_transport": "gloo", "allreduce_note": f"shared memory unavailable: {exc}"}
-    ddp.register_comm_hook(shm, SharedMemoryAllReduce.hook)
-    return ddp, shm, {"allreduce_transport": "shm"}
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # what DDP does without a hook
+
+    shm, describe = None, {"allreduce_transport": dist.get_backend()}
+    if worker.device.type == "cpu" and opts.cpu_transport != "gloo":
+        try:
+            shm = SharedMemoryAllReduce(worker.rank, worker.world_size, bucket_capacity(reduced, opts.bucket_mb), opts.shm_dir)
+            describe = {"allreduce_transport": "shm"}
+        except SharedMemoryUnavailable as exc:
+            if opts.cpu_transport == "shm":
+                raise RuntimeError(f"sync.allreduce.cpu_transport 'shm' needs every worker on one host, sharing {opts.shm_dir}: {exc}. "
+                                   f"Use 'auto' to fall back to gloo, or 'gloo'") from None
+            if worker.rank == 0:
+                log.warning("lepton_ray: gradients go over gloo, shared memory is unavailable: %s", exc)
+            describe = {"allreduce_transport": "gloo", "allreduce_note": f"shared memory unavailable: {exc}"}
+    inner = (SharedMemoryAllReduce.hook, shm) if shm is not None else (allreduce_hook, None)
+    ddp.register_comm_hook(_Timed(*inner, synced), _Timed.hook)
+    return ddp, shm, describe
 
 
 class AllReduce(Strategy):
@@ -108,7 +138,7 @@ class AllReduce(Strategy):
         if not self.worker.distributed:
             return model
         self._ddp, self._shm, self._describe = build_ddp(
-            model, self.worker, self.opts, list(model.parameters()),
+            model, self.worker, self.opts, list(model.parameters()), self.synced,
             gradient_as_bucket_view=True)  # grads live in the comm buckets: one copy fewer per step
         return self._ddp
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lepton_ray.config import Config, build_section
+from lepton_ray.train.breakdown import SyncTimer
 from lepton_ray.train.optim import make_optimizer
 from lepton_ray.train.precision import Precision
 
@@ -105,6 +106,7 @@ class Strategy(ABC):
         self.config, self.worker, self.services = config, worker, services
         self.pace = Pace()
         self.model: nn.Module = None  # type: ignore[assignment]  # set by build
+        self.synced = SyncTimer()  # where the strategy waits on the others (see sync_s)
 
     @classmethod
     def check(cls, config: Config) -> None:
@@ -147,6 +149,12 @@ class Strategy(ABC):
     def step_metrics(self) -> dict[str, float]:
         """Communication metrics since the previous call, merged into rank 0's per-step record."""
         return {}
+
+    def sync_s(self) -> float:
+        """Seconds this worker has waited on synchronisation so far (exposed: not overlapped with its own work), summed
+        by the strategy into :attr:`synced`; the step-time breakdown counts them as ``sync``
+        (:mod:`lepton_ray.train.breakdown`)."""
+        return self.synced.total
 
     def save(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
         """Every rank, at a checkpoint (a collective may run here): write this rank's part into ``ckpt`` (a

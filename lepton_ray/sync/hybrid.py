@@ -64,7 +64,7 @@ class Hybrid(ParamServer):
         self._describe: dict[str, str] = {}
         if self.worker.distributed:
             dense = [p for n, p in model.named_parameters() if n not in self._tables]  # DDP all-reduces only these
-            self._ddp, self._shm, self._describe = build_ddp(model, self.worker, options(AllReduceConfig, self.config), dense)
+            self._ddp, self._shm, self._describe = build_ddp(model, self.worker, options(AllReduceConfig, self.config), dense, self.synced)
             return self._ddp
         return model
 

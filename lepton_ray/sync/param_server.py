@@ -286,6 +286,7 @@ class ParamServer(Strategy):
             ) from exc
         finally:
             self._metrics["ps_wait_s"] += time.perf_counter() - t0
+            self.synced.add(time.perf_counter() - t0)
 
     def _row_puller(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:

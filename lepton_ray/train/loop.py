@@ -9,6 +9,7 @@ or a Ray Train restart after a worker failure.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
 from lepton_ray.train import metrics as M
+from lepton_ray.train.breakdown import StepTimes, stragglers
 from lepton_ray.train.checkpoint import CheckpointReader, CheckpointStore, load_model, open_checkpoint, rng_state, set_rng_state
 from lepton_ray.train.context import WorkerContext
 from lepton_ray.train.losses import Evaluator, default_metrics, make_loss, model_inputs
@@ -41,6 +43,13 @@ from lepton_ray.train.watchdog import Preempted, WorkerGuard
 __all__ = ["LoopSpec", "train_loop", "evaluate"]
 
 log = logging.getLogger(__name__)
+HOST = socket.gethostname()
+
+
+def device_wait(device: torch.device) -> Any:
+    """What the step-time breakdown calls at each phase's end: a GPU's stream is synchronised there (else a phase
+    would time the kernels' launch, not their run); nothing on CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
 @dataclass(frozen=True)
@@ -245,6 +254,34 @@ class _Run:
     evaluator: Evaluator
     eval_data: Optional[dict[str, torch.Tensor]]
     last_eval: dict[str, float]
+    times: StepTimes
+    lockstep: bool
+
+    def breakdown(self, epoch: int, step: int) -> None:
+        """This rank's step-time breakdown since the last one, to the sink: rank 0 gathers every rank's (one collective)
+        and adds a ``straggler`` record for a rank whose compute is slow; workers not in lock step send their own."""
+        mine = self.times.take(rank=self.ctx.rank, host=HOST, epoch=epoch, step=step, time=time.time())
+        if not self.lockstep or self.ctx.world == 1:
+            self.own.add(mine, now=True)
+            return
+        every: list[Any] = [None] * self.ctx.world
+        dist.all_gather_object(every, mine)
+        if self.ctx.rank == 0:
+            for r in every + stragglers(every, self.cfg.train.straggler_factor):
+                self.buffer.add(r)
+            self.buffer.flush()
+
+    @property
+    def own(self) -> M.RecordBuffer:
+        """Where this rank's own breakdown goes: rank 0's buffer; another rank's own buffer to a sink actor (a sink in
+        rank 0's process is not reachable from another)."""
+        if self.ctx.rank == 0 or isinstance(self.spec.sink, M.Sink):
+            return self.buffer
+        if self._own is None:
+            self._own = M.RecordBuffer(self.spec.sink)
+        return self._own
+
+    _own: Optional[M.RecordBuffer] = None
 
     def record(self, step: int, epoch: int) -> None:
         if self.window.batches:
@@ -254,8 +291,9 @@ class _Run:
     def act(self, due: Due, step: int, epoch: int, cursor: tuple[int, int]) -> None:
         """Evaluate and/or checkpoint, as ``due`` says (every rank, at the same step)."""
         if due.evaluate and self.eval_data is not None:
-            self.last_eval = evaluate(self.parts.model, self.eval_data, self.evaluator, tuple(c.name for c in self.spec.train.batch_schema.inputs),
-                                      self.parts.precision, self.ctx, self.cfg.train.eval_batch_size)
+            with self.times.phase("eval"):
+                self.last_eval = evaluate(self.parts.model, self.eval_data, self.evaluator, tuple(c.name for c in self.spec.train.batch_schema.inputs),
+                                          self.parts.precision, self.ctx, self.cfg.train.eval_batch_size)
             self.losses.flush()  # metrics.jsonl stays in step order
             self.buffer.add({M.STEP: step, M.EPOCH: epoch, **self.last_eval, "time": time.time()})
             if self.ctx.report is not None:
@@ -265,8 +303,9 @@ class _Run:
             self.losses.flush()  # every rank: a collective; the records before the checkpoint's record
             model_io = {"schema": self.spec.train.batch_schema.to_dict(), "loss": self.evaluator.loss.name,
                         "metrics": self.evaluator.metrics, "task": self.cfg.model.task}  # what serving rebuilds the model from
-            uri = _save(self.store, self.parts, self.ctx, self.spec, model_io, step=step, cursor=cursor,
-                        stream=self.stream, metrics=self.last_eval)
+            with self.times.phase("checkpoint"):
+                uri = _save(self.store, self.parts, self.ctx, self.spec, model_io, step=step, cursor=cursor,
+                            stream=self.stream, metrics=self.last_eval)
             if uri:
                 self.buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)
 
@@ -331,7 +370,9 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                     "compiled": getattr(p.net, "compiled", False), "data": stream.describe(), **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=pace.lockstep),
-               _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {})
+               _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {},
+               StepTimes(p.strategy.sync_s, wait=device_wait(ctx.device)), pace.lockstep)
+    times = run.times
     guard = guard or WorkerGuard()
     guard.start(ctx.world, ctx.device, jit=pace.lockstep and pace.stepwise)  # jit: may checkpoint at any step
 
@@ -340,14 +381,17 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
         p.net.train()
         while epoch < t.epochs if t.max_steps is None else step < total:
             begin, stopped = sum(stream.steps(e) for e in range(epoch)), False
-            for pos, batch in enumerate(stream.epoch(epoch, start), start=start):
-                run.window.loss += forward_backward(p.net, batch, micro=t.grad_accum_steps, inputs=inputs, loss=loss,
-                                                    precision=p.precision, strategy=p.strategy)
+            for pos, batch in enumerate(times.batches(stream.epoch(epoch, start)), start=start):
+                with times.phase("compute"):
+                    run.window.loss += forward_backward(p.net, batch, micro=t.grad_accum_steps, inputs=inputs, loss=loss,
+                                                        precision=p.precision, strategy=p.strategy)
                 run.window.batches += 1
                 pending += 1
                 if pace.held(pending):
                     continue
-                p.strategy.step(p.optimizer, p.precision, pending)
+                with times.phase("optimizer"):
+                    p.strategy.step(p.optimizer, p.precision, pending)
+                times.steps += 1
                 held = None if announced else _held(p, ctx, pace.lockstep)  # before zero_grad: the gradients exist
                 p.optimizer.zero_grad(set_to_none=True)
                 before, step, pending = step, pace.advance(step), 0
@@ -381,6 +425,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                 run.record(step, epoch)
                 # the dynamic deal restarts an interrupted epoch (its pieces went to whichever worker was free)
                 run.act(due, step, epoch, (epoch, 0) if stopped else (epoch + 1, 0))
+            run.breakdown(epoch, step)
             if stopped:
                 break
             epoch, start = epoch + 1, 0

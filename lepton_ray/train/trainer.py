@@ -57,6 +57,13 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return {**self.metrics, "checkpoint": self.checkpoint, "run_dir": self.run_dir}
 
+    def breakdown(self) -> str:
+        """Where the steps' time went, per rank (:func:`lepton_ray.train.breakdown.table`); empty for a run without
+        ``breakdown`` records."""
+        from lepton_ray.train.breakdown import table
+
+        return table(self.records)
+
 
 def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0) -> bool:
     """Connect to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it); else start a private
@@ -404,7 +411,9 @@ class Trainer:
                           f" restarting it from the newest checkpoint ({attempt + 1} of {retries})", file=sys.stderr, flush=True)
         finally:
             self.services.stop(services)
-        return self._result(sink.drain(), phases["fit"])
+        records = sink.drain()
+        warn_stragglers(records)
+        return self._result(records, phases["fit"])
 
     def _result(self, records: list[dict[str, Any]], fit_called: float) -> Result:
         end = next((r for r in reversed(records) if r.get("event") == "end"), None)
@@ -466,6 +475,14 @@ def _worker_entry(config: dict[str, Any]) -> None:
         guard.close()
 
 
+def warn_stragglers(records: list[dict[str, Any]], bar: Any = None) -> None:
+    """Print each ``straggler`` record's warning (beside a progress bar without breaking it)."""
+    for r in records:
+        if r.get("event") == "straggler":
+            text = f"lepton_ray: warning: {r['message']}"
+            bar.write(text, file=sys.stderr) if bar is not None else print(text, file=sys.stderr, flush=True)
+
+
 class _Watcher(threading.Thread):
     """Drains the metrics sink (which appends metrics.jsonl itself): keeps the records, drives the progress bar."""
 
@@ -500,6 +517,7 @@ class _Watcher(threading.Thread):
         self.records.extend(new)
         if self.progress:
             self._update_bar(new)
+        warn_stragglers(new, self._bar)
         if self._on_first_step is not None and any(r.get("event") == "first_step" for r in new):
             call, self._on_first_step = self._on_first_step, None
             try:

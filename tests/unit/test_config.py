@@ -25,7 +25,7 @@ BASE = {"data": {"train": "data/train.parquet"}}
 
 TRAIN_KEYS = (
     "epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, "
-    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s, "
+    "min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s, straggler_factor, "
     "activation_checkpointing, compile, init_from"
 )
 SECTIONS = "model, data, train, scaling, sync, checkpoint, run, sweep, serve"

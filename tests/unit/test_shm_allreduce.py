@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lepton_ray.sync.shm import SharedMemoryAllReduce, SharedMemoryUnavailable, bucket_capacity
+from lepton_ray.train.breakdown import SyncTimer
 
 SIZES = [1000, 7, 1000, 513, 1, 2500, 1000]  # calls in a row: both halves, several times; 2500 goes in 3 chunks
 
@@ -184,7 +185,8 @@ def _build_worker(rank: int, world: int, store: str, out: str, shm_dir: str) -> 
         model = nn.Linear(4, 2)
         try:
             _, shm, described = build_ddp(model, WorkerInfo(rank=rank, world_size=world, device=torch.device("cpu")),
-                                          AllReduceConfig(cpu_transport=transport, shm_dir=shm_dir), list(model.parameters()))
+                                          AllReduceConfig(cpu_transport=transport, shm_dir=shm_dir), list(model.parameters()),
+                                          SyncTimer())
             results[transport] = {"described": described, "shm": shm is not None}
         except RuntimeError as exc:
             results[transport] = {"error": str(exc)}
