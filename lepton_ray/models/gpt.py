@@ -81,8 +81,22 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)]),
             ln_f=nn.LayerNorm(n_embd, bias=bias),
         ))
-        self.n_layer = n_layer
+        self.n_layer, self.n_embd = n_layer, n_embd
         self.init_weights()
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs (forward + backward) of one row of ``block_size`` tokens, as nanoGPT's ``estimate_mfu`` and
+        PaLM's appendix B count them: ``6 N`` per token for the matmuls over the ``N`` parameters, plus
+        ``12 L C T`` per token for attention (``L`` layers, ``C`` = n_embd, ``T`` tokens of context).
+
+        >>> m = GPT(block_size=8, vocab_size=256, n_layer=1, n_head=2, n_embd=16)
+        >>> n = sum(p.numel() for p in m.parameters())
+        >>> m.flops_per_sample() == (6 * n + 12 * 1 * 16 * 8) * 8
+        True
+        """
+        n = sum(p.numel() for p in self.parameters())
+        T = self.block_size
+        return float((6 * n + 12 * self.n_layer * self.n_embd * T) * T)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
-__all__ = ["PHASES", "StepTimes", "SyncTimer", "stragglers", "table"]
+__all__ = ["PHASES", "StepTimes", "SyncTimer", "peak_flops", "stragglers", "table"]
 
 PHASES = ("data", "compute", "sync", "optimizer", "checkpoint", "eval")
 """The timed phases, in step order; each record also has ``residual_s`` and ``step_s``."""
@@ -167,3 +167,23 @@ def table(records: Iterable[dict[str, Any]]) -> str:
         cells = " ".join(f"{f'{a[k]:.2f} ({100 * a[k] / total:3.0f}%)':<13}" for k in keys)
         lines.append(f"{rank:<5} {str(a['host']):<{host_w}} {a['steps']:>5} {a['step_s']:>7.2f}  {cells}".rstrip())
     return "\n".join(lines)
+
+
+_PEAK_TFLOPS = (  # dense bf16/fp16 tensor-core peaks per GPU, from the vendors' data sheets (most specific name first)
+    ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0),
+    ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("V100", 125.0),
+)
+
+
+def peak_flops(device_name: str, precision: str) -> Optional[float]:
+    """The GPU's peak FLOP/s for the MFU's denominator: its dense bf16/fp16 tensor-core peak; None for fp32 (whose
+    peak depends on TF32 settings) and for a GPU not in the table.
+
+    >>> peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    989400000000000.0
+    >>> peak_flops("NVIDIA H100 PCIe", "fp16"), peak_flops("NVIDIA H100 80GB HBM3", "fp32"), peak_flops("cpu", "bf16")
+    (756000000000000.0, None, None)
+    """
+    if precision not in ("bf16", "fp16"):
+        return None
+    return next((tflops * 1e12 for name, tflops in _PEAK_TFLOPS if name in device_name), None)

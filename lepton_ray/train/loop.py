@@ -29,7 +29,7 @@ from lepton_ray.models import build_model
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES, Strategy, WorkerInfo
 from lepton_ray.train import metrics as M
-from lepton_ray.train.breakdown import StepTimes, stragglers
+from lepton_ray.train.breakdown import StepTimes, peak_flops, stragglers
 from lepton_ray.train.checkpoint import CheckpointReader, CheckpointStore, load_model, open_checkpoint, rng_state, set_rng_state
 from lepton_ray.train.context import WorkerContext
 from lepton_ray.train.losses import Evaluator, default_metrics, make_loss, model_inputs
@@ -219,10 +219,13 @@ def _save(store: CheckpointStore, p: _Parts, ctx: WorkerContext, spec: LoopSpec,
 
 
 class _Window:
-    """Rank 0's train-loss record of the steps since the previous record (loss per batch, global samples/s)."""
+    """Rank 0's train-loss record of the steps since the previous record (loss per batch, global samples/s; for a model
+    whose ``flops_per_sample()`` is known, the model TFLOP/s, and the MFU where the GPUs' peak is: ``peak`` over all)."""
 
-    def __init__(self, step: int, stream: WorkerStream, device: torch.device):
+    def __init__(self, step: int, stream: WorkerStream, device: torch.device, flops_per_sample: Optional[float] = None,
+                 peak: Optional[float] = None):
         self.loss, self.stream, self.batches = torch.zeros((), device=device), stream, 0
+        self.flops_per_sample, self.peak = flops_per_sample, peak
         self._reset(step)
 
     def _reset(self, step: int) -> None:
@@ -230,8 +233,12 @@ class _Window:
 
     def record(self, losses: M.LossLog, step: int, epoch: int, lr: float, batch_size: int, extra: dict[str, float]) -> None:
         elapsed = time.perf_counter() - self.t0
+        rate = (step - self.step) * batch_size / elapsed
+        if self.flops_per_sample:
+            extra = {**extra, M.MODEL_TFLOPS: rate * self.flops_per_sample / 1e12,
+                     **({M.MFU: rate * self.flops_per_sample / self.peak} if self.peak else {})}
         losses.add(self.loss, self.batches, {M.STEP: step, M.EPOCH: epoch, M.LR: lr, "time": time.time(), **extra,
-                                             M.SAMPLES_PER_S: (step - self.step) * batch_size / elapsed,
+                                             M.SAMPLES_PER_S: rate,
                                              M.DATA_WAIT_FRAC: (self.stream.stats["wait_s"] - self.wait) / elapsed})
         self.loss.zero_()
         self.batches = 0
@@ -310,6 +317,14 @@ class _Run:
                 self.buffer.add({"event": "checkpoint", M.STEP: step, "checkpoint": uri}, now=True)
 
 
+def _flops(model: nn.Module, ctx: WorkerContext, precision: str) -> tuple[Optional[float], Optional[float]]:
+    """(training FLOPs per row, the group's peak FLOP/s): the first where the model says (``flops_per_sample()``, e.g.
+    the built-in gpt), the second on GPUs whose peak is known for ``precision`` (:func:`breakdown.peak_flops`)."""
+    per_row = model.flops_per_sample() if callable(getattr(model, "flops_per_sample", None)) else None
+    peak = peak_flops(torch.cuda.get_device_name(ctx.device), precision) if ctx.device.type == "cuda" else None
+    return per_row, peak * ctx.world if peak else None
+
+
 def _stream(spec: LoopSpec, cfg: Config, ctx: WorkerContext, claim: Any) -> WorkerStream:
     """This worker's share of the training data: planned from files, or its split of a user's ``ray.data.Dataset``."""
     local_batch = cfg.train.batch_size // ctx.world
@@ -370,7 +385,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                     "compiled": getattr(p.net, "compiled", False), "data": stream.describe(), **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=pace.lockstep),
-               _Window(step, stream, ctx.device), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {},
+               _Window(step, stream, ctx.device, *_flops(p.strategy.model, ctx, t.precision)), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {},
                StepTimes(p.strategy.sync_s, wait=device_wait(ctx.device)), pace.lockstep)
     times = run.times
     guard = guard or WorkerGuard()

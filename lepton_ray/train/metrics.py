@@ -28,6 +28,8 @@ EPOCH = "epoch"
 TRAIN_LOSS = "train_loss"
 LR = "lr"
 SAMPLES_PER_S = "samples_per_s"
+MODEL_TFLOPS = "model_tflops_per_s"  # the model's training FLOPs done per second, all workers (models that count them)
+MFU = "mfu"  # MODEL_TFLOPS over the GPUs' peak (GPU runs whose peak is known)
 DATA_WAIT_FRAC = "data_wait_frac"  # share of the logging window the loop spent waiting for its next batch
 EVAL_PREFIX = "eval_"  # eval metrics are eval_loss, eval_accuracy, ...
 

@@ -92,3 +92,25 @@ def test_a_rank_slowed_on_purpose_is_named_a_straggler_and_an_even_run_has_none(
     assert (straggler["rank"], straggler["host"], straggler["epoch"]) == (1, socket.gethostname(), 0)
     assert [r["rank"] for r in even if r.get("event") == "breakdown"] == [0, 1]
     assert [r for r in even if r.get("event") == "straggler"] == []
+
+
+def test_a_gpt_run_records_its_model_tflops_and_no_mfu_on_cpu(tmp_path):
+    """The built-in gpt counts its FLOPs (nanoGPT's 6N + 12LCT per token): every train record's model TFLOP/s is its
+    samples/s times that; MFU needs a GPU's peak, so a CPU run has none. One worker in this process, 8 steps."""
+    from test_typed_batches import write_tokens
+    from lepton_ray import Trainer
+    from lepton_ray.models import build_model
+
+    write_tokens(tmp_path / "t.parquet", block=8)
+    cfg = {"data": {"train": str(tmp_path / "t.parquet"), "inputs": {"tokens": "input"}, "targets": {"next": "target"}},
+           "model": {"name": "gpt", "kwargs": {"n_layer": 1, "n_head": 1, "n_embd": 8}},
+           "train": {"batch_size": 8, "max_steps": 8, "log_every_steps": 2}, "scaling": {"num_workers": 1},
+           "checkpoint": {"every_n_steps": 0}, "run": {"dir": str(tmp_path / "runs"), "name": "g"}}
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.fit(local=True)
+    per_row = build_model(trainer.config.model, trainer.train_info.schema).flops_per_sample()
+    logged = [r for r in result.records if "train_loss" in r]
+    assert len(logged) == 4 and per_row > 0
+    for r in logged:
+        assert r["model_tflops_per_s"] == pytest.approx(r["samples_per_s"] * per_row / 1e12, rel=1e-12) and "mfu" not in r
+    assert sorted(r["rank"] for r in result.records if r.get("event") == "breakdown") == [0]
