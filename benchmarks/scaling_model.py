@@ -251,8 +251,8 @@ def _inner(nbytes: float) -> int:
     return int(min(50, max(2, 4e6 / nbytes)))
 
 
-def _mlp_step(batch: int, ddp_hook: Any = None) -> Callable[[], None]:
-    """One SGD step of the MLP on a fixed batch, plain or under DDP (with a comm hook)."""
+def _mlp_step(batch: int, ddp: str | None = None) -> Callable[[], None]:
+    """One SGD step of the MLP on a fixed batch: alone, or under DDP averaging over ``ddp`` ("gloo" or "shm")."""
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -262,9 +262,9 @@ def _mlp_step(batch: int, ddp_hook: Any = None) -> Callable[[], None]:
     for a, b in zip(MLP, MLP[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model: nn.Module = nn.Sequential(*layers[:-1])
-    if ddp_hook is not None:
+    if ddp is not None:
         model = DistributedDataParallel(model, gradient_as_bucket_view=True)  # as lepton_ray builds it
-        if ddp_hook != "gloo":
+        if ddp == "shm":
             from lepton_ray.sync.shm import SharedMemoryAllReduce, bucket_capacity
             import torch.distributed as dist
 
@@ -344,7 +344,7 @@ def _measure(rank: int, world: int, store: str, out: str, reps: int) -> None:
             probes[f"ps/{n}"] = (_ps_round(rank, n), _inner(4 * n))
     if world == 2:
         probes |= {f"compute/{b}": (_mlp_step(b), 5) for b in FIT_BATCHES + (DDP_BATCH,)}
-        probes |= {f"ddp/{hook}": (_mlp_step(DDP_BATCH, hook), 5) for hook in ("gloo", "shm")}
+        probes |= {f"ddp/{transport}": (_mlp_step(DDP_BATCH, transport), 5) for transport in ("gloo", "shm")}
     times: dict[str, list[float]] = {name: [] for name in probes}
     for call, _ in probes.values():
         call()
@@ -399,19 +399,23 @@ def calibrate(m2: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
     cap = 4 * MAX_CHUNK
     shapes: dict[str, Callable[[float], Terms]] = {"gloo": lambda b: ring_allreduce(b, 2), "shm": lambda b: shm_allreduce(b, 2, cap)}
+    labels = {"gloo": "gloo all-reduce, 2 processes (loopback TCP)",
+              "shm": "shm all-reduce, 2 processes (beta per byte of memory traffic: 5 x the bucket at 2 ranks)"}
     links = {k: fit_link([(shape(4 * n), m2[k][n]) for n in FIT_SIZES]) for k, shape in shapes.items()}
     overhead, per_sample = fit_nonneg([(1, b) for b in FIT_BATCHES], [m2["compute"][b] for b in FIT_BATCHES])
     rows = []
     for k, link in links.items():
         pts = [(4 * n, m2[k][n], link.seconds(shapes[k](4 * n))) for n in FIT_SIZES]
-        rows.append({"fit": f"{k} all-reduce, 2 processes", "alpha_us": round(link.alpha_s * 1e6, 2),
+        rows.append({"fit": labels[k], "alpha_us": round(link.alpha_s * 1e6, 2),
                      "beta_ns_per_byte": round(link.beta_s_per_byte * 1e9, 4), "gbit_per_s": round(link.gbit_per_s, 2),
                      "points": len(pts), "max_abs_error_pct": max(abs(_err(f, t)) for _, t, f in pts),
+                     "load_avg_1m": round(m2["load_avg_1m"], 1),
                      "measured_ms": {b: _ms(t) for b, t, _ in pts}})
     fitted = {b: overhead + per_sample * b for b in FIT_BATCHES}
     rows.append({"fit": f"compute: MLP {'-'.join(map(str, MLP))} SGD step, 1 thread, 2 processes at once",
                  "overhead_ms": _ms(overhead), "per_sample_us": round(per_sample * 1e6, 2), "points": len(FIT_BATCHES),
                  "max_abs_error_pct": max(abs(_err(fitted[b], m2["compute"][b])) for b in FIT_BATCHES),
+                 "load_avg_1m": round(m2["load_avg_1m"], 1),
                  "measured_ms": {b: _ms(m2["compute"][b]) for b in FIT_BATCHES}})
     return {"gloo": links["gloo"], "shm": links["shm"], "shm_capacity": cap, "compute": (overhead, per_sample)}, rows
 
@@ -424,7 +428,8 @@ def validate(c: dict[str, Any], m2: dict[str, Any], m4: dict[str, Any]) -> list[
     def row(check: str, world: int, nbytes: float, predicted: float, measured: float) -> None:
         rows.append({"check": check, "world": world, "bytes": int(nbytes), "predicted_ms": _ms(predicted),
                      "measured_ms": _ms(measured), "error_pct": _err(predicted, measured),
-                     "processes_per_core": round(world / HOST_CORES, 2)})
+                     "processes_per_core": round(world / HOST_CORES, 2),
+                     "load_avg_1m": round((m2 if world == 2 else m4)["load_avg_1m"], 1)})
 
     for n in HELD_OUT_SIZES:
         row("gloo all-reduce, held-out size", 2, 4 * n, gloo.seconds(ring_allreduce(4 * n, 2)), m2["gloo"][n])
@@ -497,11 +502,14 @@ def anchors() -> list[dict[str, Any]]:
     ]
     rows = []
     for setting, model, published, strategy, p, g, w, shards in cases:
-        at = {o: predict(strategy, w, p, Link.gbit(g), o, shards)["efficiency"] for o in (0.0, OVERLAP_MAX)}
+        at = {o: predict(strategy, w, p, Link.gbit(g), o, shards) for o in (0.0, OVERLAP_MAX)}
+        # the overlap at which the model gives the published figure (< 0: more exposed communication than the model has)
+        implied = (at[0.0]["comm_s"] - (w.compute_s / published - w.compute_s)) / w.compute_s
         rows.append({"setting": setting, "model": model, "published_efficiency": published,
                      "model_as": f"{strategy}, {p} workers" + (f", {shards} shards (a host's GPUs reduced first)" if shards else ""),
                      "compute_ms": round(w.compute_s * 1e3, 1), "grad_MB": round(w.dense_bytes / 1e6, 1),
-                     "predicted_no_overlap": round(at[0.0], 3), "predicted_overlap_2_3": round(at[OVERLAP_MAX], 3)})
+                     "predicted_no_overlap": round(at[0.0]["efficiency"], 3),
+                     "predicted_overlap_2_3": round(at[OVERLAP_MAX]["efficiency"], 3), "implied_overlap": round(implied, 2)})
     return rows
 
 
