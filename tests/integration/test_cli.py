@@ -81,7 +81,7 @@ def digits_yaml(tmp_path) -> Path:
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.lrr=0.1", "train.lrr: unknown key (did you mean 'lr'?); valid keys in 'train' are: epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s, activation_checkpointing, compile, init_from"),
+        ("train.lrr=0.1", "train.lrr: unknown key (did you mean 'lr'?); valid keys in 'train' are: epochs, max_steps, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup_steps, min_lr_ratio, grad_accum_steps, grad_clip_norm, precision, seed, eval_batch_size, eval_every_steps, log_every_steps, collective_timeout_s, straggler_factor, activation_checkpointing, compile, init_from"),
         ("train.epochs=many", "train.epochs: expected an integer, got 'many'"),
         ("sync.strategy=allreduc", "sync.strategy: 'allreduc' is not one of allreduce, fsdp, ps, hybrid (did you mean 'allreduce'?)"),
         ("train.precision=fp16", "train.precision: 'fp16' needs a GPU (scaling.use_gpu: true); on CPU use 'bf16' or 'fp32'"),
