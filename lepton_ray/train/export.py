@@ -17,7 +17,8 @@ __all__ = ["BREAKDOWN", "STRAGGLER", "Scalar", "scalars", "TensorBoard", "RayMet
 BREAKDOWN, STRAGGLER = "breakdown", "straggler"
 PREFIX = "lepton_ray_train_"
 """Every Ray metric's name starts with this (Ray's Prometheus endpoint adds its own ``ray_`` in front)."""
-_NOT_METRICS = frozenset({"step", "time"})  # where a value is, not a value
+_POSITION = ("step", "epoch")  # where a value is (a train and an eval record at one step share them), not a value
+_NOT_METRICS = frozenset({*_POSITION, "time"})
 _VALID_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")  # Prometheus metric names (Ray drops others with a warning)
 
 
@@ -33,7 +34,7 @@ def scalars(record: dict[str, Any]) -> list[Scalar]:
     """The numbers a record gives, each at its step.
 
     >>> [s[:4] for s in scalars({"step": 3, "epoch": 0, "lr": 0.1, "train_loss": 0.5, "time": 9.0})]
-    [('epoch', 0.0, 3, None), ('lr', 0.1, 3, None), ('train_loss', 0.5, 3, None)]
+    [('lr', 0.1, 3, None), ('train_loss', 0.5, 3, None)]
     >>> [s[:4] for s in scalars({"event": "breakdown", "rank": 1, "host": "h", "epoch": 0, "step": 8, "steps": 4,
     ...                           "time": 9.0, "step_s": 3.0, "compute_s": 2.5})]
     [('step_s', 3.0, 8, 1), ('compute_s', 2.5, 8, 1)]
@@ -109,7 +110,7 @@ class TensorBoard:
 class RayMetrics:
     """The records as Ray metrics of the process holding the sink, tagged ``run``: a gauge per field of the train
     and eval records (``lepton_ray_train_`` + the field without its ``train_``: ``lepton_ray_train_loss``,
-    ``lepton_ray_train_lr``, ``lepton_ray_train_eval_accuracy``, ..., and ``lepton_ray_train_step``),
+    ``lepton_ray_train_lr``, ``lepton_ray_train_eval_accuracy``, ..., ``lepton_ray_train_step`` and ``_epoch``),
     ``lepton_ray_train_breakdown_seconds`` (tags ``rank``, ``phase``) and the counter
     ``lepton_ray_train_stragglers`` (tag ``rank``)."""
 
@@ -127,8 +128,8 @@ class RayMetrics:
                 elif _VALID_NAME.match(s.name):
                     name = s.name.removeprefix("train_")
                     self._metric("Gauge", name, f"the newest '{s.name}' of metrics.jsonl").set(s.value, run)
-            if "event" not in r and isinstance(r.get("step"), int):
-                self._metric("Gauge", "step", "the newest step of metrics.jsonl").set(r["step"], run)
+            for key in _POSITION if "event" not in r and isinstance(r.get("step"), int) else ():
+                self._metric("Gauge", key, f"the newest '{key}' of metrics.jsonl").set(r[key], run)
             if r.get("event") == STRAGGLER:
                 self._metric("Counter", "stragglers", "straggler warnings (metrics.jsonl straggler records)",
                              ("rank",)).inc(1, {**run, "rank": str(r["rank"])})
