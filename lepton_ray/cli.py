@@ -44,7 +44,23 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--eval-fraction", type=float, default=0.0, help="split into DEST/train and DEST/eval")
     pr.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
     pr.add_argument("--no-shuffle", action="store_true", help="keep the source's row order")
+    r = sub.add_parser("report", help="draw a run's metrics.jsonl as PNG figures (loss, eval, throughput, time per phase)")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/digits")
+    r.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default: RUN_DIR/report)")
     return p
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lepton_ray.report import ReportError, report
+
+    try:
+        paths = report(args.run_dir, args.out)
+    except ReportError as exc:
+        print(f"lepton-ray report: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -112,6 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _prepare(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "report":
+            return _report(args)
     except ConfigError as exc:
         print(f"lepton-ray: config error: {exc}", file=sys.stderr)
         return 2

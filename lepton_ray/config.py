@@ -575,6 +575,8 @@ class RunConfig(Section):
     """Run name: the run directory is ``<dir>/<name>``."""
     dir: str = "runs"
     """Local directory holding run directories (``metrics.jsonl``, ``result.json``)."""
+    tensorboard: bool = True
+    """Also write the records as TensorBoard event files in ``<dir>/<name>/tensorboard/`` (``tensorboard --logdir runs``)."""
 
     def validate(self) -> None:
         self._require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")

@@ -7,6 +7,7 @@ fraction of a second while the worker group starts beside it on the same cores.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ import ray
 
 __all__ = ["Board", "MetricsSink", "Sink"]
 
+log = logging.getLogger(__name__)
+
 
 class Sink:
     """Collects records from the workers: appends each batch to ``path`` (``metrics.jsonl``) as it
@@ -23,21 +26,40 @@ class Sink:
 
     Writing here, not in the driver, keeps the records of a run whose driver is killed (a sweep
     trial that ASHA stops): everything rank 0 shipped is on disk. The actor runs on the driver's
-    node, so ``path`` is the driver's local run directory.
+    node, so ``path`` is the driver's local run directory. Each batch also goes to TensorBoard
+    (``tensorboard/`` beside ``path``, unless ``tensorboard`` is False) and, where this process is
+    connected to Ray, to Ray's metrics tagged with the run's name (:mod:`lepton_ray.train.export`).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tensorboard: bool = True) -> None:
+        from lepton_ray.train.export import RayMetrics, TensorBoard
+
         self._records: list[dict[str, Any]] = []
         self._path = path
+        run_dir = os.path.dirname(path)
+        self._exports: list[Any] = [TensorBoard(os.path.join(run_dir, "tensorboard"))] if tensorboard else []
+        if ray.is_initialized():
+            self._exports.append(RayMetrics(os.path.basename(run_dir)))
 
     def log(self, records: list[dict[str, Any]]) -> None:
         with open(self._path, "a") as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in records))
         self._records.extend(records)
+        for export in list(self._exports):
+            try:
+                export.log(records)
+            except Exception as exc:  # a side channel: metrics.jsonl has every record, the run goes on
+                log.warning("metrics sink: %s failed (%s: %s); it gets no more records of this run", type(export).__name__, type(exc).__name__, exc)
+                self._exports.remove(export)
 
     def drain(self) -> list[dict[str, Any]]:
         out, self._records = self._records, []
         return out
+
+    def close(self) -> None:
+        """Write out what the exports hold (TensorBoard's queued events); a record after this opens them again."""
+        for export in self._exports:
+            export.close()
 
 
 class Board:
@@ -95,8 +117,8 @@ class _RunSink(Sink, Board):
     """The sink of a Ray Train run, also the workers' heartbeat board (one actor, already on the driver's node).
     Stack dumps go to ``stacks/`` beside ``metrics.jsonl``."""
 
-    def __init__(self, path: str) -> None:
-        Sink.__init__(self, path)
+    def __init__(self, path: str, tensorboard: bool = True) -> None:
+        Sink.__init__(self, path, tensorboard)
         Board.__init__(self, os.path.join(os.path.dirname(path), "stacks"))
 
 

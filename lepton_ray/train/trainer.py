@@ -298,7 +298,7 @@ class Trainer:
             here = ray.get_runtime_context().get_node_id()
             sink = M.MetricsSink.options(
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(here, soft=False)
-            ).remote(str((self.run_dir / "metrics.jsonl").resolve()))
+            ).remote(str((self.run_dir / "metrics.jsonl").resolve()), cfg.run.tensorboard)
             services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
             spec = LoopSpec(cfg.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases,
                             callables=self._callables(), splits=self._splits())
@@ -331,6 +331,8 @@ class Trainer:
             finally:
                 watchdog.stop()
                 watcher.stop()
+                with contextlib.suppress(Exception):  # a failed run's TensorBoard file too (an "end" record closes it)
+                    ray.get(sink.close.remote(), timeout=10)
                 ray.kill(sink)  # drained; not left to garbage collection (an error's traceback keeps the handle alive)
                 self.services.stop(services)
             result = self._result(watcher.records, phases["fit"])
@@ -387,7 +389,7 @@ class Trainer:
     def _fit_in(self, group_of: Callable[[], Any], report: Optional[Callable[[dict[str, Any]], None]],
                 phases: dict[str, Optional[float]], retries: int = 0) -> Result:
         self._start_run_dir()
-        sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()))
+        sink = M.Sink(str((self.run_dir / "metrics.jsonl").resolve()), self.config.run.tensorboard)
         services = self.services.start(self._model, self.checkpoint_uri, self.run_name)
         spec = LoopSpec(self.config.to_dict(), self.train_info, self.eval_info, self.checkpoint_uri, sink, services=services, phases=phases,
                         callables=self._callables(), splits=self._splits())
@@ -411,6 +413,7 @@ class Trainer:
                           f" restarting it from the newest checkpoint ({attempt + 1} of {retries})", file=sys.stderr, flush=True)
         finally:
             self.services.stop(services)
+            sink.close()
         records = sink.drain()
         warn_stragglers(records)
         return self._result(records, phases["fit"])

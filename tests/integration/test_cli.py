@@ -43,6 +43,34 @@ def test_digits_example_through_the_cli(cli, tmp_path):
     assert sum("eval_accuracy" in r and "event" not in r for r in records) == 30  # one evaluation per epoch
     assert result["checkpoint"] == str(run_dir / "checkpoints" / f"step_{result['steps']:08d}")
     assert result["samples_per_s"] > 0 and result["train_loss"] < 0.1
+    # the run's newest values, exported by its metrics sink, on the node's Ray metrics endpoint (Prometheus text)
+    expected = {"step": result["steps"], "loss": result["train_loss"], "eval_accuracy": result["eval_accuracy"]}
+    assert _exported_by_one_process("digits", expected) == expected
+
+
+def _exported_by_one_process(run: str, expected: dict[str, float], deadline_s: float = 30) -> dict[str, float]:
+    """``ray_lepton_ray_train_<name>`` of ``run`` on the Ray metrics endpoints of the cluster's nodes: the values of the
+    one process (the run's metrics sink) that exported ``expected``, or the last values seen when none did by the deadline.
+    Ray exports a process's metrics when it exits (the sink is killed at the end of the run) and keeps them ~20 s."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ports = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
+    prefix, seen = "ray_lepton_ray_train_", {}
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        by_process: dict[str, dict[str, float]] = {}
+        for port in ports:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for sample in (s for f in text_string_to_metric_families(text) for s in f.samples):
+                if sample.name.startswith(prefix) and sample.labels.get("run") == run:
+                    by_process.setdefault(sample.labels["WorkerId"], {})[sample.name.removeprefix(prefix)] = sample.value
+        for values in by_process.values():
+            seen = {k: values.get(k) for k in expected}
+            if seen == expected:
+                return seen
+        time.sleep(0.5)
+    return seen
 
 
 def test_ray_job_submit(ray_cluster, tmp_path):
