@@ -157,9 +157,8 @@ class ModelServer:
     def __init__(self, bundle: str, *, model_name: Optional[str] = None, max_batch_size: int = 32,
                  batch_wait_ms: float = 2.0, max_instances: int = 1024, threads: int = 1,
                  auth_token_env: Optional[str] = None, storage_options: Optional[dict] = None):
-        import prometheus_client as prom
-
         from lepton_ray.serve.bundle import load_bundle
+        from lepton_ray.serve.metrics import ServeMetrics
         from lepton_ray.serve.predictor import Predictor
 
         self.ready = False
@@ -175,20 +174,7 @@ class ModelServer:
         self.inputs, self.outputs = self.predictor.inputs, self.predictor.outputs
         self.batcher = Batcher(self.run_jobs, max_batch_size, batch_wait_ms / 1000.0)
 
-        self.registry = prom.CollectorRegistry()
-        self.m_requests = prom.Counter("lepton_ray_serve_requests", "HTTP requests by path and status code",
-                                       ["path", "code"], registry=self.registry)
-        self.m_errors = prom.Counter("lepton_ray_serve_errors", "Error responses by status code", ["code"],
-                                     registry=self.registry)
-        self.m_latency = prom.Histogram("lepton_ray_serve_request_latency_seconds",
-                                        "Time in the replica per inference request (/predict and v2 infer)",
-                                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5),
-                                        registry=self.registry)
-        self.m_batch = prom.Histogram("lepton_ray_serve_batch_size", "Requests per model call",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.m_rows = prom.Histogram("lepton_ray_serve_batch_rows", "Rows per model call",
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
-                                     registry=self.registry)
+        self.metrics = ServeMetrics(self.model_name)
         # warm-up: the first calls allocate (and, for `compile`, may specialise); do them now
         for rows in sorted({1, max_batch_size}):
             self.predictor.run(self.predictor.example(rows))
@@ -202,7 +188,7 @@ class ModelServer:
         A group whose forward pass fails is retried job by job, so one request the model cannot
         process fails alone (its result is the exception), not the requests batched with it.
         """
-        self.m_batch.observe(len(jobs))
+        self.metrics.batch(len(jobs))
         results: list[Any] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -220,7 +206,7 @@ class ModelServer:
     def _run(self, group: list[Job]) -> list[dict[str, np.ndarray]]:
         first = group[0]
         inputs = first.inputs if len(group) == 1 else {k: np.concatenate([j.inputs[k] for j in group]) for k in first.inputs}
-        self.m_rows.observe(len(next(iter(inputs.values()))))
+        self.metrics.rows(len(next(iter(inputs.values()))))
         out = self.predictor.run(inputs, first.max_new_tokens, first.scores)
         parts, start = [], 0
         for job in group:
@@ -250,13 +236,7 @@ class ModelServer:
             path = path[len(root):] or "/"
         t0 = time.perf_counter()
         response = await self._route(request, path)
-        code = str(response.status_code)
-        label = _path_label(path)
-        self.m_requests.labels(label, code).inc()
-        if response.status_code >= 400:
-            self.m_errors.labels(code).inc()
-        if label in ("/predict", "/v2/infer"):
-            self.m_latency.observe(time.perf_counter() - t0)
+        self.metrics.request(_path_label(path), response.status_code, time.perf_counter() - t0)
         return response
 
     async def _route(self, request, path: str) -> Any:
@@ -274,10 +254,10 @@ class ModelServer:
                 return _json(401, {"error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"},
                              {"WWW-Authenticate": "Bearer"})
         if path == "/metrics":
-            import prometheus_client as prom
+            from prometheus_client import CONTENT_TYPE_LATEST
             from starlette.responses import Response
 
-            return Response(prom.generate_latest(self.registry), media_type=prom.CONTENT_TYPE_LATEST)
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
         try:
             if path == "/predict":
                 if method != "POST":
