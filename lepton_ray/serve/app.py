@@ -140,6 +140,14 @@ class Batcher:
             self.busy = False
 
 
+def body_limit(inputs: Any, max_instances: int) -> int:
+    """Largest accepted request body: ``max_instances`` rows of generously printed values of the model's ``inputs``
+    (4 contexts for a token prompt)."""
+    values = sum(4 * s.max_len if s.max_len else math.prod(s.shape) for s in inputs)
+    names = sum(len(",".join(s.features)) + len(s.name) for s in inputs)
+    return 1024 + max_instances * (values * 32 + names * 2)
+
+
 def _path_label(path: str) -> str:
     if path in ("/predict", "/healthz", "/livez", "/metrics"):
         return path
@@ -273,18 +281,23 @@ class ModelServer:
                                     f"GET /healthz, /livez, /metrics, /v2"})
 
     async def _body(self, request) -> bytes:
-        from lepton_ray.serve.validate import BadRequest
-
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:  # refused before a byte of it is read
-            raise BadRequest(f"request body of {declared} bytes is larger than {self.max_body} bytes", 413)
+            raise self._too_large(f"{declared} bytes")
         parts, size = [], 0
         async for chunk in request.stream():  # chunked bodies: stop reading once past the limit
             size += len(chunk)
             if size > self.max_body:
-                raise BadRequest(f"request body of more than {size} bytes is larger than {self.max_body} bytes", 413)
+                raise self._too_large(f"more than {size} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    def _too_large(self, size: str) -> Exception:
+        from lepton_ray.serve.validate import BadRequest
+
+        return BadRequest(f"request body of {size} is larger than {self.max_body} bytes, the limit for {self.max_instances} "
+                          f"instances per request; send fewer instances per request or raise the limit with "
+                          f"--max-instances (serve.max_instances)", 413)
 
     async def _predict(self, request) -> Any:
         from lepton_ray.serve.validate import parse_instances
@@ -331,10 +344,7 @@ class ModelServer:
 
     @property
     def max_body(self) -> int:
-        """Largest accepted body: ``max_instances`` rows of generously printed values (4 contexts for a token prompt)."""
-        values = sum(4 * s.max_len if s.max_len else math.prod(s.shape) for s in self.inputs)
-        names = sum(len(",".join(s.features)) + len(s.name) for s in self.inputs)
-        return 1024 + self.max_instances * (values * 32 + names * 2)
+        return body_limit(self.inputs, self.max_instances)
 
     def check_health(self) -> None:
         """Ray Serve's own health check: unhealthy until load and warm-up are done."""

@@ -25,6 +25,39 @@ from typing import Any, Awaitable, Callable
 
 __all__ = ["listen"]
 
+DISCARD_LIMIT = 64 << 20
+"""Most bytes of a request body the handler did not read (a 413, a 401, a 404) that are read and dropped before
+the answer is sent. Most clients (Python's urllib, requests) send the whole body before they read the answer; a server
+that answers and closes with unread bytes in its socket makes the kernel reset the connection, and such a client
+sees ``Connection reset by peer`` instead of the answer. Dropped chunk by chunk (uvicorn reads 64 KiB ahead), never
+held. A body declared larger than this is not read: the answer says ``Connection: close``."""
+
+
+class _Receive:
+    """A request's ASGI ``receive`` that remembers whether the body was read to its end."""
+
+    def __init__(self, receive: Any, headers: list[tuple[bytes, bytes]]):
+        self.receive, self.started, self.done = receive, False, False
+        self.headers = dict(headers)
+
+    async def __call__(self) -> dict:
+        self.started = True
+        message = await self.receive()
+        self.done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    async def discard(self, limit: int = DISCARD_LIMIT) -> bool:
+        """Read and drop what is left of the body, at most ``limit`` bytes; False: the rest was left unread."""
+        declared = self.headers.get(b"content-length", b"")
+        if self.done or (not self.started and self.headers.get(b"expect", b"").lower() == b"100-continue"):
+            return self.done  # a client that waits for "100 Continue" before sending has sent nothing: none is sent
+        if declared.isdigit() and int(declared) > limit:
+            return False
+        read = 0
+        while not self.done and read <= limit:
+            read += len((await self()).get("body", b""))
+        return self.done
+
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -47,9 +80,12 @@ async def listen(handler: Callable[[Any], Awaitable[Any]], host: str, port: int,
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        response = await handler(Request({**scope, "root_path": root_path}, receive))
+        body = _Receive(receive, scope["headers"])
+        response = await handler(Request({**scope, "root_path": root_path}, body))
         response.headers["x-lepton-replica"] = replica  # which replica answered (logs, debugging)
-        await response(scope, receive, send)
+        if not await body.discard():  # the client reads the answer, not a reset connection
+            response.headers["connection"] = "close"
+        await response(scope, body, send)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

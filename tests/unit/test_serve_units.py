@@ -612,7 +612,9 @@ def test_server_answers_both_protocols_and_their_errors(toy):
     assert _call(srv, "POST", "/v2/models/toy/infer", {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP16", "data": [0] * 6}]}) == (
         400, {"error": 'inputs[0] "x": datatype "FP16" does not match the model\'s input x: FP32 [-1, 6]'})
     code, body = _call(srv, "POST", "/predict", b"[" * 2 + b"0" * srv.max_body)
-    assert code == 413 and body["error"].endswith(f"is larger than {srv.max_body} bytes")
+    assert (code, body) == (413, {"error": f"request body of more than {2 + srv.max_body} bytes is larger than {srv.max_body} bytes, the "
+                                           "limit for 8 instances per request; send fewer instances per request or raise the "
+                                           "limit with --max-instances (serve.max_instances)"})
     assert _call(_server(toy, model_name="digits"), "GET", "/v2/models/digits")[1]["name"] == "digits"
 
 
