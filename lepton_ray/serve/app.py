@@ -20,13 +20,14 @@ Endpoints (one ingress deployment, raw Starlette requests: no per-request FastAP
   large); never a 500.
 * ``GET /healthz`` — 200 once the model is loaded and warmed up (503 before); ``GET /livez`` — 200.
 * ``GET /metrics`` — Prometheus text format, this replica's counters: requests by path and
-  code, latency histogram, batch-size histogram, errors by code.
+  code, latency histogram, batch-size histogram, errors by code. Every replica's numbers also go to
+  Ray's metrics endpoint on its node (:mod:`lepton_ray.serve.metrics`).
 * With ``auth_token_env=NAME``, every endpoint but ``/healthz``, ``/livez`` and ``/v2/health/*``
   needs ``Authorization: Bearer $NAME`` (401 otherwise).
 
 Start it with :func:`deploy` / ``lepton-ray serve BUNDLE`` (every replica answers on one URL itself,
-:mod:`lepton_ray.serve.ingress`), or with Ray's own tools, behind Serve's proxy, through the
-application builder :func:`app`::
+:mod:`lepton_ray.serve.ingress`; deleting the application drains it: :meth:`Replica.__del__`), or with
+Ray's own tools, behind Serve's proxy, through the application builder :func:`app`::
 
     serve run lepton_ray.serve.app:app bundle=bundles/digits max_batch_size=32
 """
@@ -49,7 +50,7 @@ from ray import serve
 
 from lepton_ray.config import ServeConfig
 
-__all__ = ["Batcher", "Job", "ModelServer", "Replica", "app", "build_app", "deploy"]
+__all__ = ["Batcher", "Job", "ModelServer", "Replica", "app", "body_limit", "build_app", "deploy", "local_url"]
 
 HEALTH_PATHS = ("/healthz", "/livez", "/v2/health/live", "/v2/health/ready")
 _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
@@ -369,6 +370,16 @@ class Replica(ModelServer):
         if self._http is not None and self._http[1].done():
             raise RuntimeError(f"the HTTP server stopped: {self._http[1].exception()!r}")
 
+    async def __del__(self) -> None:
+        """Serve's graceful stop of this replica (``serve.delete`` / ``serve.shutdown``, a scale-down): the HTTP server
+        stops accepting (new connections are refused once every replica on the port has stopped), closes its idle
+        connections and lets the requests in flight finish; Serve kills the replica after
+        ``graceful_shutdown_timeout_s`` (20 s) whatever is left."""
+        if getattr(self, "_http", None) is not None:  # None: __init__ failed, or no listen
+            server, task = self._http
+            server.should_exit = True
+            await task
+
 
 def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray",
               model_name: Optional[str] = None, storage_options: Optional[dict] = None, listen: bool = False,
@@ -377,7 +388,7 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
 
     ``name``: the Serve application; ``model_name``: the model's name in the v2 protocol
     (``/v2/models/<model_name>``; default: the bundle's name, i.e. the training run's). ``listen``: every
-    replica also answers HTTP on 127.0.0.1:``config.port`` itself (the one URL, :mod:`lepton_ray.serve.ingress`),
+    replica also answers HTTP on ``config.host``:``config.port`` itself (the one URL, :mod:`lepton_ray.serve.ingress`),
     under ``route_prefix``.
     """
     from lepton_ray.serve.bundle import check_name
@@ -406,7 +417,7 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
     return deployment.bind(bundle, model_name=model_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                            max_instances=cfg.max_instances, threads=cfg.threads_per_replica,
                            auth_token_env=cfg.auth_token_env, storage_options=storage_options,
-                           listen=("127.0.0.1", cfg.port) if listen else None, root_path=route_prefix.rstrip("/"))
+                           listen=(cfg.host, cfg.port) if listen else None, root_path=route_prefix.rstrip("/"))
 
 
 def app(args: dict[str, str]):
@@ -432,10 +443,10 @@ def app(args: dict[str, str]):
 
 def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray", route_prefix: str = "/",
            model_name: Optional[str] = None, storage_options: Optional[dict] = None, timeout_s: float = 300.0) -> str:
-    """Deploy ``bundle`` on Serve, every replica answering on http://127.0.0.1:``config.port`` (one URL however
+    """Deploy ``bundle`` on Serve, every replica answering on ``config.host``:``config.port`` (one URL however
     many replicas, no proxy hop: :mod:`lepton_ray.serve.ingress`), and wait until ``/healthz`` is 200.
 
-    Returns the base URL. Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one). One
+    Returns the base URL as this machine reaches it (:func:`local_url`). Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one). One
     application per port. ``model_name``: the v2 protocol's name for the model (default: the bundle's name).
 
     >>> url = deploy("bundles/digits", ServeConfig(port=8000))  # doctest: +SKIP
@@ -451,7 +462,7 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
     serve.start(proxy_location="Disabled")  # the replicas answer HTTP themselves
     serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options, listen=True,
                         route_prefix=route_prefix), name=name, route_prefix=None, blocking=False)
-    url = f"http://127.0.0.1:{cfg.port}{route_prefix.rstrip('/')}"
+    url = local_url(cfg.host, cfg.port) + route_prefix.rstrip("/")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -462,6 +473,20 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL this machine reaches a server bound to ``host:port`` at (``0.0.0.0``: 127.0.0.1, ``::``: ``[::1]``).
+
+    >>> local_url("0.0.0.0", 8000), local_url("::", 8000), local_url("10.0.0.5", 80)
+    ('http://127.0.0.1:8000', 'http://[::1]:8000', 'http://10.0.0.5:80')
+    """
+    import ipaddress
+
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
 
 
 def _replicas_ready(name: str) -> bool:

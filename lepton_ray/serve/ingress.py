@@ -12,8 +12,9 @@ proxy adds that hop; its throughput-optimized direct ingress gives each replica 
 URL per replica) and must be switched on in the cluster's environment before ``ray start``; Ray's
 HAProxy ingress binds its replicas, metrics and stats ports on every interface, not 127.0.0.1.
 
-Limits: the URL reaches the replicas on the host it names (127.0.0.1: this node's); connections are
-balanced, not requests (one keep-alive client stays with one replica); one application per port.
+Limits: the URL reaches the replicas on the node it names (127.0.0.1: this node's; with host 0.0.0.0,
+``http://NODE:PORT`` reaches NODE's replicas, none on another node); connections are balanced, not
+requests (one keep-alive client stays with one replica); one application per port.
 """
 
 from __future__ import annotations

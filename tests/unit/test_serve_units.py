@@ -657,6 +657,11 @@ def test_run_jobs_groups_alike_jobs_and_isolates_a_failing_one(tmp_path):
     ({"port": 0}, "serve.port: must be a TCP port in [1, 65535], got 0"),
     ({"auth_token_env": "MY-TOKEN"}, "serve.auth_token_env: must be an environment variable name, got 'MY-TOKEN'"),
     ({"max_batch_size": 0}, "serve.max_batch_size: must be >= 1, got 0"),
+    ({"host": "localhost"}, "serve.host: must be an IP address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface), "
+                            "got 'localhost'"),
+    ({"host": "::"}, "serve.host: is not a loopback address: other machines reach it, so every request must carry a bearer "
+                     "token: pass --auth-token-env NAME (serve.auth_token_env), NAME an environment variable holding the token, "
+                     "or bind 127.0.0.1, got '::'"),
 ])
 def test_serve_config_errors(values, message):
     with pytest.raises(ConfigError) as exc:
