@@ -74,7 +74,7 @@ async def listen(handler: Callable[[Any], Awaitable[Any]], host: str, port: int,
     import os
 
     import uvicorn
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
 
     replica = str(os.getpid())
 
@@ -82,7 +82,10 @@ async def listen(handler: Callable[[Any], Awaitable[Any]], host: str, port: int,
         if scope["type"] != "http":
             return
         body = _Receive(receive, scope["headers"])
-        response = await handler(Request({**scope, "root_path": root_path}, body))
+        try:
+            response = await handler(Request({**scope, "root_path": root_path}, body))
+        except ClientDisconnect:  # the client left before its body ended: no one to answer (not a server error)
+            return
         response.headers["x-lepton-replica"] = replica  # which replica answered (logs, debugging)
         if not await body.discard():  # the client reads the answer, not a reset connection
             response.headers["connection"] = "close"
