@@ -726,7 +726,10 @@ class ServeConfig(Section):
     threads_per_replica: int = 1
     """torch threads (and logical CPUs) per replica."""
     port: int = 8000
-    """HTTP port; the server binds 127.0.0.1 only."""
+    """HTTP port."""
+    host: str = "127.0.0.1"
+    """IP address the server binds: 127.0.0.1 (this machine only), 0.0.0.0 / ``::`` (every interface) or one
+    interface's address; anything but a loopback address needs ``auth_token_env``."""
     access_log: bool = False
     """Log one line per request in the replica (Ray Serve's access log); off saves per-request time."""
     auth_token_env: Optional[str] = None
@@ -748,6 +751,17 @@ class ServeConfig(Section):
         if self.auth_token_env is not None:
             self._require(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.auth_token_env)), "auth_token_env",
                           "must be an environment variable name")
+        import ipaddress
+
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = None
+        self._require(loopback is not None, "host", "must be an IP address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+        self._require(loopback or self.auth_token_env is not None, "host",
+                      "is not a loopback address: other machines reach it, so every request must carry a bearer token: "
+                      "pass --auth-token-env NAME (serve.auth_token_env), NAME an environment variable holding the token, "
+                      "or bind 127.0.0.1")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -20,13 +20,14 @@ Endpoints (one ingress deployment, raw Starlette requests: no per-request FastAP
   large); never a 500.
 * ``GET /healthz`` — 200 once the model is loaded and warmed up (503 before); ``GET /livez`` — 200.
 * ``GET /metrics`` — Prometheus text format, this replica's counters: requests by path and
-  code, latency histogram, batch-size histogram, errors by code.
+  code, latency histogram, batch-size histogram, errors by code. Every replica's numbers also go to
+  Ray's metrics endpoint on its node (:mod:`lepton_ray.serve.metrics`).
 * With ``auth_token_env=NAME``, every endpoint but ``/healthz``, ``/livez`` and ``/v2/health/*``
   needs ``Authorization: Bearer $NAME`` (401 otherwise).
 
 Start it with :func:`deploy` / ``lepton-ray serve BUNDLE`` (every replica answers on one URL itself,
-:mod:`lepton_ray.serve.ingress`), or with Ray's own tools, behind Serve's proxy, through the
-application builder :func:`app`::
+:mod:`lepton_ray.serve.ingress`; deleting the application drains it: :meth:`Replica.__del__`), or with
+Ray's own tools, behind Serve's proxy, through the application builder :func:`app`::
 
     serve run lepton_ray.serve.app:app bundle=bundles/digits max_batch_size=32
 """
@@ -49,7 +50,7 @@ from ray import serve
 
 from lepton_ray.config import ServeConfig
 
-__all__ = ["Batcher", "Job", "ModelServer", "Replica", "app", "build_app", "deploy"]
+__all__ = ["Batcher", "Job", "ModelServer", "Replica", "app", "body_limit", "build_app", "deploy", "local_url"]
 
 HEALTH_PATHS = ("/healthz", "/livez", "/v2/health/live", "/v2/health/ready")
 _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
@@ -140,6 +141,14 @@ class Batcher:
             self.busy = False
 
 
+def body_limit(inputs: Any, max_instances: int) -> int:
+    """Largest accepted request body: ``max_instances`` rows of generously printed values of the model's ``inputs``
+    (4 contexts for a token prompt)."""
+    values = sum(4 * s.max_len if s.max_len else math.prod(s.shape) for s in inputs)
+    names = sum(len(",".join(s.features)) + len(s.name) for s in inputs)
+    return 1024 + max_instances * (values * 32 + names * 2)
+
+
 def _path_label(path: str) -> str:
     if path in ("/predict", "/healthz", "/livez", "/metrics"):
         return path
@@ -157,9 +166,8 @@ class ModelServer:
     def __init__(self, bundle: str, *, model_name: Optional[str] = None, max_batch_size: int = 32,
                  batch_wait_ms: float = 2.0, max_instances: int = 1024, threads: int = 1,
                  auth_token_env: Optional[str] = None, storage_options: Optional[dict] = None):
-        import prometheus_client as prom
-
         from lepton_ray.serve.bundle import load_bundle
+        from lepton_ray.serve.metrics import ServeMetrics
         from lepton_ray.serve.predictor import Predictor
 
         self.ready = False
@@ -175,20 +183,7 @@ class ModelServer:
         self.inputs, self.outputs = self.predictor.inputs, self.predictor.outputs
         self.batcher = Batcher(self.run_jobs, max_batch_size, batch_wait_ms / 1000.0)
 
-        self.registry = prom.CollectorRegistry()
-        self.m_requests = prom.Counter("lepton_ray_serve_requests", "HTTP requests by path and status code",
-                                       ["path", "code"], registry=self.registry)
-        self.m_errors = prom.Counter("lepton_ray_serve_errors", "Error responses by status code", ["code"],
-                                     registry=self.registry)
-        self.m_latency = prom.Histogram("lepton_ray_serve_request_latency_seconds",
-                                        "Time in the replica per inference request (/predict and v2 infer)",
-                                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5),
-                                        registry=self.registry)
-        self.m_batch = prom.Histogram("lepton_ray_serve_batch_size", "Requests per model call",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.m_rows = prom.Histogram("lepton_ray_serve_batch_rows", "Rows per model call",
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
-                                     registry=self.registry)
+        self.metrics = ServeMetrics(self.model_name)
         # warm-up: the first calls allocate (and, for `compile`, may specialise); do them now
         for rows in sorted({1, max_batch_size}):
             self.predictor.run(self.predictor.example(rows))
@@ -202,7 +197,7 @@ class ModelServer:
         A group whose forward pass fails is retried job by job, so one request the model cannot
         process fails alone (its result is the exception), not the requests batched with it.
         """
-        self.m_batch.observe(len(jobs))
+        self.metrics.batch(len(jobs))
         results: list[Any] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -220,7 +215,7 @@ class ModelServer:
     def _run(self, group: list[Job]) -> list[dict[str, np.ndarray]]:
         first = group[0]
         inputs = first.inputs if len(group) == 1 else {k: np.concatenate([j.inputs[k] for j in group]) for k in first.inputs}
-        self.m_rows.observe(len(next(iter(inputs.values()))))
+        self.metrics.rows(len(next(iter(inputs.values()))))
         out = self.predictor.run(inputs, first.max_new_tokens, first.scores)
         parts, start = [], 0
         for job in group:
@@ -250,13 +245,7 @@ class ModelServer:
             path = path[len(root):] or "/"
         t0 = time.perf_counter()
         response = await self._route(request, path)
-        code = str(response.status_code)
-        label = _path_label(path)
-        self.m_requests.labels(label, code).inc()
-        if response.status_code >= 400:
-            self.m_errors.labels(code).inc()
-        if label in ("/predict", "/v2/infer"):
-            self.m_latency.observe(time.perf_counter() - t0)
+        self.metrics.request(_path_label(path), response.status_code, time.perf_counter() - t0)
         return response
 
     async def _route(self, request, path: str) -> Any:
@@ -274,10 +263,10 @@ class ModelServer:
                 return _json(401, {"error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"},
                              {"WWW-Authenticate": "Bearer"})
         if path == "/metrics":
-            import prometheus_client as prom
+            from prometheus_client import CONTENT_TYPE_LATEST
             from starlette.responses import Response
 
-            return Response(prom.generate_latest(self.registry), media_type=prom.CONTENT_TYPE_LATEST)
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
         try:
             if path == "/predict":
                 if method != "POST":
@@ -293,18 +282,23 @@ class ModelServer:
                                     f"GET /healthz, /livez, /metrics, /v2"})
 
     async def _body(self, request) -> bytes:
-        from lepton_ray.serve.validate import BadRequest
-
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:  # refused before a byte of it is read
-            raise BadRequest(f"request body of {declared} bytes is larger than {self.max_body} bytes", 413)
+            raise self._too_large(f"{declared} bytes")
         parts, size = [], 0
         async for chunk in request.stream():  # chunked bodies: stop reading once past the limit
             size += len(chunk)
             if size > self.max_body:
-                raise BadRequest(f"request body of more than {size} bytes is larger than {self.max_body} bytes", 413)
+                raise self._too_large(f"more than {size} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    def _too_large(self, size: str) -> Exception:
+        from lepton_ray.serve.validate import BadRequest
+
+        return BadRequest(f"request body of {size} is larger than {self.max_body} bytes, the limit for {self.max_instances} "
+                          f"instances per request; send fewer instances per request or raise the limit with "
+                          f"--max-instances (serve.max_instances)", 413)
 
     async def _predict(self, request) -> Any:
         from lepton_ray.serve.validate import parse_instances
@@ -351,10 +345,7 @@ class ModelServer:
 
     @property
     def max_body(self) -> int:
-        """Largest accepted body: ``max_instances`` rows of generously printed values (4 contexts for a token prompt)."""
-        values = sum(4 * s.max_len if s.max_len else math.prod(s.shape) for s in self.inputs)
-        names = sum(len(",".join(s.features)) + len(s.name) for s in self.inputs)
-        return 1024 + self.max_instances * (values * 32 + names * 2)
+        return body_limit(self.inputs, self.max_instances)
 
     def check_health(self) -> None:
         """Ray Serve's own health check: unhealthy until load and warm-up are done."""
@@ -379,6 +370,16 @@ class Replica(ModelServer):
         if self._http is not None and self._http[1].done():
             raise RuntimeError(f"the HTTP server stopped: {self._http[1].exception()!r}")
 
+    async def __del__(self) -> None:
+        """Serve's graceful stop of this replica (``serve.delete`` / ``serve.shutdown``, a scale-down): the HTTP server
+        stops accepting (new connections are refused once every replica on the port has stopped), closes its idle
+        connections and lets the requests in flight finish; Serve kills the replica after
+        ``graceful_shutdown_timeout_s`` (20 s) whatever is left."""
+        if getattr(self, "_http", None) is not None:  # None: __init__ failed, or no listen
+            server, task = self._http
+            server.should_exit = True
+            await task
+
 
 def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray",
               model_name: Optional[str] = None, storage_options: Optional[dict] = None, listen: bool = False,
@@ -387,7 +388,7 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
 
     ``name``: the Serve application; ``model_name``: the model's name in the v2 protocol
     (``/v2/models/<model_name>``; default: the bundle's name, i.e. the training run's). ``listen``: every
-    replica also answers HTTP on 127.0.0.1:``config.port`` itself (the one URL, :mod:`lepton_ray.serve.ingress`),
+    replica also answers HTTP on ``config.host``:``config.port`` itself (the one URL, :mod:`lepton_ray.serve.ingress`),
     under ``route_prefix``.
     """
     from lepton_ray.serve.bundle import check_name
@@ -416,7 +417,7 @@ def build_app(bundle: str, config: Optional[ServeConfig] = None, *, name: str = 
     return deployment.bind(bundle, model_name=model_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                            max_instances=cfg.max_instances, threads=cfg.threads_per_replica,
                            auth_token_env=cfg.auth_token_env, storage_options=storage_options,
-                           listen=("127.0.0.1", cfg.port) if listen else None, root_path=route_prefix.rstrip("/"))
+                           listen=(cfg.host, cfg.port) if listen else None, root_path=route_prefix.rstrip("/"))
 
 
 def app(args: dict[str, str]):
@@ -442,10 +443,10 @@ def app(args: dict[str, str]):
 
 def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray", route_prefix: str = "/",
            model_name: Optional[str] = None, storage_options: Optional[dict] = None, timeout_s: float = 300.0) -> str:
-    """Deploy ``bundle`` on Serve, every replica answering on http://127.0.0.1:``config.port`` (one URL however
+    """Deploy ``bundle`` on Serve, every replica answering on ``config.host``:``config.port`` (one URL however
     many replicas, no proxy hop: :mod:`lepton_ray.serve.ingress`), and wait until ``/healthz`` is 200.
 
-    Returns the base URL. Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one). One
+    Returns the base URL as this machine reaches it (:func:`local_url`). Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one). One
     application per port. ``model_name``: the v2 protocol's name for the model (default: the bundle's name).
 
     >>> url = deploy("bundles/digits", ServeConfig(port=8000))  # doctest: +SKIP
@@ -461,7 +462,7 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
     serve.start(proxy_location="Disabled")  # the replicas answer HTTP themselves
     serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options, listen=True,
                         route_prefix=route_prefix), name=name, route_prefix=None, blocking=False)
-    url = f"http://127.0.0.1:{cfg.port}{route_prefix.rstrip('/')}"
+    url = local_url(cfg.host, cfg.port) + route_prefix.rstrip("/")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -472,6 +473,20 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL this machine reaches a server bound to ``host:port`` at (``0.0.0.0``: 127.0.0.1, ``::``: ``[::1]``).
+
+    >>> local_url("0.0.0.0", 8000), local_url("::", 8000), local_url("10.0.0.5", 80)
+    ('http://127.0.0.1:8000', 'http://[::1]:8000', 'http://10.0.0.5:80')
+    """
+    import ipaddress
+
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
 
 
 def _replicas_ready(name: str) -> bool:

@@ -29,32 +29,53 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import time
-
     from lepton_ray.serve.app import deploy
     from lepton_ray.serve.bundle import check_name, load_bundle
+    from lepton_ray.train.trainer import ensure_ray
 
-    cfg = _serve_config(args, ("port", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
+    cfg = _serve_config(args, ("port", "host", "replicas", "max_batch_size", "batch_wait_ms", "max_instances",
                                "threads_per_replica", "auth_token_env"))
     # every option is checked here, before Ray starts: a bad one is a one-line error (exit 2), not a dead replica
     bundle = load_bundle(args.bundle)
     name = check_name(args.name, "--name") if args.name else bundle.name
     _check_serve_options(cfg)
-    url = deploy(args.bundle, cfg, model_name=args.name)
+    ensure_ray()
+    stop = _stop_on_signals()  # after ray.init, whose handlers make a SIGTERM abort with a stack trace
+    url = deploy(args.bundle, cfg, model_name=args.name)  # a signal meanwhile stops the server once it is up
     if args.json:
         print(json.dumps({"url": url, "predict": f"{url}/predict", "infer": f"{url}/v2/models/{name}/infer", "model_name": name,
                           "replicas": cfg.replicas}), flush=True)
     else:
-        print(f"serving {args.bundle} at {url} ({cfg.replicas} replica(s), one URL): POST {url}/predict, "
+        where = "" if cfg.host == "127.0.0.1" else f", listening on {cfg.host}:{cfg.port}"
+        print(f"serving {args.bundle} at {url} ({cfg.replicas} replica(s), one URL{where}): POST {url}/predict, "
               f"POST {url}/v2/models/{name}/infer; health: {url}/healthz, metrics: {url}/metrics; Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+    stop.wait()
+    print("stopping: no new connections; the requests in flight finish", file=sys.stderr, flush=True)
+    _stop_serving("lepton_ray")
     return 0
+
+
+def _stop_on_signals() -> Any:
+    """An event set by SIGTERM or SIGINT (in place of Ray's handlers and Python's KeyboardInterrupt)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _stop_serving(app: str) -> None:
+    """Delete ``app`` (each replica drains: :meth:`lepton_ray.serve.app.Replica.__del__`), Serve too when no other
+    application is left on the cluster, and disconnect from Ray."""
+    import ray
+    from ray import serve
+
+    serve.delete(app)
+    if not serve.status().applications:
+        serve.shutdown()
+    ray.shutdown()
 
 
 def _check_serve_options(cfg: ServeConfig) -> None:
@@ -66,11 +87,11 @@ def _check_serve_options(cfg: ServeConfig) -> None:
 
     if cfg.auth_token_env and not os.environ.get(cfg.auth_token_env):
         raise ConfigError(f"--auth-token-env: environment variable {cfg.auth_token_env} is not set (or empty); export the token in it first")
-    with socket.socket() as sock:
+    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as sock:
         try:
-            sock.bind(("127.0.0.1", cfg.port))
+            sock.bind((cfg.host, cfg.port))
         except OSError as exc:
-            raise ConfigError(f"--port: 127.0.0.1:{cfg.port} is not free ({exc.strerror}); pick another port") from None
+            raise ConfigError(f"--port: {cfg.host}:{cfg.port} is not free ({exc.strerror}); pick another port") from None
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -111,11 +132,14 @@ def add_commands(sub: Any) -> None:
     o.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     o.set_defaults(handler=_clean(_optimize))
 
-    s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP on 127.0.0.1 with Ray Serve, one URL for every replica")
+    s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP with Ray Serve, one URL for every replica; "
+                       "SIGTERM or Ctrl-C drains it and exits 0")
     s.add_argument("bundle", help="serving bundle or checkpoint URI")
     s.add_argument("--name", default=None, help="the model's name in the v2 protocol, /v2/models/NAME "
                    "(default: the bundle's name, i.e. the training run's)")
-    s.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000)")
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("--host", default=None, help="IP address to bind (default 127.0.0.1, this machine only); another one, "
+                   "e.g. 0.0.0.0 for every interface, needs --auth-token-env")
     s.add_argument("--replicas", type=int, default=None, help="Serve replicas (default 1)")
     s.add_argument("--max-batch-size", type=int, default=None, help="requests per model call (default 32)")
     s.add_argument("--batch-wait-ms", type=float, default=None,

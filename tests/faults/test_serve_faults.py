@@ -168,7 +168,7 @@ def test_random_requests_to_every_endpoint_never_get_a_5xx(pair, method, path, b
     assert r.status_code < 500, (method, path, body, r.status_code, r.text)
 
 
-def test_oversized_bodies_are_413_before_they_are_read(pair):
+def test_oversized_bodies_are_a_413_on_their_declared_or_streamed_length(pair):
     big = b"[" + b"0.5," * 2_000_000 + b"0.5]"  # ~8 MB: beyond what 64 rows can take
     for path in ("/predict", "/v2/models/digits/infer"):
         r = requests.post(pair["url"] + path, data=big, headers={"Content-Type": "application/json"}, timeout=60)

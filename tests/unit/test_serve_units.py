@@ -612,7 +612,9 @@ def test_server_answers_both_protocols_and_their_errors(toy):
     assert _call(srv, "POST", "/v2/models/toy/infer", {"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP16", "data": [0] * 6}]}) == (
         400, {"error": 'inputs[0] "x": datatype "FP16" does not match the model\'s input x: FP32 [-1, 6]'})
     code, body = _call(srv, "POST", "/predict", b"[" * 2 + b"0" * srv.max_body)
-    assert code == 413 and body["error"].endswith(f"is larger than {srv.max_body} bytes")
+    assert (code, body) == (413, {"error": f"request body of more than {2 + srv.max_body} bytes is larger than {srv.max_body} bytes, the "
+                                           "limit for 8 instances per request; send fewer instances per request or raise the "
+                                           "limit with --max-instances (serve.max_instances)"})
     assert _call(_server(toy, model_name="digits"), "GET", "/v2/models/digits")[1]["name"] == "digits"
 
 
@@ -655,6 +657,11 @@ def test_run_jobs_groups_alike_jobs_and_isolates_a_failing_one(tmp_path):
     ({"port": 0}, "serve.port: must be a TCP port in [1, 65535], got 0"),
     ({"auth_token_env": "MY-TOKEN"}, "serve.auth_token_env: must be an environment variable name, got 'MY-TOKEN'"),
     ({"max_batch_size": 0}, "serve.max_batch_size: must be >= 1, got 0"),
+    ({"host": "localhost"}, "serve.host: must be an IP address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface), "
+                            "got 'localhost'"),
+    ({"host": "::"}, "serve.host: is not a loopback address: other machines reach it, so every request must carry a bearer "
+                     "token: pass --auth-token-env NAME (serve.auth_token_env), NAME an environment variable holding the token, "
+                     "or bind 127.0.0.1, got '::'"),
 ])
 def test_serve_config_errors(values, message):
     with pytest.raises(ConfigError) as exc:
