@@ -16,13 +16,14 @@ Python lines at WARNING and above, a worker's exception, and anything a worker p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-__all__ = ["CPP_LOG_LINE", "progress_bar", "quiet_ray_env", "ray_log_level", "say"]
+__all__ = ["CPP_LOG_LINE", "environ", "progress_bar", "quiet_ray_env", "ray_log_level", "say"]
 
 CPP_LOG_LINE = r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWE] \d+ \d+\] "
 """A Ray backend (C++) log line below FATAL, as a Ray process's stderr carries it to the driver:
@@ -48,6 +49,25 @@ def quiet_ray_env(verbose: bool, environ: Optional[dict[str, str]] = None) -> di
     ours = {} if verbose or "RAY_DEDUP_LOGS_SKIP_REGEX" in environ else {"RAY_DEDUP_LOGS_SKIP_REGEX": CPP_LOG_LINE}
     environ.update(ours)
     return ours
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the block inside, each where the user has not set it; removed after.
+
+    >>> with environ({"LEPTON_RAY_DOCTEST": "1"}):
+    ...     os.environ["LEPTON_RAY_DOCTEST"]
+    '1'
+    >>> "LEPTON_RAY_DOCTEST" in os.environ
+    False
+    """
+    ours = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(ours)
+    try:
+        yield
+    finally:
+        for k in ours:
+            os.environ.pop(k, None)
 
 
 def is_cpp_line(line: str) -> bool:

@@ -39,7 +39,7 @@ from ray import tune
 
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, SweepConfig, load_config
-from lepton_ray.console import progress_bar, say
+from lepton_ray.console import environ, progress_bar, say
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
 from lepton_ray.train.plan import can_resume, check_run, describe_data
@@ -165,6 +165,7 @@ class _Progress(tune.Callback):
         self.trials_dir, self.space, self.metric, self.mode = trials_dir, space, metric, mode
         self.num_samples, self.name = num_samples, name
         self.bar: Any = None  # made at the first trial's result: Tune pickles its callbacks with the experiment state
+        self.ended: set[str] = set()  # Tune calls on_trial_complete before it marks the trial TERMINATED
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "bar": None}
@@ -172,6 +173,10 @@ class _Progress(tune.Callback):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def done(self, trials: list[Any]) -> int:
+        return len(self.ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")})
 
     def _update(self, trials: list[Any]) -> None:
         if self.bar is None:
@@ -181,22 +186,25 @@ class _Progress(tune.Callback):
         if scores:
             value, trial = (max if self.mode == "max" else min)(scores)
             self.bar.set_postfix({f"best {self.metric}": f"{value:.4f}", "trial": trial}, refresh=False)
-        self.bar.update(sum(t.status in ("TERMINATED", "ERROR") for t in trials) - self.bar.n)
+        self.bar.update(self.done(trials) - self.bar.n)
 
-    def _table(self, trials: list[Any]) -> None:
+    def _ended(self, trials: list[Any], trial: Any) -> None:
+        self.ended.add(trial.trial_id)
         self._update(trials)
         rows = [_row(Path(self.trials_dir), t, self.space, self.metric) for t in trials]
-        done = sum(r["status"] in (R.COMPLETED, R.STOPPED, R.ERROR) for r in rows)
-        say(f"\n== sweep: {done}/{self.num_samples} trials done ==\n{R.format_table(rows, self.metric)}", file=sys.stdout)
+        say(f"\n== sweep: {self.done(trials)}/{self.num_samples} trials done ==\n{R.format_table(rows, self.metric)}", file=sys.stdout)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._update(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._table(trials)
+        self._ended(trials, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._table(trials)
+        self._ended(trials, trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()  # Tune may run a copy of this callback: the copy's bar ends here
 
 
 def _row(trials_dir: Path, trial: Any, space: list[str], metric: str) -> R.TrialRow:
@@ -325,7 +333,8 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
             )
-        grid = tuner.fit()
+        with environ({} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}):  # Tune's old output engine: silent at verbose=0
+            grid = tuner.fit()
     finally:
         if shown:
             shown.close()

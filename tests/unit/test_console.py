@@ -118,15 +118,20 @@ def test_prepare_shows_the_rows_written(tmp_path, capsys):
     assert re.search(r"prepare: 100%\|#+\| 200/200 ", capsys.readouterr().err)
 
 
-def test_the_sweep_bar_counts_ended_trials_and_shows_the_best_so_far():
+def test_the_sweep_bar_counts_ended_trials_and_shows_the_best_so_far(tmp_path, capsys):
+    """Tune's Trial objects as the callback sees them (id, status, last result); a trial Tune reports complete while
+    its status still says RUNNING counts as ended."""
     from lepton_ray.tune.sweep import _Progress
 
-    shown = _Progress("unused", ["train.lr"], "eval_accuracy", "max", 4, "s")
-    trial = lambda i, status, acc: types.SimpleNamespace(trial_id=f"t{i}", status=status,  # noqa: E731
+    shown = _Progress(str(tmp_path), ["train.lr"], "eval_accuracy", "max", 4, "s")
+    trial = lambda i, status, acc: types.SimpleNamespace(trial_id=f"t{i}", status=status, config={"train.lr": 0.1},  # noqa: E731
                                                         last_result={} if acc is None else {"eval_accuracy": acc})
-    shown._update([trial(0, "RUNNING", 0.5), trial(1, "PENDING", None)])
+    shown.on_trial_result(1, [trial(0, "RUNNING", 0.5), trial(1, "PENDING", None)], None, {})
     assert (shown.bar.n, shown.bar.postfix) == (0, "best eval_accuracy=0.5000, trial=t0")
-    shown._update([trial(0, "TERMINATED", 0.9), trial(1, "ERROR", None), trial(2, "RUNNING", 0.95), trial(3, "TERMINATED", 0.7)])
+    trials = [trial(0, "TERMINATED", 0.9), trial(1, "ERROR", None), trial(2, "RUNNING", 0.95), trial(3, "RUNNING", 0.7)]
+    shown.on_trial_complete(2, trials, trials[3])
     assert (shown.bar.n, shown.bar.postfix) == (3, "best eval_accuracy=0.9500, trial=t2")
+    assert "== sweep: 3/4 trials done ==" in capsys.readouterr().out  # the table, as a trial ends
     assert shown.__getstate__()["bar"] is None  # Tune pickles its callbacks; a bar holds its stream
-    shown.close()
+    shown.on_experiment_end(trials)
+    assert shown.bar is None and re.search(r"sweep s:  75%\|#+5? +\| 3/4 ", capsys.readouterr().err)
