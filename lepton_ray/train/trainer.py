@@ -195,9 +195,10 @@ class Trainer:
         datasets: Optional[dict[str, Any]] = None,
         data_plan: Optional[DataPlan] = None,
     ):
-        """``progress``: a progress bar on stderr. ``verbose``: Ray's INFO lines too (its start-up, Ray Train's worker group
-        lines); by default only its warnings (:mod:`lepton_ray.console`). ``data_plan``: the data described already (a sweep's, shared with its trials); used where it was made for
-        the same data inputs, else described again."""
+        """``progress``: a progress bar on stderr. ``verbose``: Ray's INFO lines too (its start-up, Ray Train's worker
+        group lines); by default only its warnings (:mod:`lepton_ray.console`). ``data_plan``: the data described
+        already (a sweep's, shared with its trials); used where it was made for the same data inputs, else described
+        again."""
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
         self._datasets = check_datasets(datasets or {})
         self.config = check_config(with_passed(config, self._datasets, model=model, loss=loss, transform=transform))
