@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from lepton_ray.config import ConfigError, load_config
+from lepton_ray.console import quiet_ray_env
 
 __all__ = ["main"]
 
@@ -15,7 +16,7 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lepton-ray", description="Distributed PyTorch training on Ray from one YAML config.")
     sub = p.add_subparsers(dest="command", required=True)
-    from lepton_ray.serve.cli import add_commands as add_serve_commands  # optimize, serve, predict
+    from lepton_ray.serve.cli import VERBOSE_HELP, add_commands as add_serve_commands  # optimize, serve, predict
 
     add_serve_commands(sub)
     t = sub.add_parser("train", help="train a model as the config says")
@@ -26,13 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line of stdout")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--local", action="store_true", help="one worker in this process, without Ray (for debugging; scaling.num_workers: 1)")
+    t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     w = sub.add_parser("sweep", help="search the config's sweep.space (lr, batch size, ...) on Ray Tune")
     w.add_argument("config", help="YAML config file with a sweep: section")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set sweep.num_samples=16")
     w.add_argument("--resume", action="store_true", help="continue the sweep (re-running the same command does too; this insists it exists)")
     w.add_argument("--json", action="store_true", help="print the best trial as one JSON object on the last line of stdout")
-    w.add_argument("--no-progress", action="store_true", help="no trials table while it runs")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar or trials table while it runs")
+    w.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     pr = d.add_parser("prepare", help="write Parquet/CSV rows as N Parquet shards plus a committed _manifest.json")
@@ -44,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--eval-fraction", type=float, default=0.0, help="split into DEST/train and DEST/eval")
     pr.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
     pr.add_argument("--no-shuffle", action="store_true", help="keep the source's row order")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="draw a run's metrics.jsonl as PNG figures (loss, eval, throughput, time per phase)")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/digits")
     r.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default: RUN_DIR/report)")
@@ -67,7 +71,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from lepton_ray.data.prepare import prepare
 
     out = prepare(args.src, args.dest, num_shards=args.num_shards, row_group_rows=args.row_group_rows,
-                  compression=args.compression, eval_fraction=args.eval_fraction, seed=args.seed, shuffle=not args.no_shuffle)
+                  compression=args.compression, eval_fraction=args.eval_fraction, seed=args.seed, shuffle=not args.no_shuffle,
+                  progress=not args.no_progress)
     for split, manifest in out.items():
         print(f"{split}: {manifest['num_rows']} rows in {len(manifest['shards'])} shards")
     return 0
@@ -77,7 +82,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from lepton_ray.tune import sweep
 
     cfg = load_config(args.config, args.overrides)
-    result = sweep(cfg, resume=True if args.resume else None, progress=not args.no_progress)
+    result = sweep(cfg, resume=True if args.resume else None, progress=not args.no_progress, verbose=args.verbose)
     best = result.best
     if best is not None:
         print(f"best trial: {best['trial']}  {result.metric}={best[result.metric]:.4f}  "
@@ -97,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     from lepton_ray.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg, resume=args.resume, progress=not args.no_progress).fit(local=args.local)
+    result = Trainer(cfg, resume=args.resume, progress=not args.no_progress, verbose=args.verbose).fit(local=args.local)
     out = result.to_dict()
     shown = {k: v for k, v in out.items() if k.startswith("eval_") or k in ("train_loss", "steps", "samples_per_s")}
     print("result: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
@@ -118,6 +123,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_ray_env("--verbose" in argv)  # before anything imports Ray (building the parser does): Ray reads it then
     args = _parser().parse_args(argv)
     try:
         if getattr(args, "handler", None) is not None:  # subcommands that bring their own handler

@@ -29,6 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
+from lepton_ray.console import progress_bar
 from lepton_ray.data.schema import field_info
 from lepton_ray.storage import atomic_write, filesystem, join
 
@@ -64,7 +65,7 @@ def _read_source(source: Union[str, os.PathLike, pa.Table]) -> pa.Table:
 
 
 def _write_split(table: pa.Table, dest: str, split: str, num_shards: int, row_group_rows: int,
-                 compression: str, storage_options: Optional[dict]) -> dict[str, Any]:
+                 compression: str, storage_options: Optional[dict], bar: Any) -> dict[str, Any]:
     fs, root = filesystem(dest, storage_options)
     fs.makedirs(root, exist_ok=True)
     try:
@@ -88,6 +89,7 @@ def _write_split(table: pa.Table, dest: str, split: str, num_shards: int, row_gr
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         })
+        bar.update(part.num_rows)
     manifest = {
         "format": FORMAT,
         "split": split,
@@ -111,12 +113,14 @@ def prepare(
     seed: int = 0,
     shuffle: bool = True,
     storage_options: Optional[dict] = None,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Write ``source`` (Parquet/CSV file or directory, or a ``pyarrow.Table``) as ``num_shards`` Parquet shards.
 
     Rows are shuffled with ``seed`` first (so every shard is a fair sample). With
     ``eval_fraction > 0`` the rows are split into ``DEST/train`` and ``DEST/eval``,
-    each a prepared split with its own manifest. Returns ``{split: manifest}``.
+    each a prepared split with its own manifest. Returns ``{split: manifest}``. ``progress``: a bar of the rows
+    written on stderr (the CLI's default).
 
     >>> import pyarrow as pa, tempfile
     >>> out = prepare(pa.table({"x": [1.0, 2.0, 3.0, 4.0], "label": [0, 1, 0, 1]}), tempfile.mkdtemp(), num_shards=2)
@@ -138,12 +142,14 @@ def prepare(
         table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
     n_eval = int(round(table.num_rows * eval_fraction))
     splits = {"train": table.slice(n_eval)} if n_eval == 0 else {"train": table.slice(n_eval), "eval": table.slice(0, n_eval)}
-    out = {}
     for split, part in splits.items():
         if part.num_rows < num_shards:
             raise ConfigError(f"prepare: the {split} split has {part.num_rows} rows, fewer than --num-shards {num_shards}")
-        target = dest if n_eval == 0 else join(dest, split)
-        out[split] = _write_split(part, target, split, num_shards, row_group_rows, compression, storage_options)
+    out = {}
+    with progress_bar(table.num_rows, "prepare", "row", enabled=progress, unit_scale=True) as bar:
+        for split, part in splits.items():
+            target = dest if n_eval == 0 else join(dest, split)
+            out[split] = _write_split(part, target, split, num_shards, row_group_rows, compression, storage_options, bar)
     return out
 
 

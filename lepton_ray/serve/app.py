@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -442,12 +443,14 @@ def app(args: dict[str, str]):
 
 
 def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "lepton_ray", route_prefix: str = "/",
-           model_name: Optional[str] = None, storage_options: Optional[dict] = None, timeout_s: float = 300.0) -> str:
+           model_name: Optional[str] = None, storage_options: Optional[dict] = None, timeout_s: float = 300.0,
+           verbose: bool = False) -> str:
     """Deploy ``bundle`` on Serve, every replica answering on ``config.host``:``config.port`` (one URL however
     many replicas, no proxy hop: :mod:`lepton_ray.serve.ingress`), and wait until ``/healthz`` is 200.
 
     Returns the base URL as this machine reaches it (:func:`local_url`). Uses the Ray cluster of ``ray.init`` / ``RAY_ADDRESS`` (or starts one). One
     application per port. ``model_name``: the v2 protocol's name for the model (default: the bundle's name).
+    ``verbose``: Ray's and Serve's INFO lines too (by default their warnings only: :mod:`lepton_ray.console`).
 
     >>> url = deploy("bundles/digits", ServeConfig(port=8000))  # doctest: +SKIP
     >>> requests.post(url + "/predict", json={"instances": [[0.0] * 64]}).json()  # doctest: +SKIP
@@ -458,8 +461,11 @@ def deploy(bundle: str, config: Optional[ServeConfig] = None, *, name: str = "le
     from lepton_ray.train.trainer import ensure_ray
 
     cfg = config or ServeConfig()
-    ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
-    serve.start(proxy_location="Disabled")  # the replicas answer HTTP themselves
+    from lepton_ray.console import ray_log_level
+
+    ensure_ray(verbose=verbose)  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
+    # the replicas answer HTTP themselves; the controller's lines at Ray's level
+    serve.start(proxy_location="Disabled", logging_config={"log_level": logging.getLevelName(ray_log_level(verbose))})
     serve.run(build_app(bundle, cfg, name=name, model_name=model_name, storage_options=storage_options, listen=True,
                         route_prefix=route_prefix), name=name, route_prefix=None, blocking=False)
     url = local_url(cfg.host, cfg.port) + route_prefix.rstrip("/")

@@ -14,6 +14,7 @@ fixed-size lists. Reading and writing go through :mod:`lepton_ray.storage`, so a
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import numpy as np
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lepton_ray.config import ConfigError
+from lepton_ray.console import ray_log_level
 from lepton_ray.data.schema import Schema, decode
 from lepton_ray.data.table import list_parquet
 from lepton_ray.storage import arrow_filesystem, filesystem
@@ -63,10 +65,12 @@ def _column(values: np.ndarray) -> pa.Array:
 
 
 def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batch_size: int = 1024,
-            concurrency: int = 1, threads: int = 1, storage_options: Optional[dict] = None) -> dict[str, Any]:
+            concurrency: int = 1, threads: int = 1, storage_options: Optional[dict] = None, verbose: bool = False) -> dict[str, Any]:
     """Predict every row of the Parquet data at ``input``; write Parquet files under ``output``.
 
     The input needs the bundle's input columns and ``id_column``. Returns the row count and the output URI.
+    Progress is Ray Data's own bar (on a terminal); ``verbose``: Ray's and Ray Data's INFO lines too (its execution
+    plan, and in a log file its progress every 10 s), by default their warnings only.
     """
     import ray
 
@@ -84,12 +88,19 @@ def predict(bundle: str, input: str, output: str, *, id_column: str = "id", batc
         raise ConfigError(f"--input: {what} column '{missing[0]}' is not in '{input}' (columns: {', '.join(schema.names)})")
     from lepton_ray.train.trainer import ensure_ray
 
-    ensure_ray()  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
+    ensure_ray(verbose=verbose)  # RAY_ADDRESS, else a private local instance (never a guessed, possibly dead, cluster)
     ds = ray.data.read_parquet(files, filesystem=arrow_filesystem(fs_in)).select_columns(need)  # pushed down into the read
     out = ds.map_batches(_BatchModel, fn_constructor_args=(bundle, id_column, storage_options, threads),
-                         batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency, num_cpus=threads)
+                         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
+                         num_cpus=threads)
     fs_out.makedirs(path_out, exist_ok=True)
-    out.write_parquet(path_out, filesystem=arrow_filesystem(fs_out))
+    data_log = logging.getLogger("ray.data")  # Ray Data's documented logger; its level set for this call only
+    level = data_log.level
+    data_log.setLevel(ray_log_level(verbose))
+    try:
+        out.write_parquet(path_out, filesystem=arrow_filesystem(fs_out))
+    finally:
+        data_log.setLevel(level)
     rows = sum(pq.read_metadata(f, filesystem=arrow_filesystem(fs_out)).num_rows
                for f in list_parquet("--output", output, storage_options))
     return {"rows": int(rows), "output": output}

@@ -9,6 +9,8 @@ from typing import Any
 
 from lepton_ray.config import ServeConfig
 
+VERBOSE_HELP = "show Ray's own INFO and backend lines too (by default only its warnings)"
+
 __all__ = ["add_commands"]
 
 
@@ -21,7 +23,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from lepton_ray.serve.optimize import optimize
 
     cfg = _serve_config(args, ("max_accuracy_drop", "candidates", "bench_batch_size", "threads_per_replica"))
-    report = optimize(args.checkpoint, args.eval, args.output, config=cfg)
+    report = optimize(args.checkpoint, args.eval, args.output, config=cfg, progress=not args.no_progress)
     if args.json:
         sys.stdout.flush()
         print(json.dumps(report))
@@ -39,9 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     name = check_name(args.name, "--name") if args.name else bundle.name
     _check_serve_options(cfg)
-    ensure_ray()
+    ensure_ray(verbose=args.verbose)
     stop = _stop_on_signals()  # after ray.init, whose handlers make a SIGTERM abort with a stack trace
-    url = deploy(args.bundle, cfg, model_name=args.name)  # a signal meanwhile stops the server once it is up
+    url = deploy(args.bundle, cfg, model_name=args.name, verbose=args.verbose)  # a signal meanwhile stops the server once it is up
     if args.json:
         print(json.dumps({"url": url, "predict": f"{url}/predict", "infer": f"{url}/v2/models/{name}/infer", "model_name": name,
                           "replicas": cfg.replicas}), flush=True)
@@ -98,7 +100,7 @@ def _predict(args: argparse.Namespace) -> int:
     from lepton_ray.serve.batch_predict import predict
 
     out = predict(args.bundle, args.input, args.output, id_column=args.id_column, batch_size=args.batch_size,
-                  concurrency=args.concurrency)
+                  concurrency=args.concurrency, verbose=args.verbose)
     print(f"wrote {out['rows']} predictions to {out['output']}")
     return 0
 
@@ -130,6 +132,7 @@ def add_commands(sub: Any) -> None:
     o.add_argument("--bench-batch-size", type=int, default=None, help="batch size the forms are timed at (default 32)")
     o.add_argument("--threads", dest="threads_per_replica", type=int, default=None, help="torch threads (default 1)")
     o.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.set_defaults(handler=_clean(_optimize))
 
     s = sub.add_parser("serve", help="serve a bundle (or checkpoint) over HTTP with Ray Serve, one URL for every replica; "
@@ -149,6 +152,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--auth-token-env", default=None, metavar="NAME",
                    help="require 'Authorization: Bearer $NAME' on every endpoint but /healthz and /livez")
     s.add_argument("--json", action="store_true", help="print the URL (and the endpoints) as one JSON line once serving")
+    s.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     s.set_defaults(handler=_clean(_serve))
 
     p = sub.add_parser("predict", help="batch prediction over Parquet with Ray Data")
@@ -158,4 +162,5 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--id-column", default="id", help="input column copied next to each prediction (default: id)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per model call")
     p.add_argument("--concurrency", type=int, default=1, help="model actors")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(handler=_clean(_predict))

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lepton_ray.config import ConfigError, ServeConfig
+from lepton_ray.console import progress_bar
 from lepton_ray.data.schema import Schema, decode
 from lepton_ray.serve.bundle import load_bundle, write_bundle
 from lepton_ray.serve.forms import FormUnavailable
@@ -145,12 +146,14 @@ def optimize(
     config: Optional[ServeConfig] = None,
     storage_options: Optional[dict] = None,
     verbose: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Benchmark every candidate form of ``checkpoint`` (or bundle) and write a serving bundle.
 
     Returns the report (also written as ``<output>/optimize_report.json``); ``report["chosen"]``
     is the selected form, ``report["metric"]`` the gate metric. ``eval_data`` is a Parquet file or
-    directory with the model's input and target columns (as in training).
+    directory with the model's input and target columns (as in training). ``verbose``: print the table;
+    ``progress``: a bar of the forms measured on stderr (the CLI's default).
     """
     cfg = config or ServeConfig()
     src = load_bundle(checkpoint, storage_options)
@@ -163,7 +166,10 @@ def optimize(
         rng = np.random.default_rng(0)  # representative batches: real held-out rows
         pick = rng.integers(0, rows, cfg.bench_batch_size)
         forms: dict[str, dict[str, Any]] = {}
-        for name in dict.fromkeys(["fp32", *cfg.candidates]):  # fp32 is always the reference
+        names = list(dict.fromkeys(["fp32", *cfg.candidates]))  # fp32 is always the reference
+        bar = progress_bar(len(names), "optimize", "form", enabled=progress, iterable=names)
+        for name in bar:  # counted as each form is done
+            bar.set_postfix_str(name)
             try:
                 pred = Predictor(src, form=name)
             except FormUnavailable as exc:

@@ -21,14 +21,16 @@ import yaml
 
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, load_config
+from lepton_ray.console import progress_bar, ray_log_level, say
 from lepton_ray.imports import register, registered
 from lepton_ray.storage import redact_config
 from lepton_ray.sync import STRATEGIES
 from lepton_ray.train import metrics as M
 from lepton_ray.train.context import WorkerContext
+from lepton_ray.train.events import RunEvents, failure_record
 from lepton_ray.train.loop import LoopSpec, train_loop
 from lepton_ray.train.plan import DataPlan, RunPlan, initial_model, make_plan
-from lepton_ray.train.watchdog import Watchdog, WorkerGuard
+from lepton_ray.train.watchdog import Preempted, Watchdog, WorkerGuard
 from lepton_ray.train.placement import check_paths_reachable
 
 __all__ = ["Trainer", "Result", "TrainingError", "ensure_ray"]
@@ -65,9 +67,10 @@ class Result:
         return table(self.records)
 
 
-def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0) -> bool:
+def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0, *, verbose: bool = False) -> bool:
     """Connect to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it); else start a private
     local Ray instance with at least ``min_cpus`` logical CPUs, plus ``extra_cpus`` (the data engine's own).
+    Ray's driver-side lines below WARNING are shown only when ``verbose`` (:mod:`lepton_ray.console`).
 
     Without ``RAY_ADDRESS`` nothing is guessed: Ray's ``address="auto"`` trusts
     /tmp/ray/ray_current_cluster (and running gcs_server processes), which outlive crashed or
@@ -81,9 +84,9 @@ def ensure_ray(min_cpus: int = 1, extra_cpus: float = 0) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=ray_log_level(verbose))
     else:
-        start_local_ray(num_cpus=max(os.cpu_count() or 1, min_cpus) + math.ceil(extra_cpus))
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, min_cpus) + math.ceil(extra_cpus), logging_level=ray_log_level(verbose))
     return True
 
 
@@ -192,19 +195,22 @@ class Trainer:
         *,
         resume: bool = False,
         progress: bool = True,
+        verbose: bool = False,
         model: Optional[Callable[..., Any]] = None,
         loss: Optional[Callable[..., Any]] = None,
         transform: Optional[Callable[..., Any]] = None,
         datasets: Optional[dict[str, Any]] = None,
         data_plan: Optional[DataPlan] = None,
     ):
-        """``data_plan``: the data described already (a sweep's, shared with its trials); used where it was made for
-        the same data inputs, else described again."""
+        """``progress``: a progress bar on stderr. ``verbose``: Ray's INFO lines too (its start-up, Ray Train's worker
+        group lines); by default only its warnings (:mod:`lepton_ray.console`). ``data_plan``: the data described
+        already (a sweep's, shared with its trials); used where it was made for the same data inputs, else described
+        again."""
         self._created = time.time()  # the start-up phases are timed from here (see LoopSpec.phases)
         self._datasets = check_datasets(datasets or {})
         self.config = check_config(with_passed(config, self._datasets, model=model, loss=loss, transform=transform))
         self.resume = resume
-        self.progress = progress
+        self.progress, self.verbose = progress, verbose
         self._data_plan = data_plan
         self._plan: Optional[RunPlan] = None
         self._planning = threading.Lock()  # one plan, also when another thread reads run_dir while fit() plans
@@ -283,7 +289,7 @@ class Trainer:
         cfg = self.config
         s = cfg.scaling
         helpers = (s.num_workers - 1) * s.cpus_per_worker if keep_warm else 0  # a local instance gets CPUs for them too
-        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker, extra_cpus=data_cpus(self.config) + helpers)
+        started = ensure_ray(min_cpus=s.max_workers * s.cpus_per_worker, extra_cpus=data_cpus(self.config) + helpers, verbose=self.verbose)
         phases["ray"] = time.time()
         try:
             if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.min_workers:
@@ -315,6 +321,7 @@ class Trainer:
                     storage_path=str((self.run_dir / "ray").resolve()),
                     # a worker group that cannot start (a lost node's CPUs) fails the run after max_failures tries, not never
                     failure_config=ray.train.FailureConfig(max_failures=s.max_failures, controller_failure_limit=s.max_failures),
+                    logging_config=ray.train.LoggingConfig(log_level=logging.getLevelName(ray_log_level(self.verbose))),
                 ),
             )
             watcher = _Watcher(sink, self.progress, self.run_name, on_first_step=self._warm_beside if keep_warm else None)
@@ -474,6 +481,13 @@ def _worker_entry(config: dict[str, Any]) -> None:
     guard.install_sigterm()
     try:
         train_loop(spec, ctx, guard)
+    except Exception as exc:  # the driver says why this attempt ended (Ray Train logs it at INFO only)
+        if not isinstance(exc, Preempted):  # a preemption has its own record
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.get(spec.sink.log.remote([failure_record(ctx.rank, exc, time.time())]), timeout=5)
+        raise
     finally:
         guard.close()
 
@@ -487,12 +501,14 @@ def warn_stragglers(records: list[dict[str, Any]], bar: Any = None) -> None:
 
 
 class _Watcher(threading.Thread):
-    """Drains the metrics sink (which appends metrics.jsonl itself): keeps the records, drives the progress bar."""
+    """Drains the metrics sink (which appends metrics.jsonl itself): keeps the records, drives the progress bar, and
+    shows what they say about stalls and restarts (:class:`~lepton_ray.train.events.RunEvents`), bar or no bar."""
 
     def __init__(self, sink: Any, progress: bool, name: str, on_first_step: Optional[Callable[[], None]] = None):
         super().__init__(daemon=True)
         self.sink, self.progress, self.name, self._on_first_step = sink, progress, name, on_first_step
         self.records: list[dict[str, Any]] = []
+        self.events = RunEvents(name)
         self._stop_event = threading.Event()
         self._bar: Any = None
         self._post: dict[str, str] = {}
@@ -521,6 +537,8 @@ class _Watcher(threading.Thread):
         if self.progress:
             self._update_bar(new)
         warn_stragglers(new, self._bar)
+        for line in self.events.lines(new):
+            say(line)
         if self._on_first_step is not None and any(r.get("event") == "first_step" for r in new):
             call, self._on_first_step = self._on_first_step, None
             try:
@@ -529,15 +547,10 @@ class _Watcher(threading.Thread):
                 log.warning("keep_warm: could not start the warm group beside the run (%s); it starts when the run ends", exc)
 
     def _update_bar(self, new: list[dict[str, Any]]) -> None:
-        from tqdm.auto import tqdm
-
         for r in new:
             if r.get("event") == "start":
                 if self._bar is None:
-                    tty = sys.stderr.isatty()
-                    # in a log file (ray job logs, CI) a redraw is a new line: redraw every 10 s only
-                    self._bar = tqdm(total=r["total_steps"], desc=self.name, unit="step", file=sys.stderr,
-                                     dynamic_ncols=tty, mininterval=0.1 if tty else 10.0, ascii=not tty)
+                    self._bar = progress_bar(r["total_steps"], self.name, "step")
                 self._bar.n = self._bar.last_print_n = r[M.STEP]
             elif self._bar is not None and M.STEP in r:
                 if M.TRAIN_LOSS in r:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from ray import tune
 
 from lepton_ray.checks import check_config
 from lepton_ray.config import Config, ConfigError, SweepConfig, load_config
+from lepton_ray.console import environ, progress_bar, say
 from lepton_ray.storage import join
 from lepton_ray.train.group import warm_group
 from lepton_ray.train.plan import can_resume, check_run, describe_data
@@ -155,30 +157,54 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-class _Table(tune.Callback):
-    """Prints the trials table while the sweep runs: every ``every_s`` seconds and whenever a trial ends."""
+class _Progress(tune.Callback):
+    """The sweep's progress: a bar on stderr (trials done of ``num_samples``, the best ``metric`` reported so far and
+    its trial), and the trials table on stdout whenever a trial ends."""
 
-    def __init__(self, trials_dir: str, space: list[str], metric: str, num_samples: int, every_s: float = 15.0):
-        self.trials_dir, self.space, self.metric, self.every_s = trials_dir, space, metric, every_s
-        self.num_samples = num_samples
-        self._last = 0.0
+    def __init__(self, trials_dir: str, space: list[str], metric: str, mode: str, num_samples: int, name: str):
+        self.trials_dir, self.space, self.metric, self.mode = trials_dir, space, metric, mode
+        self.num_samples, self.name = num_samples, name
+        self.bar: Any = None  # made at the first trial's result: Tune pickles its callbacks with the experiment state
+        self.ended: set[str] = set()  # Tune calls on_trial_complete before it marks the trial TERMINATED
 
-    def _print(self, trials: list[Any], force: bool) -> None:
-        if not force and time.monotonic() - self._last < self.every_s:
-            return
-        self._last = time.monotonic()
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "bar": None}
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def done(self, trials: list[Any]) -> int:
+        return len(self.ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")})
+
+    def _update(self, trials: list[Any]) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(self.num_samples, f"sweep {self.name}", "trial")
+        scores = [(t.last_result[self.metric], t.trial_id) for t in trials
+                  if isinstance((t.last_result or {}).get(self.metric), (int, float))]
+        if scores:
+            value, trial = (max if self.mode == "max" else min)(scores)
+            self.bar.set_postfix({f"best {self.metric}": f"{value:.4f}", "trial": trial}, refresh=False)
+        self.bar.update(self.done(trials) - self.bar.n)
+
+    def _ended(self, trials: list[Any], trial: Any) -> None:
+        self.ended.add(trial.trial_id)
+        self._update(trials)
         rows = [_row(Path(self.trials_dir), t, self.space, self.metric) for t in trials]
-        done = sum(r["status"] in (R.COMPLETED, R.STOPPED, R.ERROR) for r in rows)
-        print(f"\n== sweep: {done}/{self.num_samples} trials done ==\n{R.format_table(rows, self.metric)}", flush=True)
+        say(f"\n== sweep: {self.done(trials)}/{self.num_samples} trials done ==\n{R.format_table(rows, self.metric)}", file=sys.stdout)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._print(trials, force=False)
+        self._update(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._print(trials, force=True)
+        self._ended(trials, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._print(trials, force=True)
+        self._ended(trials, trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()  # Tune may run a copy of this callback: the copy's bar ends here
 
 
 def _row(trials_dir: Path, trial: Any, space: list[str], metric: str) -> R.TrialRow:
@@ -242,11 +268,13 @@ def _plan(raw: dict[str, Any], sweep_cfg: SweepConfig, name: str, trials_dir: Pa
             "data": data}
 
 
-def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True) -> SweepResult:
+def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[bool] = None, progress: bool = True,
+          verbose: bool = False) -> SweepResult:
     """Run (or continue) the sweep that ``config``'s ``sweep:`` section describes.
 
     ``resume``: None = continue the sweep if ``<sweep.dir>/<name>`` holds one, else start it;
-    True = it must exist; False = it must not.
+    True = it must exist; False = it must not. ``progress``: a bar of the trials done and the best so far, and the
+    trials table as trials end. ``verbose``: Ray's INFO lines too (:mod:`lepton_ray.console`).
 
     >>> import lepton_ray
     >>> cfg = lepton_ray.load_config("examples/digits_sweep.yaml")  # doctest: +SKIP
@@ -281,7 +309,9 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
         raise ConfigError(f"sweep '{name}' under '{sweep_dir}' was started with a different config; "
                           "run it with the same config to continue it, or set another sweep.name")
 
-    started = ensure_ray(min_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker, extra_cpus=data_cpus(cfg))
+    started = ensure_ray(min_cpus=cfg.scaling.max_workers * cfg.scaling.cpus_per_worker, extra_cpus=data_cpus(cfg), verbose=verbose)
+    # Tuner.restore takes no new callbacks: a continued sweep shows the table at its end only
+    shown = _Progress(str(trials_dir), list(s.space), metric, mode, s.num_samples, name) if progress and not exists else None
     try:
         concurrency = concurrent_trials(cfg, ray.cluster_resources(), ray.available_resources())
         trainable = tune.with_resources(tune.with_parameters(_run_trial, plan=plan), tune.PlacementGroupFactory(trial_bundles(cfg)))
@@ -291,7 +321,7 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
         else:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(raw, indent=1) + "\n")
-            callbacks = [_Table(str(trials_dir), list(s.space), metric, s.num_samples)] if progress else []
+            callbacks = [shown] if shown else []
             tuner = tune.Tuner(
                 trainable,
                 param_space=_tune_space(s.space),
@@ -303,8 +333,11 @@ def sweep(config: Union[Config, dict, str, os.PathLike], *, resume: Optional[boo
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), callbacks=callbacks, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures)),
             )
-        grid = tuner.fit()
+        with environ({} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}):  # Tune's old output engine: silent at verbose=0
+            grid = tuner.fit()
     finally:
+        if shown:
+            shown.close()
         if started:
             ray.shutdown()
 

@@ -114,12 +114,13 @@ def _guard(run_dir: Path, marker: Path, pids: Path, done: threading.Event, fired
             pass
 
 
-def test_a_collective_that_never_completes_is_a_deadlock_whose_ranks_are_killed_and_restarted(tmp_path, blobs):
+def test_a_collective_that_never_completes_is_a_deadlock_whose_ranks_are_killed_and_restarted(tmp_path, blobs, capfd):
     """Rank 1 blocks in Python at its 15th training forward while its heartbeat thread beats on; rank 0 waits for it in
     that step's all-reduce (the shm transport's barrier, a gloo group with torch's 30-min default timeout: nothing but
     the watchdog ends the wait). Every heartbeat alive, no rank advancing for collective_timeout_s: the deadlock rule.
     Lock-step ranks are at the same step, so both are the lowest and both are killed, after both dumped their stacks
-    (both beat: both are live); max_failures 1: the group restarts from the step-10 checkpoint and finishes."""
+    (both beat: both are live); max_failures 1: the group restarts from the step-10 checkpoint and finishes. The console
+    shows the diagnosis once, and the restart with its cause."""
     marker, pids = tmp_path / "hung", tmp_path / "pids"
     run_dir = tmp_path / "runs" / "t"
     cfg = load_config(_config(tmp_path, blobs, marker, hang=True, timeout_s=DEADLOCK_TIMEOUT_S, scaling={"max_failures": 1},
@@ -157,5 +158,12 @@ def test_a_collective_that_never_completes_is_a_deadlock_whose_ranks_are_killed_
     assert "hang_in_python" in dumps["1"].read_text()  # where rank 1 is stuck
     assert "train_loop" in dumps["0"].read_text() and "hang_in_python" not in dumps["0"].read_text()
     assert result.metrics["steps"] == 30
-    assert [r["step"] for r in result.records if r.get("event") == "start"] == [0, 10]
+    starts = [r for r in result.records if r.get("event") == "start"]
+    assert [r["step"] for r in starts] == [0, 10]
+    assert starts[1]["resumed_from"].endswith("step_00000010")
+    err = capfd.readouterr().err
+    assert err.count(record["diagnosis"]) == 1 and f"lepton_ray: run 't': {record['diagnosis']}\n" in err
+    assert (f"lepton_ray: run 't': worker group restarted (attempt 2, 2 workers) from step 10 ({starts[1]['resumed_from']}); "
+            "the previous attempt ended: the hang guard killed stuck ranks 0, 1 (diagnosis above)\n") in err
+    assert err.index(record["diagnosis"]) < err.index("worker group restarted")
     print(f"\ndetected {record['time'] - float(hung_at):.1f} s after the hang (collective_timeout_s {DEADLOCK_TIMEOUT_S})")

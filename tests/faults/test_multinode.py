@@ -272,9 +272,9 @@ def test_node_lost_mid_epoch_continues_smaller_and_grows_back(two_nodes, tmp_pat
         "run": {"dir": str(tmp_path / "runs"), "name": "elastic"},
     }
     (tmp_path / "elastic.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([str(BIN / "lepton-ray"), "train", str(tmp_path / "elastic.yaml"), "--json", "--no-progress"],
+    proc = subprocess.Popen([str(BIN / "lepton-ray"), "train", str(tmp_path / "elastic.yaml"), "--json", "--no-progress", "--verbose"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=two_nodes.env)
-    out: dict = {"stdout": "", "stderr": []}  # stderr: (arrival time, line): when Ray Train's controller decided what
+    out: dict = {"stdout": "", "stderr": []}  # stderr (--verbose: with Ray Train's INFO lines): when its controller decided what
     readers = [threading.Thread(target=lambda: out.update(stdout=proc.stdout.read()), daemon=True),
                threading.Thread(target=lambda: out["stderr"].extend((time.time(), line) for line in proc.stderr), daemon=True)]
     for r in readers:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -272,7 +273,7 @@ def test_optimizer_gate_with_bound_zero_keeps_fp32_accuracy(tmp_path):
     assert load_bundle(str(tmp_path / "b")).form == rep["chosen"]
 
 
-def test_optimizer_gates_a_language_model_on_bits_per_byte(tmp_path):
+def test_optimizer_gates_a_language_model_on_bits_per_byte(tmp_path, capsys):
     ckpt, net, schema = _checkpoint(tmp_path, model=LM_MODEL, schema=Schema(
         inputs=(Column("tokens", ("x",), "uint8", (6,)),), targets=(Column("next", ("y",), "uint8", (6,), 256),)))
     rng = np.random.default_rng(0)
@@ -280,7 +281,8 @@ def test_optimizer_gates_a_language_model_on_bits_per_byte(tmp_path):
     col = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.ravel(), pa.uint8()), 6)  # noqa: E731
     pq.write_table(pa.table({"x": col(text[:, :-1]), "y": col(text[:, 1:])}), tmp_path / "eval.parquet")
     rep = optimize(ckpt.uri, str(tmp_path / "eval.parquet"), config=ServeConfig(max_accuracy_drop=0.0, candidates=["bf16"]),
-                   verbose=False)
+                   verbose=False, progress=True)
+    assert re.search(r"optimize: 100%\|#+\| 2/2 \[.*, bf16\]", capsys.readouterr().err)  # the forms measured, on stderr
     with torch.inference_mode():
         logits = net(torch.from_numpy(text[:, :-1]))
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), torch.from_numpy(text[:, 1:]).long().reshape(-1))
