@@ -143,7 +143,7 @@ def test_local_paths_on_two_nodes_are_one_config_error(two_nodes, tmp_path):
 def test_shared_filesystem_trains_on_both_nodes(two_nodes, tmp_path):
     """With scaling.shared_filesystem the same run trains; 2 CPUs per worker on 2-CPU nodes puts one worker on each node."""
     proc = _train(two_nodes, tmp_path, "--set", "scaling.shared_filesystem=true", "--set", "scaling.cpus_per_worker=2",
-                  "--set", "train.epochs=2")
+                  "--set", "train.epochs=2", "--verbose")  # --verbose: Ray Train's lines name each rank's pid
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["steps"] == 2 * (1438 // 64)
