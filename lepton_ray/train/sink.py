@@ -61,6 +61,11 @@ class Sink:
         for export in self._exports:
             export.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy sent to another process (a warm group's helper, with the run's spec) is the path alone: the records
+        and the open exports (TensorBoard's writer thread and queue) stay with the process that drains them."""
+        return {"_path": self._path, "_records": [], "_exports": []}
+
 
 class Board:
     """The heartbeat board (mixed into the metrics sink actor, pinned to the driver's node)."""
