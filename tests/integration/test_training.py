@@ -141,9 +141,11 @@ def test_fresh_run_never_reuses_a_used_run_name(tmp_path, blobs):
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, blobs):
-    """train.precision: bf16 runs under CPU autocast and still learns the blobs."""
-    cfg = small_config(tmp_path, blobs, data={"eval": str(blobs)}, train={"max_steps": 40, "precision": "bf16"})
-    result = Trainer(cfg, progress=False).fit()
+    """train.precision: bf16 runs under CPU autocast and still learns the blobs (one worker in this process: autocast is
+    per process; DDP's gradients stay fp32 like its parameters)."""
+    cfg = small_config(tmp_path, blobs, data={"eval": str(blobs)}, train={"max_steps": 40, "precision": "bf16"},
+                       scaling={"num_workers": 1})
+    result = Trainer(cfg, progress=False).fit(local=True)
     losses = [r["train_loss"] for r in result.records if "train_loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     assert result.metrics["eval_accuracy"] > 0.9
