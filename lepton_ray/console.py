@@ -84,12 +84,13 @@ def is_cpp_line(line: str) -> bool:
 
 def progress_bar(total: Optional[float], desc: str, unit: str, *, enabled: bool = True, **kwargs: Any) -> Any:
     """A tqdm bar on stderr: redrawn live on a terminal; in a log file (``ray job logs``, CI), where every redraw is a
-    new line, at most every 10 s. ``enabled=False``: a bar that prints nothing (its counts still work)."""
+    new line, at most every 10 s, always on the bar's own line (no cursor moves to stack it under bars another
+    caller left open). ``enabled=False``: a bar that prints nothing (its counts still work)."""
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=tty, mininterval=0.1 if tty else 10.0,
-                ascii=not tty, disable=not enabled, **kwargs)
+                ascii=not tty, disable=not enabled, **({} if tty else {"position": 0}), **kwargs)
 
 
 def say(message: str, file: Any = None) -> None:

@@ -5,6 +5,7 @@ output) and ``tests/faults/test_hangs.py`` (a real stall and restart, printed)."
 
 from __future__ import annotations
 
+import io
 import re
 import types
 
@@ -99,12 +100,17 @@ def test_quiet_ray_env_sets_the_skip_pattern_unless_verbose_or_set_by_the_user()
 
 
 def test_a_bar_in_a_log_file_prints_its_start_and_its_end(capsys):
-    """Not a terminal (pytest's capture): no redraw within 10 s, so a short job is two states, ASCII only."""
+    """Not a terminal (pytest's capture): no redraw within 10 s, so a short job is two states, ASCII only; on its own
+    line even while another bar is open (tqdm would move the cursor down to stack it: newlines in a log)."""
+    from tqdm import tqdm
+
+    left_open = tqdm(total=1, file=io.StringIO())
     with progress_bar(5, "job", "row") as bar:
         for _ in range(5):
             bar.update(1)
     err = capsys.readouterr().err
     assert re.fullmatch(r"\rjob:   0%\| +\| 0/5 \[[^\]]*\]\rjob: 100%\|#+\| 5/5 \[[^\]]*\]\n", err), repr(err)
+    left_open.close()
     with progress_bar(5, "off", "row", enabled=False) as bar:
         bar.update(5)
     assert capsys.readouterr().err == ""
