@@ -19,6 +19,7 @@ run resumes at another number of workers (DCP reshards on load). Mixed precision
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Literal, Optional
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from lepton_ray.config import Config, ConfigError, Section
 from lepton_ray.sync.base import Services, Strategy, options
+from lepton_ray.train.breakdown import SyncTimer
 from lepton_ray.train.memory import mmap_threshold
 from lepton_ray.train.precision import Precision
 
@@ -82,6 +84,26 @@ def shard_units(model: nn.Module, names: Optional[list[str]]) -> list[nn.Module]
     return [m for m in reversed(list(model.modules())) if type(m) in kinds and m is not model]
 
 
+def _time_collectives(module: nn.Module, synced: SyncTimer) -> None:
+    """Time what a ``fully_shard`` unit's forward and backward spend in its collectives into ``synced``: the
+    all-gather (``unshard``: issued; ``wait_for_unshard``: waited on and copied out) and the reduce-scatter
+    (``post_backward``). They run on the training thread, so on CPU this is what the step waited for; on a GPU
+    these calls mostly enqueue work on FSDP's streams, and the wait they hide lands in the compute phase."""
+    state = getattr(module, "_get_fsdp_state", None)
+    group = state()._fsdp_param_group if state is not None else None
+    if group is None:
+        return
+    for name in ("unshard", "wait_for_unshard", "post_backward"):
+        def timed(*args: Any, _call: Callable[..., Any] = getattr(group, name), **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _call(*args, **kwargs)
+            finally:
+                synced.add(time.perf_counter() - t0)
+
+        setattr(group, name, timed)  # this group's calls only (FSDP looks its methods up on the instance)
+
+
 def _initialise(model: nn.Module) -> None:
     """Fill materialised (``to_empty``) parameters: the model's ``init_weights()``, else every ``reset_parameters()``."""
     if callable(getattr(model, "init_weights", None)):
@@ -132,6 +154,8 @@ class FSDP(Strategy):
             for unit in units:
                 fully_shard(unit, reshard_after_forward=opts.reshard_after_forward, **kw)
             fully_shard(model, **kw)  # the root: what no unit holds (embeddings, the head, final norms)
+            for module in model.modules():
+                _time_collectives(module, self.synced)
             if device.type == "cpu":  # each unit's gathered parameters and gradients: mapped, and unmapped when freed
                 smallest = min((sum(p.numel() * p.element_size() for p in u.parameters()) for u in units), default=0)
                 if smallest >= 8 * 2**20 and mmap_threshold(_MMAP_THRESHOLD):

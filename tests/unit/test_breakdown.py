@@ -74,22 +74,26 @@ def test_straggler_check_names_the_slow_rank_and_is_quiet_on_an_even_run(capsys)
 
 
 def test_a_rank_slowed_on_purpose_is_named_a_straggler_and_an_even_run_has_none(tmp_path):
-    """Two real ranks (DDP over shared memory): rank 1's forward sleeps 100 ms, rank 0's 10 ms. Rank 1 is named, with
-    this host; rank 0's step waits in the all-reduce (sync), not in compute. With 10 ms each, nobody is named."""
+    """Two real ranks: rank 1's forward sleeps 100 ms, rank 0's 10 ms, with DDP over shared memory and with FSDP. Rank 1
+    is named, with this host; rank 0's step waits in the all-reduce or in FSDP's collectives (sync), not in compute.
+    With 10 ms each, nobody is named."""
+    runs = {"slow": ("allreduce", [0.01, 0.1]), "fsdp": ("fsdp", [0.01, 0.1]), "even": ("allreduce", [0.01, 0.01])}
     raws = []
-    for name, sleep_s in (("slow", [0.01, 0.1]), ("even", [0.01, 0.01])):
-        raws.append(_config(tmp_path / name, "allreduce", steps=6))
+    for name, (strategy, sleep_s) in runs.items():
+        raws.append(_config(tmp_path / name, strategy, steps=6))
         raws[-1]["model"] = {"factory": "lr_testing_models:sleepy_mlp", "kwargs": {"sleep_s": sleep_s}}
-    _runs(raws, sinks=[str(tmp_path / "slow.jsonl"), str(tmp_path / "even.jsonl")])
-    records, even = ([json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()] for name in ("slow", "even"))
-    rows = {r["rank"]: r for r in records if r.get("event") == "breakdown"}
-    assert sorted(rows) == [0, 1] and all(r["steps"] == 6 and r["host"] == socket.gethostname() for r in rows.values())
-    for r in rows.values():  # the phases and the residual add up to the step time
-        assert sum(r[f"{k}_s"] for k in ("data", "compute", "sync", "optimizer", "checkpoint", "eval", "residual")) == pytest.approx(r["step_s"])
-    assert rows[1]["compute_s"] >= 12 * 0.1  # 6 steps x 2 micro-batches x 100 ms of sleep
-    assert rows[0]["sync_s"] > rows[0]["compute_s"]  # rank 0 waited for rank 1 in the all-reduce
-    (straggler,) = [r for r in records if r.get("event") == "straggler"]
-    assert (straggler["rank"], straggler["host"], straggler["epoch"]) == (1, socket.gethostname(), 0)
+    _runs(raws, sinks=[str(tmp_path / f"{name}.jsonl") for name in runs])
+    for name in ("slow", "fsdp"):
+        records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        rows = {r["rank"]: r for r in records if r.get("event") == "breakdown"}
+        assert sorted(rows) == [0, 1] and all(r["steps"] == 6 and r["host"] == socket.gethostname() for r in rows.values())
+        for r in rows.values():  # the phases and the residual add up to the step time
+            assert sum(r[f"{k}_s"] for k in ("data", "compute", "sync", "optimizer", "checkpoint", "eval", "residual")) == pytest.approx(r["step_s"])
+        assert rows[1]["compute_s"] >= 12 * 0.1, name  # 6 steps x 2 micro-batches x 100 ms of sleep
+        assert rows[0]["sync_s"] > rows[0]["compute_s"], (name, rows[0])  # rank 0 waited for rank 1 in the collectives
+        (straggler,) = [r for r in records if r.get("event") == "straggler"]
+        assert (straggler["rank"], straggler["host"], straggler["epoch"]) == (1, socket.gethostname(), 0)
+    even = [json.loads(line) for line in (tmp_path / "even.jsonl").read_text().splitlines()]
     assert [r["rank"] for r in even if r.get("event") == "breakdown"] == [0, 1]
     assert [r for r in even if r.get("event") == "straggler"] == []
 
