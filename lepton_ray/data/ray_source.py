@@ -88,6 +88,22 @@ def _context(cpus: float) -> Iterator[None]:
         ctx.execution_options, ctx.enable_progress_bars = saved
 
 
+@contextlib.contextmanager
+def _data_logs() -> Iterator[None]:
+    """Ray Data's lines in this worker (each execution's plan, at INFO) at the level of Ray Train's worker logs
+    (WARNING unless the run is ``--verbose``), and not its warning that progress bars are off (the engine turns them
+    off: a worker's bars would interleave in the console), put back after."""
+    data_log, bars_log = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
+    levels = data_log.level, bars_log.level
+    data_log.setLevel(max(data_log.getEffectiveLevel(), logging.getLogger("ray.train").getEffectiveLevel()))
+    bars_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_log.setLevel(levels[0])
+        bars_log.setLevel(levels[1])
+
+
 _RAISED = re.compile(r"^\S*(TransformError|OSError): (.*)$", re.M)
 
 
@@ -139,23 +155,24 @@ class RayDataSource:
             return
         self.stats["ray_data_datasets"] += 1
         arrow = self.transform is None  # then blocks are Arrow tables, decoded here
-        blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="pyarrow" if arrow else "numpy",
-                                                                 prefetch_batches=self.cfg.prefetch_windows))
-        held: list[dict[str, np.ndarray]] = []
-        have = 0
-        for w in windows:
-            n = sum(p.rows for p in w)
-            while have < n:
-                try:
-                    b = next(blocks)
-                except Exception as exc:
-                    raise _user_error(exc) from None
-                self.stats["ray_data_blocks"] += 1
-                if arrow:
-                    b = decode(self.info.schema, b, key=self.info.key, uri=self.info.uri)
-                held.append(b)
-                have += len(next(iter(b.values())))
-            cols = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}
-            held = [{k: v[n:] for k, v in cols.items()}] if have > n else []
-            have -= n
-            yield {k: np.require(v[:n], None, ["C", "W"]) for k, v in cols.items()}, np.arange(n)
+        with _data_logs():  # the execution starts (and logs its plan) at the first block
+            blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="pyarrow" if arrow else "numpy",
+                                                                     prefetch_batches=self.cfg.prefetch_windows))
+            held: list[dict[str, np.ndarray]] = []
+            have = 0
+            for w in windows:
+                n = sum(p.rows for p in w)
+                while have < n:
+                    try:
+                        b = next(blocks)
+                    except Exception as exc:
+                        raise _user_error(exc) from None
+                    self.stats["ray_data_blocks"] += 1
+                    if arrow:
+                        b = decode(self.info.schema, b, key=self.info.key, uri=self.info.uri)
+                    held.append(b)
+                    have += len(next(iter(b.values())))
+                cols = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+                held = [{k: v[n:] for k, v in cols.items()}] if have > n else []
+                have -= n
+                yield {k: np.require(v[:n], None, ["C", "W"]) for k, v in cols.items()}, np.arange(n)

@@ -141,3 +141,24 @@ def test_the_sweep_bar_counts_ended_trials_and_shows_the_best_so_far(tmp_path, c
     assert shown.__getstate__()["bar"] is None  # Tune pickles its callbacks; a bar holds its stream
     shown.on_experiment_end(trials)
     assert shown.bar is None and re.search(r"sweep s:  75%\|#+5? +\| 3/4 ", capsys.readouterr().err)
+
+
+def test_ray_data_in_a_worker_logs_at_ray_trains_level_without_its_progress_bar_notice():
+    """The ray_data engine turns Ray Data's progress bars off; Ray Data's warning that they are off, and its INFO
+    lines, stay out of the console unless Ray Train's worker logs are at INFO (``--verbose``). Levels put back after."""
+    import logging
+
+    from lepton_ray.data.ray_source import _data_logs
+
+    data, bars, train = (logging.getLogger(n) for n in ("ray.data", "ray.data._internal.progress", "ray.train"))
+    saved = data.level, bars.level, train.level
+    try:
+        for train_level, want in ((logging.WARNING, logging.WARNING), (logging.INFO, logging.INFO)):
+            data.setLevel(logging.INFO)
+            bars.setLevel(logging.NOTSET)
+            train.setLevel(train_level)
+            with _data_logs():
+                assert (data.getEffectiveLevel(), bars.getEffectiveLevel()) == (want, logging.ERROR)
+            assert (data.level, bars.level) == (logging.INFO, logging.NOTSET)
+    finally:
+        data.setLevel(saved[0]), bars.setLevel(saved[1]), train.setLevel(saved[2])
