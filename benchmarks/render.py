@@ -85,9 +85,9 @@ def render_markdown(results: dict[str, Any], charts: Optional[dict[str, str]] = 
         lines += ["**Quick mode**: tiny sizes, run only to check that every part works; these figures mean nothing.", ""]
     m = results.get("machine") or {}
     load = results.get("load_avg") or {}
-    lines += [f"Date (UTC): {results.get('date')}. Machine: {m.get('cores')} cores ({m.get('cpu')}), "
+    lines += [f"Last run (UTC): {results.get('date')} (each part's own date is in the parts table). Machine: {m.get('cores')} cores ({m.get('cpu')}), "
               f"{m.get('memory_gib')} GiB memory, GPU: {m.get('gpu')}; torch {m.get('torch')}, Ray {m.get('ray')}, "
-              f"Python {m.get('python')}. Load average (1, 5, 15 min) at the start {load.get('start')}, at the end "
+              f"Python {m.get('python')}. Load average (1, 5, 15 min) at the start of the last run {load.get('start')}, at its end "
               f"{load.get('end')}.", ""]
     for note in results.get("notes", []):
         lines += [f"Note: {note}", ""]

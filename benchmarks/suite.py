@@ -61,11 +61,11 @@ PARTS: tuple[Part, ...] = (
     Part("train_overhead.mlp", "train_overhead", ("--parts", "mlp", "--repeats", "3"),
          ("--parts", "mlp", "--repeats", "1", "--steps", "30", "--warmup", "5", "--rows", "2048", "--batch-size", "64"),
          8, "MLP all-reduce samples/s vs plain DDP; time to first step vs bare Ray Train"),
-    Part("train_overhead.gpt", "train_overhead", ("--parts", "gpt", "--repeats", "3"),
+    Part("train_overhead.gpt", "train_overhead", ("--parts", "gpt", "--repeats", "3", "--gpt-steps", "100"),
          ("--parts", "gpt", "--repeats", "1", "--gpt-steps", "12", "--gpt-warmup", "3", "--gpt-rows", "512"),
-         8, "gpt tokens/s: allreduce vs plain DDP, fsdp vs plain FSDP2"),
+         9, "gpt tokens/s: allreduce vs plain DDP, fsdp vs plain FSDP2"),
     Part("train_overhead.start", "train_overhead", ("--parts", "start", "--repeats", "3"),
-         ("--parts", "start", "--repeats", "1", "--rows", "2048", "--batch-size", "64", "--start-steps", "5"),
+         ("--parts", "start", "--repeats", "1", "--rows", "2048", "--batch-size", "64", "--start-steps", "5", "--main-runs", "1"),
          5, "fresh driver's first step vs bare Ray Train; second fit(keep_warm); the main job as a process"),
     Part("data_pipeline.read", "data_pipeline", (),
          ("--rows", "40000", "--shards", "4", "--train-steps", "30"),
@@ -81,19 +81,19 @@ PARTS: tuple[Part, ...] = (
          3, "dense MLP: ps sync vs allreduce"),
     Part("param_server.straggler", "param_server", ("--parts", "straggler"),
          ("--parts", "straggler", "--epochs", "1", "--step-ms", "2"),
-         5, "stragglers: ssp (static and dynamic deal) vs sync"),
+         4, "stragglers: ssp (static and dynamic deal) vs sync"),
     Part("sweep", "sweep", (), ("--samples", "2", "--epochs", "1", "--workers", "1"),
          3, "ASHA vs FIFO wall time and best metric; trial launch time"),
     Part("serve", "serve", (), ("--seconds", "1"),
-         6, "lepton_ray serve vs plain uvicorn; chosen form (int8/bf16) vs fp32"),
+         5, "lepton_ray serve vs plain uvicorn; chosen form (int8/bf16) vs fp32"),
     Part("memory.big", "memory", ("--skip-search",),
          ("--skip-search", "--layers", "2", "--width", "128"),
          3, "201.7 M gpt per worker: fsdp / ZeRO-1 peak memory vs allreduce"),
-    Part("memory.search", "memory", ("--only-search", "--search-workers", "2", "--search-budget-s", "360"),
-         ("--only-search", "--search-workers", "2", "--search-width", "64", "--cap-gib", "0.6", "--search-budget-s", "20"),
-         8, "deepest gpt under a 1.5 GiB cap per worker: fsdp vs allreduce"),
+    Part("memory.search", "memory", ("--only-search", "--search-workers", "2", "--search-budget-s", "300"),
+         ("--only-search", "--search-workers", "2", "--search-width", "128", "--cap-gib", "1.0", "--search-budget-s", "1"),
+         6, "deepest gpt under a 1.5 GiB cap per worker: fsdp vs allreduce"),
     Part("scaling_model", "scaling_model", (), ("--quick",),
-         3, "fitted alpha-beta cost model: validation, strategy table, published anchors"),
+         2, "fitted alpha-beta cost model: validation, strategy table, published anchors"),
 )
 BY_NAME = {p.name: p for p in PARTS}
 
@@ -273,6 +273,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             f.write(json.dumps(data, indent=1, allow_nan=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary file, not the results
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

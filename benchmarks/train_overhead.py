@@ -609,7 +609,7 @@ def bench_start(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tu
 
     main: list[float] = []
     local_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    for i in range(4):  # the first untimed: it builds examples/digits.yaml's data and warms the page cache
+    for i in range(args.main_runs + 1):  # the first untimed: it builds examples/digits.yaml's data and warms the page cache
         settled.append(_quiet())
         t0 = time.monotonic()
         _run([str(Path(sys.executable).parent / "lepton-ray"), "train", "examples/digits.yaml", "--no-progress",
@@ -787,6 +787,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="first wait up to S seconds for the 1-min load average to fall below 0.3 (shared machines)")
     ap.add_argument("--start-steps", type=int, default=20, help="start: steps of each fresh driver's run (default 20)")
+    ap.add_argument("--main-runs", type=int, default=3,
+                    help="start: timed runs of the main job (lepton-ray train examples/digits.yaml), after one untimed (default 3)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
     ap.add_argument("--driver", choices=["lepton", "bare", "twice"], help=argparse.SUPPRESS)  # one fresh driver of the start part
     ap.add_argument("--driver-data", help=argparse.SUPPRESS)
