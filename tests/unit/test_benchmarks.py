@@ -332,3 +332,13 @@ def test_the_help_states_each_parts_expected_minutes_and_the_total(capsys):
     assert "--quick" in out and "--update" in out
     assert f"~{sum(p.minutes for p in suite.PARTS):g} min" in out
     assert all(f"{p.name}" in out for p in suite.PARTS)
+
+
+def test_the_suites_docstring_examples_hold():
+    import doctest
+
+    from benchmarks import rows
+
+    for mod in (rows, suite, render):
+        failed, tried = doctest.testmod(mod, raise_on_error=False, verbose=False)
+        assert failed == 0 and tried > 0, mod.__name__
