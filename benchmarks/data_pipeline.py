@@ -272,7 +272,8 @@ def heavy_transform(args: argparse.Namespace, tmp: str) -> dict:
                                       start_new_session=True, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}))
         time.sleep(15)
         out = Path(tmp) / "heavy.json"
-        subprocess.run(["taskset", "-c", "0", sys.executable, str(here), "--heavy-driver", str(data), str(out)], env=env, check=True,
+        subprocess.run(["taskset", "-c", "0", sys.executable, str(here), "--heavy-driver", str(data), str(out),
+                        "--heavy-steps", str(args.heavy_steps)], env=env, check=True,
                        timeout=1200)
         return json.loads(out.read_text())
     finally:
@@ -292,7 +293,7 @@ def _resolves_to_loopback(host: str) -> bool:
         return False
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--features", type=int, default=32)
@@ -305,22 +306,11 @@ def main() -> None:
     ap.add_argument("--heavy-rows", type=int, default=400_000)
     ap.add_argument("--heavy-steps", type=int, default=400)
     ap.add_argument("--heavy-driver", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.heavy_driver:
-        with tempfile.TemporaryDirectory() as tmp:
-            return heavy_driver(args.heavy_driver[0], args.heavy_steps, 512, tmp, args.heavy_driver[1])
-    if args.heavy:
-        with tempfile.TemporaryDirectory() as tmp:
-            r = heavy_transform(args, tmp)
-        print(f"CPU-heavy transform ({r['reps']} tanh layers, {1e3 * r['transform_s']:.1f} ms per 512-row batch; a training step"
-              f" {1e3 * r['step_s']:.1f} ms), 1 worker pinned to core 0, the transform's node pinned to core 1:")
-        for engine in ("native", "ray_data"):
-            print(f"  data.engine {engine:8s}: data wait {100 * r[engine]['data_wait_frac']:5.1f}% of step time,"
-                  f" {r[engine]['samples_per_s']:,.0f} samples/s")
-        print(f"  ratio ray_data / native samples/s = {r['ray_data']['samples_per_s'] / r['native']['samples_per_s']:.2f}"
-              " (measured in this run); bar: ray_data data wait <= 10% where native >= 40%")
-        return
+    return ap
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """The default part (not --heavy): every reader's rows/s on the same shards, and the training run's data wait."""
     moto, endpoint = start_moto()
     try:
         import boto3
@@ -344,28 +334,83 @@ def main() -> None:
                     engine = ray_data_engine_rows_per_s(uri, args.batch)
                     peer = ray_data_peer_rows_per_s(uri, args.batch)
             wait, sps = training_wait_fraction(uri, args.train_steps, tmp)
-
-        print()
-        print(f"{'reader':58s} {'rows/s':>12s} {'vs baseline':>12s}")
-        print(f"{'baseline: 1 process, pyarrow read_table, every shard':58s} {base:12,.0f} {1.0:12.2f}")
-        print(f"{'lepton_ray WorkerStream, 2 consumers, no cache':58s} {cold:12,.0f} {cold / base:12.2f}")
-        print(f"{'lepton_ray, 2 consumers, cache: 1st pass (fills it)':58s} {cache_fill:12,.0f} {cache_fill / base:12.2f}")
-        print(f"{'lepton_ray, 2 consumers, cache: 2nd pass (local disk)':58s} {cache_warm:12,.0f} {cache_warm / base:12.2f}")
-        print(f"{'lepton_ray, 2 consumers, no disk cache, 2nd pass (memory)*':58s} {in_memory:12,.0f} {in_memory / base:12.2f}")
-        if engine is not None:
-            print(f"{'lepton_ray data.engine ray_data, 2 consumers, no cache':58s} {engine:12,.0f} {engine / base:12.2f}")
-            print(f"{'Ray Data read_parquet.streaming_split(2).iter_torch_batches':58s} {peer:12,.0f} {peer / base:12.2f}")
-        print("  * data.memory_cache_bytes 1 GiB: row groups a consumer decoded in pass 1 come from memory; the deal changes")
-        print("    every epoch, so about half of its pass-2 row groups are new to it and are read from S3 again")
-        print()
-        print(f"reference training run (MLP [128, 64], 2 workers, batch 512): {sps:,.0f} samples/s, "
-              f"data wait = {100 * wait:.2f}% of step time (bar <= 5%)")
-        print(f"ratio lepton (no cache) / baseline = {cold / base:.2f} (bar >= 0.5)")
-        if engine is not None:
-            print(f"ratio ray_data engine / native (no cache) = {engine / cold:.2f} (bar >= 0.5); "
-                  f"ray_data engine / Ray Data's default path = {engine / peer:.2f} (bar >= 2)")
     finally:
         moto.terminate()
+    return {"base": base, "cold": cold, "cache_fill": cache_fill, "cache_warm": cache_warm, "in_memory": in_memory,
+            "engine": engine, "peer": peer, "wait": wait, "sps": sps}
+
+
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: this script run with ``argv`` (``--heavy``: the CPU-heavy part), as rows."""
+    from benchmarks.rows import row
+
+    args = _parser().parse_args(argv)
+    b = "data_pipeline"
+    if args.heavy:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = heavy_transform(args, tmp)
+        native, ray_data = r["native"], r["ray_data"]
+        return [row(b, "ray_data engine samples/s, CPU-heavy transform", ray_data["samples_per_s"], "samples/s", "native engine",
+                    native["samples_per_s"], extra={"transform_ms": 1e3 * r["transform_s"], "step_ms": 1e3 * r["step_s"]}),
+                row(b, "ray_data engine data wait, CPU-heavy transform", 100 * ray_data["data_wait_frac"], "% of step time",
+                    bar="<= 10", bar_on="figure", also=native["data_wait_frac"] >= 0.4,
+                    note=f"bar: where native waits >= 40 %; native waited {100 * native['data_wait_frac']:.1f} %",
+                    extra={"native_data_wait_pct": 100 * native["data_wait_frac"]})]
+    m = measure(args)
+    rows = [row(b, "WorkerStream rows/s, 2 consumers, no cache", m["cold"], "rows/s", "1 pyarrow process", m["base"], bar=">= 0.5"),
+            row(b, "WorkerStream rows/s, disk cache 1st pass", m["cache_fill"], "rows/s", "1 pyarrow process", m["base"]),
+            row(b, "WorkerStream rows/s, disk cache 2nd pass", m["cache_warm"], "rows/s", "1 pyarrow process", m["base"]),
+            row(b, "WorkerStream rows/s, memory cache 2nd pass", m["in_memory"], "rows/s", "1 pyarrow process", m["base"])]
+    if m["engine"] is not None:
+        rows += [row(b, "ray_data engine rows/s, 2 consumers", m["engine"], "rows/s", "native engine (no cache)", m["cold"],
+                     bar=">= 0.5"),
+                 row(b, "ray_data engine rows/s vs Ray Data's own path", m["engine"], "rows/s",
+                     "read_parquet.streaming_split(2)", m["peer"], bar=">= 2")]
+    rows.append(row(b, "training run data wait (MLP, 2 workers)", 100 * m["wait"], "% of step time", bar="<= 5", bar_on="figure",
+                    extra={"samples_per_s": m["sps"]}))
+    return rows
+
+
+def main() -> None:
+    ap = _parser()
+    args = ap.parse_args()
+    if args.heavy_driver:
+        with tempfile.TemporaryDirectory() as tmp:
+            return heavy_driver(args.heavy_driver[0], args.heavy_steps, 512, tmp, args.heavy_driver[1])
+    if args.heavy:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = heavy_transform(args, tmp)
+        print(f"CPU-heavy transform ({r['reps']} tanh layers, {1e3 * r['transform_s']:.1f} ms per 512-row batch; a training step"
+              f" {1e3 * r['step_s']:.1f} ms), 1 worker pinned to core 0, the transform's node pinned to core 1:")
+        for engine in ("native", "ray_data"):
+            print(f"  data.engine {engine:8s}: data wait {100 * r[engine]['data_wait_frac']:5.1f}% of step time,"
+                  f" {r[engine]['samples_per_s']:,.0f} samples/s")
+        print(f"  ratio ray_data / native samples/s = {r['ray_data']['samples_per_s'] / r['native']['samples_per_s']:.2f}"
+              " (measured in this run); bar: ray_data data wait <= 10% where native >= 40%")
+        return
+
+    m = measure(args)
+    base, cold, cache_fill, cache_warm, in_memory = m["base"], m["cold"], m["cache_fill"], m["cache_warm"], m["in_memory"]
+    engine, peer, wait, sps = m["engine"], m["peer"], m["wait"], m["sps"]
+    print()
+    print(f"{'reader':58s} {'rows/s':>12s} {'vs baseline':>12s}")
+    print(f"{'baseline: 1 process, pyarrow read_table, every shard':58s} {base:12,.0f} {1.0:12.2f}")
+    print(f"{'lepton_ray WorkerStream, 2 consumers, no cache':58s} {cold:12,.0f} {cold / base:12.2f}")
+    print(f"{'lepton_ray, 2 consumers, cache: 1st pass (fills it)':58s} {cache_fill:12,.0f} {cache_fill / base:12.2f}")
+    print(f"{'lepton_ray, 2 consumers, cache: 2nd pass (local disk)':58s} {cache_warm:12,.0f} {cache_warm / base:12.2f}")
+    print(f"{'lepton_ray, 2 consumers, no disk cache, 2nd pass (memory)*':58s} {in_memory:12,.0f} {in_memory / base:12.2f}")
+    if engine is not None:
+        print(f"{'lepton_ray data.engine ray_data, 2 consumers, no cache':58s} {engine:12,.0f} {engine / base:12.2f}")
+        print(f"{'Ray Data read_parquet.streaming_split(2).iter_torch_batches':58s} {peer:12,.0f} {peer / base:12.2f}")
+    print("  * data.memory_cache_bytes 1 GiB: row groups a consumer decoded in pass 1 come from memory; the deal changes")
+    print("    every epoch, so about half of its pass-2 row groups are new to it and are read from S3 again")
+    print()
+    print(f"reference training run (MLP [128, 64], 2 workers, batch 512): {sps:,.0f} samples/s, "
+          f"data wait = {100 * wait:.2f}% of step time (bar <= 5%)")
+    print(f"ratio lepton (no cache) / baseline = {cold / base:.2f} (bar >= 0.5)")
+    if engine is not None:
+        print(f"ratio ray_data engine / native (no cache) = {engine / cold:.2f} (bar >= 0.5); "
+              f"ray_data engine / Ray Data's default path = {engine / peer:.2f} (bar >= 2)")
 
 
 if __name__ == "__main__":

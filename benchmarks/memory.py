@@ -207,7 +207,7 @@ def search(data: str, tmp: Path, strategy: str, width: int, workers: int, batch:
     return lo, tried, True
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16, help="depth of the large gpt (default 16: 201.9 M parameters at width 1024)")
     ap.add_argument("--width", type=int, default=1024, help="n_embd of the large gpt (default 1024)")
@@ -219,29 +219,36 @@ def main() -> int:
                     help="no new probe of a search after this many seconds; its answer is then a lower bound (default 300)")
     ap.add_argument("--cgroup-root", default="/sys/fs/cgroup/memory", help="cgroup v1 memory hierarchy (default /sys/fs/cgroup/memory)")
     ap.add_argument("--skip-search", action="store_true", help="part 1 only")
+    ap.add_argument("--only-search", action="store_true", help="part 2 only")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
-    args = ap.parse_args()
+    return ap
 
+
+def measure(args: argparse.Namespace) -> tuple[list[tuple], dict[str, Any], dict[int, dict[str, Any]], float, float]:
+    """Part 1 (unless --only-search) and part 2 (unless --skip-search): (table rows, part 1's runs by label, part 2's
+    findings by worker count, start time (monotonic), 1-min load average at start)."""
     wall0, load0 = time.monotonic(), os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="lepton_memory_"))
     rows: list[tuple[str, float, float, float, str]] = []
+    big: dict[str, Any] = {}
+    searched: dict[int, dict[str, Any]] = {}
     try:
         data = str(tmp / "tokens.parquet")
         write_tokens(Path(data), 256)
-        params = gpt_params(args.layers, args.width)
-        print(f"part 1: gpt {args.layers} x {args.width} ({params / 1e6:.1f} M parameters), AdamW, 2 workers, global batch "
-              f"{args.batch_size} x {SEQ} bytes, 3 steps", flush=True)
-        big = {}
-        for label, strategy, zero in (("allreduce", "allreduce", False), ("allreduce+zero1", "allreduce", True), ("fsdp", "fsdp", False)):
-            big[label] = run(config(data, tmp, label, strategy, args.layers, args.width, 2, args.batch_size, zero=zero), tmp)
-            r = big[label]
-            print(f"  {label:<16} params {r['param_bytes'] / GiB:5.2f} GiB  grads {r['grad_bytes'] / GiB:5.2f}  optimizer "
-                  f"{r['optimizer_bytes'] / GiB:5.2f}  peak RSS {r['peak_memory_bytes'] / GiB:5.2f} GiB (with the final checkpoint "
-                  f"{r['end_peak'] / GiB:5.2f})  {r['seconds']:.0f}s", flush=True)
-        a, z, f = big["allreduce"], big["allreduce+zero1"], big["fsdp"]
-        rows += [("fsdp peak RSS / allreduce", f["peak_memory_bytes"] / a["peak_memory_bytes"], RSS_FSDP_BAR, 0, "<="),
-                 ("zero1 optimizer bytes / allreduce", z["optimizer_bytes"] / a["optimizer_bytes"], OPT_ZERO_BAR, 0, "<="),
-                 ("zero1 peak RSS / allreduce", z["peak_memory_bytes"] / a["peak_memory_bytes"], RSS_ZERO_BAR, 0, "<=")]
+        if not args.only_search:
+            params = gpt_params(args.layers, args.width)
+            print(f"part 1: gpt {args.layers} x {args.width} ({params / 1e6:.1f} M parameters), AdamW, 2 workers, global batch "
+                  f"{args.batch_size} x {SEQ} bytes, 3 steps", flush=True)
+            for label, strategy, zero in (("allreduce", "allreduce", False), ("allreduce+zero1", "allreduce", True), ("fsdp", "fsdp", False)):
+                big[label] = run(config(data, tmp, label, strategy, args.layers, args.width, 2, args.batch_size, zero=zero), tmp)
+                r = big[label]
+                print(f"  {label:<16} params {r['param_bytes'] / GiB:5.2f} GiB  grads {r['grad_bytes'] / GiB:5.2f}  optimizer "
+                      f"{r['optimizer_bytes'] / GiB:5.2f}  peak RSS {r['peak_memory_bytes'] / GiB:5.2f} GiB (with the final checkpoint "
+                      f"{r['end_peak'] / GiB:5.2f})  {r['seconds']:.0f}s", flush=True)
+            a, z, f = big["allreduce"], big["allreduce+zero1"], big["fsdp"]
+            rows += [("fsdp peak RSS / allreduce", f["peak_memory_bytes"] / a["peak_memory_bytes"], RSS_FSDP_BAR, 0, "<="),
+                     ("zero1 optimizer bytes / allreduce", z["optimizer_bytes"] / a["optimizer_bytes"], OPT_ZERO_BAR, 0, "<="),
+                     ("zero1 peak RSS / allreduce", z["peak_memory_bytes"] / a["peak_memory_bytes"], RSS_ZERO_BAR, 0, "<=")]
 
         if not args.skip_search:
             cap = int(args.cap_gib * GiB)
@@ -264,11 +271,46 @@ def main() -> int:
                                           else " (allreduce stopped at the search budget: not a bound)")
                 print(f"  {workers} workers: allreduce {found['allreduce']} layers ({pa_ / 1e6:.1f} M), fsdp {'>= ' * (not complete['fsdp'])}"
                       f"{found['fsdp']} layers ({pf / 1e6:.1f} M): {ratio:.2f}x{bound}", flush=True)
+                searched[workers] = {"allreduce_params": pa_, "fsdp_params": pf, "layers": found, "exact": exact,
+                                     "complete": complete}
                 rows.append((f"largest fsdp / allreduce params, {workers} workers{'' if exact else ' (bound)'}", ratio,
                              SEARCH_BAR if workers == 2 else 0.0, workers, ">="))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    return rows, big, searched, wall0, load0
+
+
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: this script run with ``argv``, as rows (bytes in GiB, parameters in millions)."""
+    from benchmarks.rows import row
+
+    args = _parser().parse_args(argv)
+    _, big, searched, _, _ = measure(args)
+    out = []
+    if big:
+        a, z, f = big["allreduce"], big["allreduce+zero1"], big["fsdp"]
+        size = f"gpt {args.layers} x {args.width} ({gpt_params(args.layers, args.width) / 1e6:.1f} M)"
+        out += [row("memory", f"fsdp peak RSS per worker, {size}", f["peak_memory_bytes"] / GiB, "GiB", "allreduce",
+                    a["peak_memory_bytes"] / GiB, bar=f"<= {RSS_FSDP_BAR:g}"),
+                row("memory", f"ZeRO-1 optimizer state per worker, {size}", z["optimizer_bytes"] / GiB, "GiB", "allreduce",
+                    a["optimizer_bytes"] / GiB, bar=f"<= {OPT_ZERO_BAR:g}"),
+                row("memory", f"ZeRO-1 peak RSS per worker, {size}", z["peak_memory_bytes"] / GiB, "GiB", "allreduce",
+                    a["peak_memory_bytes"] / GiB, bar=f"<= {RSS_ZERO_BAR:g}"),
+                row("memory", f"fsdp peak RSS with the final checkpoint, {size}", f["end_peak"] / GiB, "GiB", "allreduce",
+                    a["end_peak"] / GiB)]
+    for workers, r in searched.items():
+        note = "" if r["exact"] else ("fsdp stopped at the search budget: a lower bound" if r["complete"]["allreduce"]
+                                      else "allreduce stopped at the search budget: not a bound")
+        out.append(row("memory", f"largest fsdp gpt under {args.cap_gib:g} GiB per worker, {workers} workers",
+                       r["fsdp_params"] / 1e6, "M params", "allreduce", r["allreduce_params"] / 1e6,
+                       bar=f">= {SEARCH_BAR:g}" if workers == 2 else None, note=note, extra={"layers": r["layers"]}))
+    return out
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    rows, _, _, wall0, load0 = measure(args)
     print()
     print(f"{'measure':<46}{'value':>8}{'bar':>9}  result")
     failed = False

@@ -156,7 +156,7 @@ def part_straggler(tmp: Path, step_ms: float, epochs: int) -> list[tuple]:
     return rows
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="rec,dense,straggler")
     p.add_argument("--steps", type=int, default=200,
@@ -165,9 +165,13 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--step-ms", type=float, default=30.0, help="artificial compute per step in the straggler part")
     p.add_argument("--epochs", type=int, default=4, help="digits epochs in the straggler part")
-    args = p.parse_args()
+    return p
+
+
+def measure(args: argparse.Namespace) -> tuple[list[tuple], float, float]:
+    """Run the parts ``args`` asks for on one local Ray instance: (table rows, start time (monotonic), 1-min load at start)."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(HERE.parent))
+    sys.path[:0] = [str(HERE), str(HERE.parent)]  # the straggler model's factory (ps_bench_models) and lepton_ray, here too
     import ray
 
     load0 = os.getloadavg()[0]
@@ -186,6 +190,29 @@ def main() -> int:
         if "straggler" in parts:
             rows += part_straggler(tmp, args.step_ms, args.epochs)
     ray.shutdown()
+    return rows, wall0, load0
+
+
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: this script run with ``argv``, its table as rows (samples/s; the median-step ratio in
+    ``extra``)."""
+    from benchmarks.rows import row
+
+    table, _, _ = measure(_parser().parse_args(argv))
+    out = []
+    for r in table:
+        name, (a, a_med), (b, b_med), bar = r[:4]
+        also = r[4] if len(r) > 4 else None
+        name = name.strip().removeprefix("(info) ")
+        out.append(row("param_server", name, a, "samples/s", name.rsplit(" / ", 1)[1], b, bar=None if bar is None else f">= {bar:g}",
+                       also=also, note="" if also is None else "and eval accuracy within 1 point of sync",
+                       extra={"ratio_median_step": a_med / b_med}))
+    return out
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    rows, wall0, load0 = measure(args)
     print()
     print(f"{'measure':<36}{'samples/s':>11}{'baseline':>11}{'ratio':>8}{'(median)':>10}{'bar':>8}  result")
     for row in rows:

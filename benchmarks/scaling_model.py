@@ -523,6 +523,29 @@ def run(quick: bool = False) -> dict[str, Any]:
     return {"calibration": calibration, "validation": validate(constants, m2, m4), "table": table(), "anchors": anchors()}
 
 
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: ``run`` (``--quick``: 3 repeats), its checks on held-out points (predicted vs measured)
+    and the published anchors (predicted vs published efficiency) as rows, for information: no bars."""
+    from benchmarks.rows import row
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    result = run(parser.parse_args(argv).quick)
+    out = [row("scaling_model", f"{v['check']}, {v['world']} processes, {v['bytes']:,} B", v["predicted_ms"], "ms predicted",
+               "measured", v["measured_ms"], extra={"load_avg_1m": v["load_avg_1m"]}) for v in result["validation"]]
+    out += [row("scaling_model", f"anchor {a['model']} ({a['model_as']}), no overlap", a["predicted_no_overlap"],
+                "efficiency predicted", "published", a["published_efficiency"],
+                extra={"predicted_overlap_2_3": a["predicted_overlap_2_3"], "implied_overlap": a["implied_overlap"]})
+            for a in result["anchors"]]
+    return out
+
+
+def bench_tables() -> dict[str, Any]:
+    """The predictions the suite's RESULTS.md shows in full: the published anchors and the strategy table (pure: no
+    measurement goes into either)."""
+    return {"anchors": anchors(), "table": table()}
+
+
 def _print_rows(title: str, rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> None:
     print(f"\n{title}")
     keys: list[str] = []

@@ -233,24 +233,18 @@ def measure_serve(root: str, seconds: float, mode: str) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load point")
     ap.add_argument("--load", nargs=4)
     ap.add_argument("--plain", nargs=2)
     ap.add_argument("--serve-phase", nargs=3)
-    args = ap.parse_args()
-    if args.load:
-        url, clients, seconds, body = args.load
-        print(json.dumps(asyncio.run(_load(url, int(clients), float(seconds), body.encode()))))
-        return
-    if args.plain:
-        plain_server(args.plain[0], int(args.plain[1]))
-        return
-    if args.serve_phase:
-        serve_phase(args.serve_phase[0], float(args.serve_phase[1]), args.serve_phase[2])
-        return
+    return ap
 
+
+def measure(args: argparse.Namespace) -> tuple[dict, dict, dict, dict]:
+    """Both models optimized and bundled, then the plain server, lepton_ray serve and (for information) the Serve proxy
+    under the same loads: (optimizer reports, plain, default path, proxy ({} if that phase failed))."""
     sys.path.insert(0, str(HERE.parents[1]))
     s = args.seconds
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,6 +267,57 @@ def main() -> None:
             proxy = {}
             print(f"the Serve-proxy phase failed: {exc}")
 
+    return reports, plain, ours, proxy
+
+
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: this script run with ``argv``, as rows."""
+    from benchmarks.rows import row
+
+    reports, plain, ours, proxy = measure(_parser().parse_args(argv))
+    b, out = "serve", []
+    for label, res in (("", ours), (" (Serve proxy, info)", proxy)):
+        if not res:
+            continue
+        info = bool(label)
+        c, p, t, pt, t1, p1 = res["compute@32"], plain["compute@32"], res["tiny@16"], plain["tiny@16"], res["tiny@1"], plain["tiny@1"]
+        out += [row(b, f"compute-bound MLP req/s @32 clients{label}", c["rps"], "req/s", "plain uvicorn", p["rps"],
+                    bar=None if info else ">= 2"),
+                row(b, f"compute-bound MLP p99 @32 clients{label}", c["p99_ms"], "ms", "plain uvicorn", p["p99_ms"],
+                    bar=None if info else "<= 1"),
+                row(b, f"tiny MLP req/s @16 clients{label}", t["rps"], "req/s", "plain uvicorn", pt["rps"], bar=None if info else ">= 0.5"),
+                row(b, f"tiny MLP req/s @1 client{label}", t1["rps"], "req/s", "plain uvicorn", p1["rps"]),
+                row(b, f"tiny MLP p50 @1 client{label}", t1["p50_ms"], "ms", "plain uvicorn", p1["p50_ms"],
+                    bar=None if info else "<= 2", bar_on="figure")]
+    rep = reports["compute"]
+    f32, batch = rep["forms"]["fp32"], rep["bench_batch_size"]
+    int8 = rep["chosen"] != "int8" and "int8" in rep["forms"] and not rep["forms"]["int8"].get("error")
+    forms = [(rep["chosen"], True)] + [("int8", False)] * int8
+    for form, headline in forms:
+        f = rep["forms"][form]
+        drop = f32["accuracy"] - f["accuracy"]
+        out.append(row(b, f"{'chosen form ' if headline else ''}{form} rows/s at batch {batch}, compute-bound MLP",
+                       1e3 * batch / f["latency_ms_batch"], "rows/s", "fp32", 1e3 * batch / f32["latency_ms_batch"],
+                       bar=">= 1.5" if headline else None, also=drop <= 0.5 if headline else None,
+                       note=f"accuracy drop {drop:.2f} points" + (" (bar <= 0.5)" if headline else "")))
+    return out
+
+
+def main() -> None:
+    ap = _parser()
+    args = ap.parse_args()
+    if args.load:
+        url, clients, seconds, body = args.load
+        print(json.dumps(asyncio.run(_load(url, int(clients), float(seconds), body.encode()))))
+        return
+    if args.plain:
+        plain_server(args.plain[0], int(args.plain[1]))
+        return
+    if args.serve_phase:
+        serve_phase(args.serve_phase[0], float(args.serve_phase[1]), args.serve_phase[2])
+        return
+
+    reports, plain, ours, proxy = measure(args)
     rep = reports["compute"]
     chosen = rep["chosen"]
     f32, ch = rep["forms"]["fp32"], rep["forms"][chosen]

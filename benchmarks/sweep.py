@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,12 +78,16 @@ def run(scheduler: str, root: Path, samples: int, epochs: int, workers: int) -> 
             "training_s": training, "stopped": sum(t["status"] == "stopped early" for t in result.trials)}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[2, 1])
-    args = p.parse_args()
+    return p
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """FIFO then ASHA for each worker count; prints where the time went; returns the figures per worker count."""
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
@@ -115,8 +120,29 @@ def main() -> None:
         print(f"  bars {'MET' if met else 'NOT MET'}", flush=True)
         out[f"{w}w"] = {"fifo_wall_s": fifo["wall_s"], "asha_wall_s": asha["wall_s"], "ratio": ratio, "fifo_best": fifo["best"],
                         "asha_best": asha["best"], "fifo_training_s": fifo["training_s"], "asha_training_s": asha["training_s"],
-                        "launch_median_s": median}
-    print(json.dumps(out))
+                        "launch_median_s": median, "best_gap_points": gap, "launch_bar_s": bar}
+    ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: this script run with ``argv``, as rows."""
+    from benchmarks.rows import row
+
+    out = []
+    for key, r in measure(_parser().parse_args(argv)).items():
+        out += [row("sweep", f"ASHA wall time, {key} trials", r["asha_wall_s"], "s", "FIFO", r["fifo_wall_s"], bar="<= 0.5",
+                    also=r["best_gap_points"] <= 1.0, note="and ASHA's best within 1 point of FIFO's",
+                    extra={"asha_training_s": r["asha_training_s"], "fifo_training_s": r["fifo_training_s"]}),
+                row("sweep", f"ASHA best eval_accuracy, {key} trials", r["asha_best"], "accuracy", "FIFO", r["fifo_best"]),
+                row("sweep", f"median trial launch (start -> first step), {key} trials", r["launch_median_s"]["total"], "s",
+                    bar=f"<= {r['launch_bar_s']:g}", bar_on="figure", extra={"phases_s": r["launch_median_s"]})]
+    return out
+
+
+def main() -> None:
+    print(json.dumps(measure(_parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -609,7 +609,7 @@ def bench_start(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tu
 
     main: list[float] = []
     local_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    for i in range(4):  # the first untimed: it builds examples/digits.yaml's data and warms the page cache
+    for i in range(args.main_runs + 1):  # the first untimed: it builds examples/digits.yaml's data and warms the page cache
         settled.append(_quiet())
         t0 = time.monotonic()
         _run([str(Path(sys.executable).parent / "lepton-ray"), "train", "examples/digits.yaml", "--no-progress",
@@ -621,9 +621,10 @@ def bench_start(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tu
     med = statistics.median
     lep, bare = med(r["ttfs"] for r in runs["lepton"]), med(r["ttfs"] for r in runs["bare"])
     phases = {k: med(r["phases"][k] for r in runs["lepton"]) for k in runs["lepton"][0]["phases"]}
-    rows = [("fresh driver first step s (vs bare Ray)", lep, bare, "<=", FRESH_DRIVER_BAR, "{:.2f}"),
-            ("second fit() first step s (vs the 2 s bar)", twice["second_ttfs"], SECOND_FIT_BAR_S, "<=", 1.0, "{:.2f}"),
-            ("main job s (vs the 15 s bar)", med(main), MAIN_JOB_BAR_S, "<=", 1.0, "{:.1f}")]
+    rows = [("fresh driver first step s (vs bare Ray)", lep, bare, "<=", FRESH_DRIVER_BAR, "{:.2f}", "s", "bare Ray TorchTrainer"),
+            ("second fit() first step s (vs the 2 s bar)", twice["second_ttfs"], SECOND_FIT_BAR_S, "<=", 1.0, "{:.2f}", "s",
+             "the 2 s bar"),
+            ("main job s (vs the 15 s bar)", med(main), MAIN_JOB_BAR_S, "<=", 1.0, "{:.1f}", "s", "the 15 s bar")]
     info = [f"start: fresh driver processes on one running cluster, MLP, {args.start_steps} steps, max_failures 1;"
             f" lepton_ray's phases (median s after fit()): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items(), key=lambda kv: kv[1])),
             f"  runs: lepton {[round(r['ttfs'], 2) for r in runs['lepton']]} s, bare {[round(r['ttfs'], 2) for r in runs['bare']]} s;"
@@ -692,8 +693,8 @@ def bench_mlp(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tupl
     lep_med, plain_med = med(r["rate_med"] for r in lep), med(p["rate_med"] for p in plain)
     lep_ttfs, bare_ttfs = med(r["ttfs"] for r in lep), med(b[0] for b in bare)
     bare_rates = [b[1] for b in bare if b[1] is not None]
-    rows = [("MLP samples/s (vs plain DDP)", lep_rate, plain_rate, ">=", THROUGHPUT_BAR, "{:.1f}"),
-            ("MLP first step s (vs bare Ray)", lep_ttfs, bare_ttfs, "<=", STARTUP_BAR, "{:.2f}")]
+    rows = [("MLP samples/s (vs plain DDP)", lep_rate, plain_rate, ">=", THROUGHPUT_BAR, "{:.1f}", "samples/s", "plain DDP"),
+            ("MLP first step s (vs bare Ray)", lep_ttfs, bare_ttfs, "<=", STARTUP_BAR, "{:.2f}", "s", "bare Ray TorchTrainer")]
     info = [f"MLP {FEATURES}-{'-'.join(map(str, HIDDEN))}-{CLASSES}, SGD, global batch {args.batch_size}, {args.steps} steps "
             f"(steady state = steps {args.warmup}..{args.steps}); data: {args.rows} rows in {len(row_groups)} Parquet row "
             f"group(s) of {max(row_groups)} rows at most",
@@ -739,8 +740,10 @@ def bench_gpt(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tupl
     tok = {side: med(r["rate"] for r in rs) * GPT_T for side, rs in runs.items()}
     tok_med = {side: med(r["rate_med"] for r in rs) * GPT_T for side, rs in runs.items()}
     loss1 = {side: med(r["first_loss"] for r in rs) for side, rs in runs.items()}
-    rows = [("gpt tokens/s allreduce (vs plain DDP)", tok["lepton_ddp"], tok["plain_ddp"], ">=", THROUGHPUT_BAR, "{:.0f}"),
-            ("gpt tokens/s fsdp (vs plain FSDP2)", tok["lepton_fsdp"], tok["plain_fsdp"], ">=", THROUGHPUT_BAR, "{:.0f}")]
+    rows = [("gpt tokens/s allreduce (vs plain DDP)", tok["lepton_ddp"], tok["plain_ddp"], ">=", THROUGHPUT_BAR, "{:.0f}",
+             "tokens/s", "plain DDP"),
+            ("gpt tokens/s fsdp (vs plain FSDP2)", tok["lepton_fsdp"], tok["plain_fsdp"], ">=", THROUGHPUT_BAR, "{:.0f}",
+             "tokens/s", "plain FSDP2")]
     units = sorted({r["start"].get("fsdp_units", "?") for r in runs["lepton_fsdp"]}, key=str)
     info = [f"gpt {GPT_SHAPE['n_layer']}x{GPT_SHAPE['n_head']}x{GPT_SHAPE['n_embd']} (T {GPT_T}, vocab {GPT_VOCAB}), fused AdamW,"
             f" global batch {batch} rows = {batch * GPT_T} tokens, {steps} steps (steady state = steps {warmup}..{steps});"
@@ -765,7 +768,7 @@ def bench_gpt(args: argparse.Namespace, tmp: Path, data: str) -> tuple[list[tupl
 # --------------------------------------------------------------------------- main
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="mlp,gpt", help="comma-separated parts to run: mlp, gpt (default both)")
     ap.add_argument("--steps", type=int, default=300, help="MLP: optimizer steps per throughput run (default 300)")
@@ -784,14 +787,17 @@ def main() -> int:
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
                     help="first wait up to S seconds for the 1-min load average to fall below 0.3 (shared machines)")
     ap.add_argument("--start-steps", type=int, default=20, help="start: steps of each fresh driver's run (default 20)")
+    ap.add_argument("--main-runs", type=int, default=3,
+                    help="start: timed runs of the main job (lepton-ray train examples/digits.yaml), after one untimed (default 3)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
     ap.add_argument("--driver", choices=["lepton", "bare", "twice"], help=argparse.SUPPRESS)  # one fresh driver of the start part
     ap.add_argument("--driver-data", help=argparse.SUPPRESS)
     ap.add_argument("--driver-out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.driver:
-        _driver(args.driver, args.driver_data, args.steps, args.batch_size, args.driver_out)
-        return 0
+    return ap
+
+
+def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The parts ``args`` asks for; exits through ``ap.error`` on arguments that cannot work."""
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not parts or set(parts) - {"mlp", "gpt", "start"}:
         ap.error(f"--parts: a comma-separated subset of mlp, gpt, start; got {args.parts!r}")
@@ -805,7 +811,11 @@ def main() -> int:
             ap.error(f"--gpt-steps must exceed --gpt-warmup + 1 ({args.gpt_warmup + 1})")
         if args.gpt_batch_size % WORLD or args.gpt_batch_size > args.gpt_rows:
             ap.error(f"--gpt-batch-size must be divisible by {WORLD} and <= --gpt-rows")
+    return parts
 
+
+def measure(args: argparse.Namespace, parts: list[str]) -> tuple[list[tuple], list[str], list[float], float, float]:
+    """Run ``parts``: (table rows, info lines, settle times, start time (monotonic), 1-min load average at start)."""
     import ray
 
     deadline = time.monotonic() + args.wait_idle
@@ -833,11 +843,39 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    return rows, info, settled, wall0, load0
+
+
+def bench_rows(argv: list[str]) -> list:
+    """The suite's entry point: this script run with ``argv``, its table as :class:`benchmarks.rows.Row` s."""
+    from benchmarks.rows import row
+
+    ap = _parser()
+    args = ap.parse_args(argv)
+    table, info, _, _, _ = measure(args, _check(ap, args))
+    for line in info:
+        print(line)
+    out = []
+    for name, lep, baseline, cmp, bar, _fmt, unit, base_name in table:
+        fixed = base_name.startswith("the ")  # a fixed bar, not a measured baseline: the bar is on the figure itself
+        out.append(row("train_overhead", name.split(" (vs ")[0], lep, unit, None if fixed else base_name,
+                       None if fixed else baseline, bar=f"{cmp} {baseline * bar if fixed else bar:g}",
+                       bar_on="figure" if fixed else "ratio"))
+    return out
+
+
+def main() -> int:
+    ap = _parser()
+    args = ap.parse_args()
+    if args.driver:
+        _driver(args.driver, args.driver_data, args.steps, args.batch_size, args.driver_out)
+        return 0
+    rows, info, settled, wall0, load0 = measure(args, _check(ap, args))
     print()
     print(f"{WORLD} workers x 1 CPU thread, fp32, median of {args.repeats} alternating run(s) per side")
     print(f"{'measure':<40}{'lepton_ray':>12}{'baseline':>12}{'ratio':>8}{'bar':>9}  result")
     ok = True
-    for name, lep, baseline, cmp, bar, fmt in rows:
+    for name, lep, baseline, cmp, bar, fmt, *_ in rows:
         ratio = lep / baseline
         passed = ratio >= bar if cmp == ">=" else ratio <= bar
         ok = ok and passed

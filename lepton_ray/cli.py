@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the row shuffle before sharding")
     pr.add_argument("--no-shuffle", action="store_true", help="keep the source's row order")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("bench", add_help=False, help="run the benchmark suite of a source checkout (python -m benchmarks; "
+                   "lepton-ray bench --help lists the parts)")
     r = sub.add_parser("report", help="draw a run's metrics.jsonl as PNG figures (loss, eval, throughput, time per phase)")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/digits")
     r.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go (default: RUN_DIR/report)")
@@ -65,6 +67,21 @@ def _report(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """Delegate to the benchmark suite, ``benchmarks/`` beside this package in a source checkout."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "benchmarks" / "suite.py").is_file():
+        print(f"lepton-ray bench: no benchmarks/ beside {repo / 'lepton_ray'}: the suite ships with the source checkout, "
+              "not with the installed package", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    from benchmarks.suite import main as bench_main
+
+    return bench_main(argv, prog="lepton-ray bench")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -125,6 +142,8 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     quiet_ray_env("--verbose" in argv)  # before anything imports Ray (building the parser does): Ray reads it then
+    if argv[:1] == ["bench"]:  # the suite parses its own arguments (NAME ..., --quick, --update, --help)
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if getattr(args, "handler", None) is not None:  # subcommands that bring their own handler
