@@ -63,7 +63,8 @@ def test_end_to_end_example_from_a_bucket_to_a_served_model(tmp_path):
     served = out["serve"]  # v1 and v2 answer what the batch prediction wrote for the same ids
     assert served["ids"] == predicted["ids"]
     assert served["v1_labels"] == predicted["labels"] == served["v2_labels"]
-    assert served["max_abs_diff_vs_batch"] < 1e-5
+    # fp32 answers a row the same alone or in a batch; int8 scales activations per model call (README: Serving)
+    assert served["max_abs_diff_vs_batch"] < (1e-5 if optimized["chosen"] == "fp32" else 2e-2), optimized["chosen"]
 
     pids = out["setup"]["pids"]
     assert [p for p in pids.values() if _alive(p)] == []  # moto and both `ray start` are gone
