@@ -390,11 +390,13 @@ def run(quick: bool, work: Path, started: Started) -> dict[str, Any]:
     ids = predicted.column("id").to_pylist()[:SAMPLE_ROWS]  # the rows that are also sent over HTTP
     labels = predicted.column("label").to_pylist()[:SAMPLE_ROWS]
     probs = np.asarray(predicted.column("probabilities").to_pylist()[:SAMPLE_ROWS])
-    report.done("predict", {"output": output, "rows": predicted.num_rows, "ids": ids, "labels": labels,
-                            "probabilities": probs.tolist()},
-                f"{predicted.num_rows} predictions -> {output}; ids {ids} -> labels {labels}")
-
     split = read_split(data["eval"])
+    once = predicted.column("id").to_pylist() == sorted(split.column("id").to_pylist())  # every eval row, once
+    report.done("predict", {"output": output, "rows": predicted.num_rows, "every_eval_row_once": once, "ids": ids,
+                            "labels": labels, "probabilities": probs.tolist()},
+                f"{predicted.num_rows} predictions -> {output} ({'every eval row once' if once else 'NOT every eval row once'});"
+                f" ids {ids} -> labels {labels}")
+
     where = {i: n for n, i in enumerate(split.column("id").to_pylist())}
     pixels = split.column("pixels").to_numpy(zero_copy_only=False)
     rows = np.stack([pixels[where[i]] for i in ids]).astype(np.float32)

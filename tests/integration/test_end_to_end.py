@@ -57,7 +57,7 @@ def test_end_to_end_example_from_a_bucket_to_a_served_model(tmp_path):
     assert optimized["bundle"].startswith("s3://")
 
     predicted = out["predict"]
-    assert predicted["rows"] == 359  # every eval row
+    assert predicted["rows"] == 359 and predicted["every_eval_row_once"] is True
     assert predicted["ids"] == sorted(predicted["ids"]) and len(predicted["ids"]) == 5
 
     served = out["serve"]  # v1 and v2 answer what the batch prediction wrote for the same ids
