@@ -16,8 +16,8 @@ job, its driver and every Ray process it starts (Train workers, Tune trials, Ser
 through the job's runtime env. Everything started here (moto, the two nodes and with them the jobs) is stopped by
 its process id at the end, also on an error, Ctrl-C or SIGTERM.
 
-    python examples/end_to_end.py            # ~6 minutes on 2 cores
-    python examples/end_to_end.py --quick    # ~4 minutes: fewer epochs and trials (tests/integration/test_end_to_end.py)
+    python examples/end_to_end.py            # the config's sizes: 30 epochs, 8 trials, a torch.compile candidate
+    python examples/end_to_end.py --quick    # 4-5 minutes on 2 cores: fewer epochs and trials (tests/integration/test_end_to_end.py)
 
 The second node joins through a host name for 127.0.0.1 other than ``localhost`` (Ray rewrites the literal
 loopback names): ``LEPTON_RAY_LOOPBACK_NAME``, else ``lepton-node2`` or this machine's host name.
