@@ -322,6 +322,8 @@ def http_predictions(served: dict[str, str], rows: np.ndarray) -> dict[str, Any]
 def run(quick: bool, work: Path, started: Started) -> dict[str, Any]:
     train_sets, sweep_sets, candidates = SIZES["quick" if quick else "full"]
     report = Report(work)
+    # the nodes (and so the jobs' entrypoints) find lepton-ray where this Python's are, activated virtualenv or not
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
     # setup: the bucket; the data prepared into it while the cluster starts, whose nodes get no AWS variables
     endpoint, moto_pid = start_moto(work, started)
