@@ -43,7 +43,7 @@ def test_end_to_end_example_from_a_bucket_to_a_served_model(tmp_path):
     trained = out["train"]  # a job on the 2-node cluster: one worker on each node, checkpoint in the bucket
     assert len(set(trained["worker_nodes"])) == 2, trained["worker_nodes"]
     assert trained["checkpoint"].startswith("s3://")
-    assert "_manifest.json" in "".join(trained["checkpoint_files"]), trained["checkpoint_files"]
+    assert {"MANIFEST.json", "model.pt", "optimizer.pt"} <= set(trained["checkpoint_files"]), trained["checkpoint_files"]
     assert trained["eval_accuracy"] > 0.85
 
     swept = out["sweep"]
