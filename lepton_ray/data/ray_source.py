@@ -154,25 +154,28 @@ class RayDataSource:
         if not pieces:
             return
         self.stats["ray_data_datasets"] += 1
-        arrow = self.transform is None  # then blocks are Arrow tables, decoded here
         with _data_logs():  # the execution starts (and logs its plan) at the first block
-            blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="pyarrow" if arrow else "numpy",
-                                                                     prefetch_batches=self.cfg.prefetch_windows))
-            held: list[dict[str, np.ndarray]] = []
-            have = 0
-            for w in windows:
-                n = sum(p.rows for p in w)
-                while have < n:
-                    try:
-                        b = next(blocks)
-                    except Exception as exc:
-                        raise _user_error(exc) from None
-                    self.stats["ray_data_blocks"] += 1
-                    if arrow:
-                        b = decode(self.info.schema, b, key=self.info.key, uri=self.info.uri)
-                    held.append(b)
-                    have += len(next(iter(b.values())))
-                cols = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}
-                held = [{k: v[n:] for k, v in cols.items()}] if have > n else []
-                have -= n
-                yield {k: np.require(v[:n], None, ["C", "W"]) for k, v in cols.items()}, np.arange(n)
+            yield from self._windows(pieces, windows, epoch)
+
+    def _windows(self, pieces: list[Any], windows: list[list[Any]], epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        arrow = self.transform is None  # then blocks are Arrow tables, decoded here
+        blocks = iter(self._dataset(pieces, epoch).iter_batches(batch_size=None, batch_format="pyarrow" if arrow else "numpy",
+                                                                 prefetch_batches=self.cfg.prefetch_windows))
+        held: list[dict[str, np.ndarray]] = []
+        have = 0
+        for w in windows:
+            n = sum(p.rows for p in w)
+            while have < n:
+                try:
+                    b = next(blocks)
+                except Exception as exc:
+                    raise _user_error(exc) from None
+                self.stats["ray_data_blocks"] += 1
+                if arrow:
+                    b = decode(self.info.schema, b, key=self.info.key, uri=self.info.uri)
+                held.append(b)
+                have += len(next(iter(b.values())))
+            cols = held[0] if len(held) == 1 else {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+            held = [{k: v[n:] for k, v in cols.items()}] if have > n else []
+            have -= n
+            yield {k: np.require(v[:n], None, ["C", "W"]) for k, v in cols.items()}, np.arange(n)

@@ -19,7 +19,6 @@ run resumes at another number of workers (DCP reshards on load). Mixed precision
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Literal, Optional
 
@@ -93,15 +92,8 @@ def _time_collectives(module: nn.Module, synced: SyncTimer) -> None:
     group = state()._fsdp_param_group if state is not None else None
     if group is None:
         return
-    for name in ("unshard", "wait_for_unshard", "post_backward"):
-        def timed(*args: Any, _call: Callable[..., Any] = getattr(group, name), **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _call(*args, **kwargs)
-            finally:
-                synced.add(time.perf_counter() - t0)
-
-        setattr(group, name, timed)  # this group's calls only (FSDP looks its methods up on the instance)
+    for name in ("unshard", "wait_for_unshard", "post_backward"):  # this group's calls only (FSDP looks them up on it)
+        setattr(group, name, synced.timed(getattr(group, name)))
 
 
 def _initialise(model: nn.Module) -> None:
