@@ -13,7 +13,6 @@ are not used: the open-source Ray has no resume, and ``streaming_split`` deals b
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import re
@@ -70,22 +69,15 @@ def _read_batch(batch: dict[str, np.ndarray], info: Any, cfg: DataConfig, pieces
     return _read(batch["id"], info, cfg, pieces, transform, epoch)
 
 
-@contextlib.contextmanager
-def _context(cpus: float) -> Iterator[None]:
-    """Ray Data's current context set for the engine's Datasets made inside (a Dataset keeps a copy of it) and put
-    back after (the process may be a warm group's rank 0, or a user's): the plan's order (``preserve_order``,
-    whichever task finishes first), no progress bars, and at most ``cpus`` logical CPUs for the execution."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options, ctx.enable_progress_bars
-    ctx.execution_options = copy.copy(ctx.execution_options)
+def _hold(ds: Any, cpus: float) -> Any:
+    """``ds`` set to run in the plan's order (``preserve_order``, not whichever task finishes first), without
+    progress bars, and on at most ``cpus`` logical CPUs. It is set on the Dataset's own context (a copy of the
+    process's, taken when the Dataset was made), never on the process's: a worker's next-epoch prefetch thread and a
+    user's own Ray Data code in the same process read that one at the same time."""
+    ctx = ds.context
     ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=cpus)
-    try:
-        yield
-    finally:
-        ctx.execution_options, ctx.enable_progress_bars = saved
+    return ds
 
 
 @contextlib.contextmanager
@@ -142,12 +134,11 @@ class RayDataSource:
         r = self.cfg.transform_resources
         args = (self.info, self.cfg, pieces, self.transform, epoch)
         where = {"num_cpus": r.num_cpus, **({"resources": dict(r.resources)} if r.resources else {})}
-        with _context(self.cpus):  # a Dataset keeps the context it was made in
-            ds = ray.data.range(len(pieces), override_num_blocks=len(pieces))  # one block (one task) per piece
-            if r.concurrency is None:
-                return ds.map_batches(_read_batch, batch_size=None, batch_format="numpy", fn_args=args, **where)
-            return ds.map_batches(_ReadActor, batch_size=None, batch_format="numpy", fn_constructor_args=args,
-                                  concurrency=r.concurrency, **where)
+        ds = _hold(ray.data.range(len(pieces), override_num_blocks=len(pieces)), self.cpus)  # a task per piece
+        if r.concurrency is None:
+            return ds.map_batches(_read_batch, batch_size=None, batch_format="numpy", fn_args=args, **where)
+        return ds.map_batches(_ReadActor, batch_size=None, batch_format="numpy", fn_constructor_args=args,
+                              concurrency=r.concurrency, **where)
 
     def windows(self, windows: list[list[Any]], epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         pieces = [p for w in windows for p in w]

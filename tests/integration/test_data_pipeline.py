@@ -270,10 +270,18 @@ def test_ray_data_engine_gives_the_native_batches_bitwise(tmp_path):
         one.resume_after(0, (Segment(world_size=2, local_batch=32, steps=4),))
         got[engine] = [list(s.epoch(0)) + list(s.epoch(1, start_step=3)) for s in two] + [list(one.epoch(0, start_step=4))]
         assert engine == "native" or all(s.stats["ray_data_blocks"] > 0 for s in two)  # it really read through Ray Data
-    # each worker's Ray Data execution is held to its share of data.cpus (2 by default), whatever the cluster has free
+    # each worker's Ray Data execution is held to its share of data.cpus (2 by default), whatever the cluster has free,
+    # set on the Dataset's own context: the process's is left as it was (a next-epoch prefetch thread, still reading
+    # in the background here, makes Datasets at the same time)
+    import ray.data
+
     pieces, _ = two[0]._plan(0).windows(0, 2)[0]
     ds = two[0].source._dataset(pieces, 0)
-    assert ds.context.execution_options.resource_limits.cpu == 1.0
+    options = ds.context.execution_options
+    assert (options.resource_limits.cpu, options.preserve_order) == (1.0, True)
+    process = ray.data.DataContext.get_current()
+    assert process is not ds.context and not process.execution_options.preserve_order
+    assert process.execution_options.resource_limits.cpu == float("inf")
     for native, ray_data in zip(got["native"], got["ray_data"]):
         assert len(native) == len(ray_data) > 0
         for a, b in zip(native, ray_data):
