@@ -161,6 +161,11 @@ class AllReduce(Strategy):
     def step(self, optimizer: torch.optim.Optimizer, precision: Any, batches: int = 1) -> None:
         precision.step(optimizer, self.model.parameters(), self.config.train.grad_clip_norm)
 
+    def close(self) -> None:
+        if self._shm is not None:  # its gloo group and mapping: a warm worker group builds one per run
+            self._shm.close()
+            self._shm = None
+
     def save(self, ckpt: Any, optimizer: torch.optim.Optimizer) -> None:
         if not self._zero:
             return super().save(ckpt, optimizer)
@@ -193,7 +198,3 @@ class AllReduce(Strategy):
 def _hyper(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The optimizer's parameter groups without their parameters (lr, betas, weight decay, ...)."""
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-
-    def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()

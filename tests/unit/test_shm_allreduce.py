@@ -212,3 +212,27 @@ def test_build_ddp_picks_the_transport_and_says_why(tmp_path, usable):
     assert re.fullmatch(f"shared memory unavailable: {reason}", got["auto"]["described"]["allreduce_note"]), got
     assert re.fullmatch(rf"sync.allreduce.cpu_transport 'shm' needs every worker on one host, sharing {re.escape(shm_dir)}: "
                         rf"{reason}. Use 'auto' to fall back to gloo, or 'gloo'", got["shm"]["error"]), got
+
+
+def _close_worker(rank: int, world: int, store: str, out: str) -> None:
+    from lepton_ray import load_config
+    from lepton_ray.sync import STRATEGIES, WorkerInfo
+
+    _init(rank, world, store)
+    cfg = load_config({"model": {"name": "mlp"}, "data": {"train": "unused.parquet"},
+                       "sync": {"strategy": "allreduce", "allreduce": {"cpu_transport": "shm", "shm_dir": out}}})
+    strategy = STRATEGIES["allreduce"](cfg, WorkerInfo(rank=rank, world_size=world, device=torch.device("cpu")))
+    strategy.build(lambda: nn.Linear(4, 2))
+    shm = strategy._shm
+    opened = shm is not None and shm.group is not None
+    strategy.close()
+    torch.save({"opened": opened, "group": shm.group, "mapped": shm._mm is not None}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_allreduce_strategy_closes_its_transport(tmp_path):
+    """``close()`` (the loop's last call) gives back the transport's gloo group and mapping: a warm worker group
+    builds one per run (it was dead code inside a module function for a while, and nothing noticed)."""
+    mp.spawn(_close_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f"rank{r}.pt") == {"opened": True, "group": None, "mapped": False}
