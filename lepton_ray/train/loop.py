@@ -295,6 +295,16 @@ class _Run:
             self.window.record(self.losses, step, epoch, self.parts.scheduler.get_last_lr()[0], self.cfg.train.batch_size,
                                self.parts.strategy.step_metrics())
 
+    def finish(self, step: int) -> None:
+        """The run's last records: rank 0's ``end`` record (the peak memory is every rank's maximum: a collective)."""
+        self.losses.flush()
+        peak = _max_over_ranks([peak_memory(self.ctx.device)], self.ctx, self.lockstep)[0]
+        if self.ctx.rank == 0:
+            newest = self.store.latest()
+            self.buffer.add({"event": "end", M.STEP: step, **self.last_eval, "checkpoint": newest.uri if newest else None,
+                             "data_stats": dict(self.stream.stats), "peak_memory_bytes": int(peak)}, now=True)
+            self.buffer.flush(wait=True)
+
     def act(self, due: Due, step: int, epoch: int, cursor: tuple[int, int]) -> None:
         """Evaluate and/or checkpoint, as ``due`` says (every rank, at the same step)."""
         if due.evaluate and self.eval_data is not None:
@@ -347,10 +357,9 @@ def _eval_rows(spec: LoopSpec, cfg: Config, ctx: WorkerContext) -> Optional[dict
     return {k: torch.from_numpy(v[ctx.rank::ctx.world]).to(ctx.device) for k, v in arrays.items()}
 
 
-def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] = None) -> None:
-    """Run (or resume) one data-parallel training run as worker ``ctx.rank`` of ``ctx.world``. ``guard``: the
-    worker's heartbeat and SIGTERM handler (a Ray Train worker's, from trainer.py); told the step after every step."""
-    entered = time.time()
+def _start(spec: LoopSpec, ctx: WorkerContext, entered: float) -> tuple[_Run, _Resume, Schedule]:
+    """Everything a worker's run needs, built (the first batches read meanwhile) and resumed from the newest
+    checkpoint, and rank 0's ``start`` record written: (the run, where it resumes, when it logs, evaluates, saves)."""
     install(spec.callables)
     cfg = load_config(spec.config)
     t, schema = cfg.train, spec.train.batch_schema
@@ -361,33 +370,43 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
     stream = _stream(spec, cfg, ctx, pace.claim)  # a strategy may deal the data itself
     store = CheckpointStore(spec.checkpoint_uri, cfg.checkpoint.storage_options, cfg.checkpoint.keep_last)
     resume = _resume_point(store, ctx, spec, stream, pace.stepwise)  # before the steps are counted
-    step, epoch, start, latest = resume.step, resume.epoch, resume.step_in_epoch, resume.checkpoint
     total = resume.total_steps(t, stream, pace.stepwise)
-    sched = Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
-    if epoch < t.epochs if t.max_steps is None else step < total:
-        stream.start(epoch, start)  # the first batches are read while the model is built
+    if resume.epoch < t.epochs if t.max_steps is None else resume.step < total:
+        stream.start(resume.epoch, resume.step_in_epoch)  # the first batches are read while the model is built
     try:
-        p = _build(cfg, spec, strategy, total, fresh=latest is None)
+        p = _build(cfg, spec, strategy, total, fresh=resume.checkpoint is None)
     except BaseException:
         stream.close()
         raise
-    loss, inputs = make_loss(cfg.model, schema), tuple(c.name for c in schema.inputs)
+    loss = make_loss(cfg.model, schema)
     torch.manual_seed(t.seed + 1000 * (ctx.rank + 1))  # per-rank dropout streams (a resume restores them)
-    if latest is not None:
-        _load(p, latest, ctx)
+    if resume.checkpoint is not None:
+        _load(p, resume.checkpoint, ctx)
     buffer = M.RecordBuffer(spec.sink if ctx.rank == 0 else None)
     if ctx.rank == 0:
         phases = {**spec.phases, "loop_entered": entered, "ready": time.time()}  # ready: built, resumed; the first batch next
-        buffer.add({"event": "start", M.STEP: step, "total_steps": total, "world_size": ctx.world,
+        latest = resume.checkpoint
+        buffer.add({"event": "start", M.STEP: resume.step, "total_steps": total, "world_size": ctx.world,
                     "phases_s": M.since(phases.pop("fit", entered), phases),
                     "resumed_from": latest.checkpoint.uri if latest else None, "notes": resume.notes,
                     "bad_shards_skipped": list(spec.train.skipped), "entered": entered, "time": time.time(),
                     "compiled": getattr(p.net, "compiled", False), "data": stream.describe(), **p.strategy.describe()}, now=True)
     # a strategy that is not lock-step logs rank 0's own loss: a per-step collective would re-synchronise its workers
     run = _Run(cfg, spec, ctx, p, stream, store, buffer, M.LossLog(buffer, ctx.world, collective=pace.lockstep),
-               _Window(step, stream, ctx.device, *_flops(p.strategy.model, ctx, t.precision)), Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {},
+               _Window(resume.step, stream, ctx.device, *_flops(p.strategy.model, ctx, t.precision)),
+               Evaluator(loss, default_metrics(cfg.model, schema)), _eval_rows(spec, cfg, ctx), {},
                StepTimes(p.strategy.sync_s, wait=device_wait(ctx.device)), pace.lockstep)
-    times = run.times
+    return run, resume, Schedule(total, t.log_every_steps, t.eval_every_steps, cfg.checkpoint.every_n_steps)
+
+
+def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] = None) -> None:
+    """Run (or resume) one data-parallel training run as worker ``ctx.rank`` of ``ctx.world``. ``guard``: the
+    worker's heartbeat and SIGTERM handler (a Ray Train worker's, from trainer.py); told the step after every step."""
+    run, resume, sched = _start(spec, ctx, time.time())
+    t, p, stream, buffer, times = run.cfg.train, run.parts, run.stream, run.buffer, run.times
+    pace, total = p.strategy.pace, sched.total_steps
+    loss, inputs = run.evaluator.loss, tuple(c.name for c in spec.train.batch_schema.inputs)
+    step, epoch, start = resume.step, resume.epoch, resume.step_in_epoch
     guard = guard or WorkerGuard()
     guard.start(ctx.world, ctx.device, jit=pace.lockstep and pace.stepwise)  # jit: may checkpoint at any step
 
@@ -426,7 +445,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                         buffer.add({"event": "preempted", M.STEP: step, "ranks": preempted}, now=True)
                         buffer.flush(wait=True)
                         raise Preempted(f"rank {', '.join(map(str, preempted))} got SIGTERM: every rank checkpointed step {step} "
-                                        f"({store.latest().uri}) and stopped; --resume continues from it")
+                                        f"({run.store.latest().uri}) and stopped; --resume continues from it")
                 if t.max_steps is not None and step >= total:
                     stopped = True
                     break
@@ -445,13 +464,7 @@ def train_loop(spec: LoopSpec, ctx: WorkerContext, guard: Optional[WorkerGuard] 
                 break
             epoch, start = epoch + 1, 0
 
-        run.losses.flush()
-        peak = _max_over_ranks([peak_memory(ctx.device)], ctx, pace.lockstep)[0]
-        if ctx.rank == 0:
-            newest = store.latest()
-            buffer.add({"event": "end", M.STEP: step, **run.last_eval, "checkpoint": newest.uri if newest else None,
-                        "data_stats": dict(stream.stats), "peak_memory_bytes": int(peak)}, now=True)
-            buffer.flush(wait=True)
+        run.finish(step)
     finally:
         stream.close()
         p.strategy.close()
