@@ -118,9 +118,12 @@ def _describe(cfg: Config, split: str, datasets: dict[str, Any]) -> Optional[Tab
     if split in datasets:
         from lepton_ray.data.dataset import GUARANTEES, describe_dataset
 
+        ds = datasets[split]
         if split == "train":
             log.warning("data.train is a ray.data.Dataset: %s (data named by path keeps the exactly-once, reproducible order)", GUARANTEES)
-        return describe_dataset(f"data.{split}", datasets[split], d)
+        else:  # every worker loads the eval rows whole: computed once here, not again for its schema, rows, classes, each worker
+            ds = ds.materialize()
+        return describe_dataset(f"data.{split}", ds, d)
     uri = getattr(d, split)
     return describe(f"data.{split}", uri, d) if uri else None
 
