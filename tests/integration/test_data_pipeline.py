@@ -75,8 +75,7 @@ def test_stop_mid_epoch_and_resume_consumes_every_row_exactly_once(tmp_path, buc
         log.mkdir(parents=True, exist_ok=True)
         return {
             "model": {"factory": "lr_testing_models:record_ids_mlp", "kwargs": {"log_dir": str(log)}},
-            "data": {"train": f"s3://{bucket}/ids", "label": "label", "shuffle_buffer_rows": 200,
-                     "engine": "native"},
+            "data": {"train": f"s3://{bucket}/ids", "label": "label", "shuffle_buffer_rows": 200},
             "train": {"max_steps": max_steps, "batch_size": 64, "lr": 0.05, "seed": 11, "log_every_steps": 4},
             "scaling": {"num_workers": 2},
             "checkpoint": {"every_n_steps": 0, "dir": f"s3://{bucket}/ckpt"},
