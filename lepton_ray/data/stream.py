@@ -31,6 +31,9 @@ from lepton_ray.data.source import Source, make_source
 from lepton_ray.data.table import TableInfo
 from lepton_ray.data.transform import load_transform
 
+READ_AHEAD = "lepton-read-ahead"
+"""The name of a stream's read-ahead (producer) threads."""
+
 __all__ = ["WorkerStream"]
 
 
@@ -169,7 +172,7 @@ class WorkerStream:
     def _dealt_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         out: "queue.Queue[Any]" = queue.Queue(maxsize=1)
         room, stop = threading.Semaphore(1), threading.Event()
-        producer = threading.Thread(target=self._produce_dealt, args=(epoch, out, room, stop), daemon=True)
+        producer = threading.Thread(target=self._produce_dealt, args=(epoch, out, room, stop), name=READ_AHEAD, daemon=True)
         producer.start()
         pending: list[dict[str, torch.Tensor]] = []
         held = 0
@@ -214,7 +217,7 @@ class WorkerStream:
         stop = threading.Event()
         b, done = self.local_batch, self._done(epoch)  # rows count from the start of this world size's segment
         producer = threading.Thread(target=self._produce, args=(epoch, (start_step - done) * b, (self.steps(epoch) - done) * b, out, stop),
-                                    daemon=True)
+                                    name=READ_AHEAD, daemon=True)
         producer.start()
         return out, stop, producer
 

@@ -17,6 +17,7 @@ import torch
 from conftest import write_blobs
 from lepton_ray import Trainer, load_config
 from lepton_ray.train.checkpoint import CheckpointStore
+from lepton_ray.data.stream import READ_AHEAD
 from lepton_ray.train.context import isolated
 
 
@@ -78,14 +79,16 @@ def test_a_report_that_raises_stops_the_run_and_leaves_nothing_running(tmp_path)
         if len(seen) == 2:
             raise _Stop
 
-    threads = threading.active_count()
-    trainer = Trainer(load_config(_config(tmp_path, "s", epochs=5)), progress=False)
+    config = _config(tmp_path, "s", epochs=5)
+    config["data"].update(shuffle_buffer_rows=32, prefetch_windows=1)  # a read-ahead left running would block, not end
+    trainer = Trainer(load_config(config), progress=False)
     with pytest.raises(_Stop):
         trainer.fit(local=True, report=report)
     assert [m["epoch"] for m in seen] == [0, 1] and all("eval_accuracy" in m for m in seen)
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_accuracy"] for r in records if "eval_accuracy" in r] == [m["eval_accuracy"] for m in seen]
-    assert threading.active_count() == threads
+    left = [t.name for t in threading.enumerate() if t.name in (READ_AHEAD, "lepton-heartbeat")]
+    assert not left, left
 
 
 def test_the_start_record_times_each_start_up_phase_from_fit(tmp_path):
