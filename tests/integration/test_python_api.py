@@ -79,10 +79,10 @@ def test_a_ray_data_dataset_passed_in_trains_says_its_guarantees_and_restarts_fr
     train = ray.data.read_parquet(str(blobs)).map_batches(shift)
     cfg = small_config(tmp_path, blobs, model={"factory": "lr_testing_models:crash_once_mlp",
                                                "kwargs": {"crash_at": 15, "marker": str(tmp_path / "crashed")}},
-                       train={"max_steps": 40}, scaling={"max_failures": 1})
+                       train={"max_steps": 20}, scaling={"max_failures": 1})
     del cfg["data"]["train"]
     result = Trainer(cfg, datasets={"train": train, "eval": ray.data.read_parquet(str(blobs))}, progress=False).fit()
-    assert (tmp_path / "crashed").exists() and result.metrics["steps"] == 40 and result.metrics["eval_accuracy"] > 0.9
+    assert (tmp_path / "crashed").exists() and result.metrics["steps"] == 20 and result.metrics["eval_accuracy"] > 0.9
     assert result.resumed_from.endswith("step_00000010")
     starts = [r for r in result.records if r.get("event") == "start"]
     assert [s["resumed_from"] is None for s in starts] == [True, False]
