@@ -63,6 +63,30 @@ def rendezvous() -> str:
     return "file://" + os.path.join(tempfile.mkdtemp(prefix="lr-pg-"), "store")
 
 
+FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.nn.parallel"]
+"""What the fork server imports once per test session (torch and torch._dynamo: ~6 s of CPU a process here, the
+optimizer's first step imports the latter)."""
+
+
+def spawn(fn: Callable[..., None], args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.start_processes(fn, args, nprocs)`` from a fork server: each process is forked from one
+    that imported torch once, instead of importing it again (``spawn``). The function and its arguments are pickled as
+    with ``spawn``, and each process gets this process's environment of now (not the server's, from its start); a
+    process that fails fails the call with its traceback."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts (the first call)
+    mp.start_processes(_in_environment, args=(dict(os.environ), fn, *args), nprocs=nprocs, start_method="forkserver", join=True)
+
+
+def _in_environment(rank: int, environ: dict[str, str], fn: Callable[..., None], *args: object) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    fn(rank, *args)
+
+
 def moto_server(port: int = 0):
     """A started moto S3 server on 127.0.0.1: on ``port``, or (0) on a port the server itself bound."""
     from moto.server import ThreadedMotoServer

@@ -7,9 +7,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import rendezvous, write_blobs
+from conftest import rendezvous, spawn, write_blobs
 from lepton_ray import Trainer, load_config
 from lepton_ray.models import build_model
 from lepton_ray.train.checkpoint import CheckpointStore, model_state
@@ -63,7 +62,7 @@ def _runs(raws: list[dict], world: int = WORLD, checkpoint_uris: Optional[list[s
         trainers.append(Trainer(cfg, progress=False))
         specs.append(LoopSpec(cfg.to_dict(), trainers[-1].train_info, trainers[-1].eval_info, uri or trainers[-1].checkpoint_uri,
                               sink=Sink(sink) if sink else None))
-    mp.start_processes(_worker, args=(rendezvous(), world, specs), nprocs=world, start_method="spawn", join=True)
+    spawn(_worker, (rendezvous(), world, specs), world)
     return trainers
 
 

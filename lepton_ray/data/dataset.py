@@ -11,6 +11,7 @@ the number of workers is fixed. What the README and the run's ``start`` record s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -27,34 +28,51 @@ GUARANTEES = ("every row at most once per epoch, order not reproducible, a resum
               " from a fresh pass (rows may repeat across it), fixed number of workers")
 
 
-def _arrow_schema(ds: Any, key: str) -> pa.Schema:
-    schema = ds.schema()
-    if schema is None:
-        raise ConfigError(f"{key}: the ray.data.Dataset has no schema (an empty Dataset?)")
-    base = getattr(schema, "base_schema", schema)
-    if isinstance(base, pa.Schema):
-        return base
-    return pa.schema([pa.field(n, t if isinstance(t, pa.DataType) else pa.from_numpy_dtype(t)) for n, t in zip(schema.names, schema.types)])
+HEAD_ROWS = 2
+"""The first rows of a train Dataset the driver keeps: the sample its planning checks the model and transform on."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What the driver read of a Dataset while describing it: its first rows (every column) and its target columns
+    (every row), so that planning (a sample, the class ids) starts no other execution of it."""
+
+    head: pa.Table
+    targets: pa.Table
 
 
 def describe_dataset(key: str, ds: Any, cfg: DataConfig) -> TableInfo:
-    """``ds``'s columns checked against ``data.inputs`` / ``targets`` (or ``features`` / ``label``) and its rows counted
-    (``ds.count()``: a Dataset whose count is not in its metadata runs once here)."""
-    typed = Schema.from_arrow(_arrow_schema(ds, key), inputs=cfg.inputs, targets=cfg.targets, features=cfg.features, label=cfg.label,
-                              key=key, uri="the ray.data.Dataset")
-    rows = ds.count()
-    if rows == 0:
+    """``ds``'s columns checked against ``data.inputs`` / ``targets`` (or ``features`` / ``label``), its rows counted.
+
+    Two executions of ``ds`` (each costs Ray Data seconds to start, however small the data): its first rows (the
+    schema and the sample), then its target columns only (the row count and the class ids), never the whole rows
+    through the driver; both are kept on the returned info's ``scan`` for planning (not sent to the workers).
+    """
+    head = pa.concat_tables(list(ds.limit(HEAD_ROWS).iter_batches(batch_size=None, batch_format="pyarrow")) or [pa.table({})])
+    if head.num_rows == 0:
         raise ConfigError(f"{key}: the ray.data.Dataset has no rows")
-    return TableInfo(key=key, uri=f"dataset:{key.removeprefix('data.')}", files=(), num_rows=rows, schema=typed, dataset=ds)
+    typed = Schema.from_arrow(head.schema, inputs=cfg.inputs, targets=cfg.targets, features=cfg.features, label=cfg.label,
+                              key=key, uri="the ray.data.Dataset")
+    columns = Schema((), typed.targets).parquet_columns()
+    targets = pa.concat_tables(list(ds.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow")))
+    return TableInfo(key=key, uri=f"dataset:{key.removeprefix('data.')}", files=(), num_rows=targets.num_rows, schema=typed,
+                     dataset=ds, scan=Scan(head, targets))
 
 
 def dataset_arrays(info: TableInfo, rows: Optional[int] = None) -> dict[str, np.ndarray]:
-    """The Dataset's rows (all, or the first ``rows``), decoded to one array per input and target."""
-    ds = info.dataset.select_columns(info.schema.parquet_columns())
-    if rows is not None:
-        ds = ds.limit(rows)
-    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    return decode(info.schema, pa.concat_tables(tables), key=info.key, uri="the ray.data.Dataset")
+    """The Dataset's rows (all, or the first ``rows``), decoded to one array per input and target: from what
+    :func:`describe_dataset` read when that has them (on the driver), else from a pass over the Dataset."""
+    columns, scan = info.schema.parquet_columns(), info.scan
+    if scan is not None and rows is not None and rows <= scan.head.num_rows:
+        table = scan.head.select(columns).slice(0, rows)
+    elif scan is not None and rows is None and set(columns) <= set(scan.targets.column_names):
+        table = scan.targets.select(columns)
+    else:
+        ds = info.dataset.select_columns(columns)
+        if rows is not None:
+            ds = ds.limit(rows)
+        table = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+    return decode(info.schema, table, key=info.key, uri="the ray.data.Dataset")
 
 
 def dataset_steps(info: TableInfo, world_size: int, local_batch: int) -> int:

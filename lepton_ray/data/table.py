@@ -56,6 +56,11 @@ class TableInfo:
     """The ``ray.data.Dataset`` a user passed (``Trainer(datasets=...)``), read by :mod:`lepton_ray.data.dataset`; None: files."""
     transformed: Optional[Schema] = None
     """The batches' inputs and targets after ``data.transform`` (None: no transform; ``schema`` is what is read)."""
+    scan: Any = field(default=None, compare=False, repr=False)
+    """What the driver read of ``dataset`` (:class:`lepton_ray.data.dataset.Scan`) for its planning; not pickled."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "scan": None}  # a Dataset's target column stays on the driver, not in every worker
 
     @property
     def batch_schema(self) -> Schema:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import rendezvous
+from conftest import rendezvous, spawn
 from lepton_ray import Trainer, load_config
 from lepton_ray.models import build_model
 from lepton_ray.sync import STRATEGIES, WorkerInfo
@@ -86,7 +85,7 @@ def test_an_fsdp_checkpoint_of_2_workers_resumes_on_1_and_on_3(tmp_path):
         shutil.copytree(Path(whole.checkpoint_uri) / "step_00000003", cut / "step_00000003")
         out = tmp_path / f"loaded{world}.pt"
         at = {**raw, "scaling": {"num_workers": world}}
-        mp.start_processes(_load_and_step, args=(rendezvous(), world, at, str(cut), str(out)), nprocs=world, start_method="spawn", join=True)
+        spawn(_load_and_step, (rendezvous(), world, at, str(cut), str(out)), world)
         loaded[world] = torch.load(out)
         assert loaded[world]["step"] == 3 and loaded[world]["gap"] <= 1e-6
         assert abs(loaded[world]["loss"] - loaded[2]["loss"]) <= 1e-4

@@ -282,3 +282,17 @@ def test_write_table_creates_parents_and_replaces_atomically(tmp_path):
     write_table(pa.table({"a": [2, 3]}), str(target))
     assert pq.read_table(target).column("a").to_pylist() == [2, 3]
     assert [p.name for p in target.parent.iterdir()] == ["t.parquet"]
+
+
+def test_what_the_driver_read_of_a_dataset_is_not_sent_to_the_workers():
+    """A Dataset's planning pass keeps its target column on the driver (``scan``); the info the workers get (pickled
+    into every worker's spec) leaves it out and is otherwise the same."""
+    import pickle
+
+    from lepton_ray.data.dataset import Scan
+
+    info = TableInfo(key="data.train", uri="dataset:train", files=(), num_rows=3, schema=Schema((), ()),
+                     scan=Scan(pa.table({"x": [1, 2]}), pa.table({"label": [0, 1, 1]})))
+    sent = pickle.loads(pickle.dumps(info))
+    assert sent.scan is None and info.scan is not None
+    assert sent == info and (sent.key, sent.num_rows) == ("data.train", 3)

@@ -6,8 +6,7 @@ import json
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import rendezvous
+from conftest import rendezvous, spawn
 
 from lepton_ray.train.metrics import LossLog as _LossLog
 
@@ -54,7 +53,7 @@ def _rank(rank: int, init: str, out: str, records: int, per_record: tuple[float,
 
 def _run(tmp_path, records: int, per_record: tuple[float, float], target_s: float):
     out = str(tmp_path / "log")
-    mp.spawn(_rank, args=(rendezvous(), out, records, per_record, target_s), nprocs=2, join=True)
+    spawn(_rank, (rendezvous(), out, records, per_record, target_s), 2)
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 

@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from conftest import spawn
 
 from lepton_ray.sync.shm import SharedMemoryAllReduce, SharedMemoryUnavailable, bucket_capacity
 from lepton_ray.train.breakdown import SyncTimer
@@ -45,7 +46,7 @@ def _average_worker(rank: int, world: int, store: str, out: str, directory: str)
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_average_is_the_exact_mean_on_every_rank(tmp_path, world):
-    mp.spawn(_average_worker, args=(world, str(tmp_path / "store"), str(tmp_path), str(tmp_path)), nprocs=world, join=True)
+    spawn(_average_worker, (world, str(tmp_path / "store"), str(tmp_path), str(tmp_path)), world)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for call in range(len(SIZES)):
         parts = [_inputs(call, r) / world for r in range(world)]
@@ -86,7 +87,7 @@ def _stuck_peer_worker(rank: int, world: int, store: str, out: str, directory: s
 def test_a_peer_that_never_arrives_fails_the_barrier_at_the_default_groups_timeout(tmp_path):
     """torch gives a new group its backend's default timeout (30 min); the transport's barrier group waits as long as
     the default group does (the run's ``train.process_group_timeout_s``), here 3 s."""
-    mp.spawn(_stuck_peer_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    spawn(_stuck_peer_worker, (2, str(tmp_path / "store"), str(tmp_path), str(tmp_path)), 2)
     what = (tmp_path / "rank0.txt").read_text()
     assert re.match(r"raised after (\d+) s: ", what), what
     assert int(re.match(r"raised after (\d+) s", what).group(1)) < 60, what  # 3 s, not torch's 30-min default
@@ -123,7 +124,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str, capacity: int, dtyp
 ], ids=["whole-buckets", "chunked", "float64-via-gloo"])
 def test_ddp_with_the_shm_hook_trains_exactly_like_gloo(tmp_path, capacity, dtype):
     """2 ranks: a/2 + b/2 either way, so the parameters are bitwise equal."""
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path), capacity, dtype), nprocs=2, join=True)
+    spawn(_ddp_worker, (2, str(tmp_path / "store"), str(tmp_path), capacity, dtype), 2)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     start = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(dtype).state_dict()
@@ -151,7 +152,7 @@ def test_ranks_that_cannot_share_the_mapping_all_get_the_same_clear_error(tmp_pa
     (tmp_path / "host0").mkdir()
     (tmp_path / "host1").mkdir()
     dirs = [str(tmp_path / "host0"), str(tmp_path / "host1")]
-    mp.spawn(_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path), dirs), nprocs=2, join=True)
+    spawn(_error_worker, (2, str(tmp_path / "store"), str(tmp_path), dirs), 2)
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     path = re.escape(dirs[1]) + r"/lepton_allreduce_[0-9a-f]{32}"
@@ -162,7 +163,7 @@ def test_ranks_that_cannot_share_the_mapping_all_get_the_same_clear_error(tmp_pa
 
 def test_rank_0_without_space_for_the_mapping_is_a_clear_error_on_every_rank(tmp_path):
     missing = str(tmp_path / "no-such-dir")
-    mp.spawn(_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path), [missing, missing]), nprocs=2, join=True)
+    spawn(_error_worker, (2, str(tmp_path / "store"), str(tmp_path), [missing, missing]), 2)
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     path = re.escape(missing) + r"/lepton_allreduce_[0-9a-f]{32}"
@@ -199,7 +200,7 @@ def test_build_ddp_picks_the_transport_and_says_why(tmp_path, usable):
     """With a usable directory auto and shm map it; where rank 0 cannot create the mapping, auto falls back to
     gloo and names the reason, shm refuses to start with the reason and the alternatives; gloo never tries."""
     shm_dir = str(tmp_path) if usable else str(tmp_path / "missing")
-    mp.spawn(_build_worker, args=(2, str(tmp_path / "store"), str(tmp_path), shm_dir), nprocs=2, join=True)
+    spawn(_build_worker, (2, str(tmp_path / "store"), str(tmp_path), shm_dir), 2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert results[0] == results[1]
     got = results[0]
@@ -233,6 +234,6 @@ def _close_worker(rank: int, world: int, store: str, out: str) -> None:
 def test_the_allreduce_strategy_closes_its_transport(tmp_path):
     """``close()`` (the loop's last call) gives back the transport's gloo group and mapping: a warm worker group
     builds one per run (it was dead code inside a module function for a while, and nothing noticed)."""
-    mp.spawn(_close_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_close_worker, (2, str(tmp_path / "store"), str(tmp_path)), 2)
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.pt") == {"opened": True, "group": None, "mapped": False}
