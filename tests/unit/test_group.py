@@ -79,6 +79,7 @@ def test_a_report_that_raises_stops_the_run_and_leaves_nothing_running(tmp_path)
         if len(seen) == 2:
             raise _Stop
 
+    before = set(threading.enumerate())  # an earlier test in this process may have left threads of its own
     config = _config(tmp_path, "s", epochs=5)
     config["data"].update(shuffle_buffer_rows=32, prefetch_windows=1)  # a read-ahead left running would block, not end
     trainer = Trainer(load_config(config), progress=False)
@@ -87,7 +88,7 @@ def test_a_report_that_raises_stops_the_run_and_leaves_nothing_running(tmp_path)
     assert [m["epoch"] for m in seen] == [0, 1] and all("eval_accuracy" in m for m in seen)
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_accuracy"] for r in records if "eval_accuracy" in r] == [m["eval_accuracy"] for m in seen]
-    left = [t.name for t in threading.enumerate() if t.name in (READ_AHEAD, "lepton-heartbeat")]
+    left = [t.name for t in threading.enumerate() if t not in before and t.name in (READ_AHEAD, "lepton-heartbeat")]
     assert not left, left
 
 
