@@ -51,12 +51,17 @@ def _shard(mode: str, staleness: int = 0, world: int = 2, train=SGD) -> ShardSer
     return ShardServer(0, pieces, init, world_size=world, mode=mode, staleness=staleness, train=train, timeout_s=5)
 
 
-def test_sync_shard_applies_the_mean_gradient_like_torch_sgd():
-    shard = _shard("sync")
+@pytest.mark.parametrize(("mode", "momentum"), [("sync", 0.9), ("ssp", 0.0)], ids=["sync", "ssp-staleness0"])
+def test_shard_applies_the_mean_gradient_like_torch_sgd(mode, momentum):
+    """sync: the mean gradient, applied once everyone pushed. ssp with ``staleness: 0`` applies each worker's
+    half-gradient as it arrives but releases nobody before everyone pushed: with plain SGD (no momentum) every worker
+    then pulls exactly the synchronous update (sync is held to one process end to end on Ray:
+    tests/integration/test_param_server.py)."""
+    shard = _shard(mode, staleness=0, train={**SGD, "momentum": momentum})
     g0, g1 = np.full(6, 1.0, np.float32), np.full(6, 3.0, np.float32)
 
     w = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
-    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=momentum)
 
     async def rounds():
         for step in range(3):
@@ -69,27 +74,6 @@ def test_sync_shard_applies_the_mean_gradient_like_torch_sgd():
     asyncio.run(rounds())
     assert shard.clocks == [3, 3]
 
-
-
-def test_ssp_at_staleness_0_with_plain_sgd_is_the_synchronous_update():
-    """ssp with ``staleness: 0`` applies each worker's half-gradient as it arrives, but releases nobody before everyone
-    pushed: with plain SGD (no momentum) every worker then pulls exactly what the synchronous mean-gradient update
-    gives (the synchronous mode is held to one process end to end on Ray: tests/integration/test_param_server.py)."""
-    shard = _shard("ssp", staleness=0, train={**SGD, "momentum": 0.0})
-    g0, g1 = np.full(6, 1.0, np.float32), np.full(6, 3.0, np.float32)
-    w = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
-    opt = torch.optim.SGD([w], lr=0.1, momentum=0.0)
-
-    async def rounds():
-        for step in range(3):
-            replies = await asyncio.gather(shard.push(0, step, 0.1, g0, {}), shard.push(1, step, 0.1, g1, {}))
-            w.grad = torch.full((2, 3), 2.0)
-            opt.step()
-            assert np.allclose(replies[0]["dense"], w.detach().numpy().ravel())
-            assert np.array_equal(replies[0]["dense"], replies[1]["dense"])
-
-    asyncio.run(rounds())
-    assert shard.clocks == [3, 3]
 
 def test_sparse_rows_from_several_workers_are_summed_then_averaged():
     shard = _shard("sync", train={**SGD, "embedding_optimizer": "sgd"})
